@@ -1,0 +1,56 @@
+"""Batch plans and collation. Every plan is a pure function of (lengths, seed, epoch), so a resumed fold replays the
+exact same order and skips what it already trained on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[np.ndarray]:
+    """Global batches of ``batch_size * world`` row indices for one epoch (rank r takes slice r of each).
+
+    With ``group_by_length`` rows are shuffled, cut into chunks of 64 global batches, each chunk sorted by length and
+    re-cut into batches, and the batch order shuffled: rows of similar length share a batch (little padding) while the
+    order stays random. With several ranks the last partial batch is filled from the epoch's first rows so every rank
+    runs the same number of steps."""
+    rng = np.random.default_rng([seed, epoch])
+    n = len(lengths)
+    gbs = batch_size * world
+    order = rng.permutation(n)
+    if group_by_length:
+        chunk = gbs * 64
+        parts = [order[i:i + chunk] for i in range(0, n, chunk)]
+        order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
+    if world > 1 and n % gbs:
+        order = np.concatenate([order, order[: gbs - n % gbs]])
+    batches = [order[i:i + gbs] for i in range(0, len(order), gbs)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def rank_slice(global_batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    per = math.ceil(len(global_batch) / world)
+    return global_batch[rank * per:(rank + 1) * per]
+
+
+def collate(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) int64 input ids and attention mask."""
+    t = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), t), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def padding_waste(batches: list[list[int]]) -> float:
+    """Fraction of token slots that are padding over the given batches of sequence lengths."""
+    real = sum(sum(b) for b in batches)
+    slots = sum(max(b) * len(b) for b in batches)
+    return 1.0 - real / slots if slots else 0.0

@@ -1,0 +1,179 @@
+"""Load and validate Chatbot Arena preference data; assign folds.
+
+The text columns hold JSON lists of turns (``["Hi", "How are you?"]``). They are parsed with ``json`` only: the seed
+notebook used Python ``eval``, which runs whatever a CSV cell contains. ``null`` turns become empty strings. Bytes that
+are not valid UTF-8 are replaced by U+FFFD (the row is kept) and the affected ids are reported as a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+LABEL_NAMES = ("a", "b", "tie")  # label 0, 1, 2
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; one line per problem, naming the file, column and row ids."""
+
+
+def _ids_text(ids: list, limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return f"id{'s' if len(ids) > 1 else ''} {shown}{more}"
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or parquet file as-is (all CSV cells as strings); raises DataError if unreadable or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a CSV or parquet file")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file for the user
+        raise DataError(f"{path}: cannot read as {'parquet' if path.suffix.lower() in ('.parquet', '.pq') else 'CSV'} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if len(df) == 0:
+        raise DataError(f"{path}: file has a header but no rows")
+    return df
+
+
+def parse_turns(cell: object) -> str | None:
+    """A JSON list of strings (``null`` items allowed) joined with a space; None if the cell is not such a list."""
+    if isinstance(cell, (list, tuple, np.ndarray)):  # parquet may already hold lists
+        items = list(cell)
+    else:
+        if not isinstance(cell, str):
+            return None
+        try:
+            items = json.loads(cell)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+    if not isinstance(items, list) or not all(x is None or isinstance(x, str) for x in items):
+        return None
+    return " ".join("" if x is None else x for x in items)
+
+
+def _parse_ids(df: pd.DataFrame, path: Path, errs: list[str]) -> pd.Series | None:
+    raw = df["id"]
+    bad_rows, ids = [], []
+    for i, v in enumerate(raw):
+        try:
+            if isinstance(v, str):
+                v = v.strip()
+                iv = int(v) if v and v.lstrip("-").isdigit() else None
+            elif isinstance(v, (int, np.integer)):
+                iv = int(v)
+            elif isinstance(v, (float, np.floating)) and not math.isnan(v) and float(v).is_integer():
+                iv = int(v)
+            else:
+                iv = None
+        except (TypeError, ValueError):
+            iv = None
+        if iv is None:
+            bad_rows.append(i + 2 if path.suffix.lower() not in (".parquet", ".pq") else i)
+        ids.append(iv)
+    if bad_rows:
+        where = "lines" if path.suffix.lower() not in (".parquet", ".pq") else "rows"
+        errs.append(f"{path}: column 'id': missing or non-integer values at {where} {_ids_text(bad_rows)[4:]}")
+        return None
+    s = pd.Series(ids, dtype="int64")
+    dup = s[s.duplicated(keep=False)].unique().tolist()
+    if dup:
+        errs.append(f"{path}: column 'id': duplicate {_ids_text(dup)}")
+    neg = s[s < 0].tolist()
+    if neg:
+        errs.append(f"{path}: column 'id': negative {_ids_text(neg)} (folds are id % n_folds)")
+    return s
+
+
+def load_rows(path: str | Path, *, require_labels: bool = True, max_rows: int | None = None) -> pd.DataFrame:
+    """Validated rows: ``id`` (int64), ``prompt``/``response_a``/``response_b`` (joined text) and, with labels,
+    ``label`` (0 = a, 1 = b, 2 = tie). Raises DataError listing every problem found, one per line."""
+    path = Path(path)
+    df = read_table(path)
+    if max_rows is not None:
+        df = df.iloc[:max_rows].reset_index(drop=True)
+    needed = ("id", *TEXT_COLUMNS, *(LABEL_COLUMNS if require_labels else ()))
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(found: {', '.join(map(str, df.columns))})")
+    errs: list[str] = []
+    ids = _parse_ids(df, path, errs)
+    ref = ids if ids is not None else pd.Series(range(len(df)))
+    out = pd.DataFrame({"id": ref.values})
+    for col in TEXT_COLUMNS:
+        parsed = [parse_turns(v) for v in df[col].values]
+        bad = [ref.iat[i] for i, p in enumerate(parsed) if p is None]
+        if bad:
+            errs.append(f"{path}: column '{col}': {_ids_text(bad)}: not a JSON list of strings")
+        out[col] = ["" if p is None else p for p in parsed]
+    if require_labels:
+        onehot = np.zeros((len(df), 3), dtype=np.int64)
+        bad_vals: list = []
+        for j, col in enumerate(LABEL_COLUMNS):
+            vals = pd.to_numeric(df[col], errors="coerce")
+            ok = vals.isin([0, 1])
+            bad_vals += [ref.iat[i] for i in np.flatnonzero(~ok.values)]
+            onehot[:, j] = np.where(ok, vals.fillna(0), 0).astype(np.int64)
+        if bad_vals:
+            bad_vals = sorted(set(bad_vals), key=list(ref).index)
+            errs.append(f"{path}: columns {', '.join(LABEL_COLUMNS)}: {_ids_text(bad_vals)}: values must be 0 or 1")
+        not_one = [ref.iat[i] for i in np.flatnonzero(onehot.sum(1) != 1) if ref.iat[i] not in bad_vals]
+        if not_one:
+            errs.append(f"{path}: columns {', '.join(LABEL_COLUMNS)}: {_ids_text(not_one)}: exactly one must be 1")
+        out["label"] = onehot.argmax(1)
+    if errs:
+        raise DataError("\n".join(errs))
+    bad_utf8 = [ref.iat[i] for i in range(len(out)) if any("\ufffd" in out[c].iat[i] for c in TEXT_COLUMNS)]
+    if bad_utf8:
+        log.warning("%s: %s contain bytes that are not UTF-8; replaced by U+FFFD", path, _ids_text(bad_utf8))
+    return out
+
+
+def assign_folds(df: pd.DataFrame, n_folds: int) -> pd.DataFrame:
+    """Adds ``fold = id % n_folds``: a pure function of the data, so every run and trial sees the same splits."""
+    out = df.copy()
+    out["fold"] = (out["id"] % n_folds).astype("int64")
+    return out
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    """``'0-4'``, ``'0,2,4'``, ``'3'`` or ``'all'`` -> sorted fold list, each in [0, n_folds)."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_folds))
+    folds: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                folds.update(range(lo, hi + 1))
+            else:
+                folds.add(int(part))
+        except ValueError:
+            raise ValueError(f"--folds {spec!r}: expected e.g. 0-4, 0,2,4 or 3") from None
+    bad = sorted(f for f in folds if not 0 <= f < n_folds)
+    if bad:
+        raise ValueError(f"--folds {spec!r}: fold{'s' if len(bad) > 1 else ''} {bad} outside 0..{n_folds - 1}")
+    return sorted(folds)

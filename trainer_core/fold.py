@@ -1,0 +1,303 @@
+"""Train one fold and predict its held-out rows: the whole loop, top to bottom.
+
+Runs in one process, or as one rank of a ``torch.distributed`` group (the caller sets that up; this module never
+imports Ray). Only rank 0 writes files; every rank calls ``report`` the same number of times, with the same keys.
+
+Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (id, fold, label, p_a, p_b, p_tie),
+``config.yaml``, ``adapter/`` (adapter or model weights plus tokenizer) and, last, ``metrics.json``: a fold whose
+``metrics.json`` exists finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer_core import metrics as M
+from trainer_core.batching import collate, epoch_batches, rank_slice
+from trainer_core.config import Config, TrainConfig, to_yaml
+from trainer_core.modeling import (build_model, load_trainable_state_dict, resolve_precision, trainable_parameters,
+                                   trainable_state_dict, DTYPES)
+from trainer_core.optim import build_optimizer
+from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json, atomic_write_text
+from trainer_core.telemetry import Telemetry
+from trainer_core.tokenization import build_tokenizer, encode_rows
+
+log = logging.getLogger(__name__)
+
+# report(metrics, checkpoint_dir): checkpoint_dir is a folder on rank 0 when a checkpoint was written, else None.
+ReportFn = Callable[[dict, Optional[Path]], None]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    metrics: dict
+    oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
+
+
+def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the configured decay to 0."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if t.schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr * (1.0 - progress)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict_probs(model, ids: list[list[int]], batch_size: int, pad_id: int, device: torch.device,
+                  autocast) -> np.ndarray:
+    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    out = np.zeros((len(ids), 3), dtype=np.float64)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        input_ids, mask = collate([ids[j] for j in idx], pad_id, device)
+        with autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
+        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def _gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
+    """Rank-sharded predictions back into one (n, 3) array on every rank."""
+    if world == 1:
+        return local
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (local_idx, local))
+    out = np.zeros((n, 3))
+    for idx, p in parts:
+        out[idx] = p
+    return out
+
+
+def _save_checkpoint(path: Path, model, optimizer, scaler, step: int, fingerprint: str) -> None:
+    torch.save(trainable_state_dict(model), path / "trainable.pt")
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), path / "scaler.pt")
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               path / "rng.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+
+
+def _load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str) -> int:
+    state = json.loads((path / "state.json").read_text())
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"checkpoint {path} was written by a different config or fold; refusing to resume from it")
+    load_trainable_state_dict(model, torch.load(path / "trainable.pt", map_location="cpu"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt"))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return int(state["step"])
+
+
+def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
+               resume_from: str | Path | None = None, report: ReportFn | None = None,
+               tb_dir: str | Path | None = None, device: torch.device | None = None) -> FoldResult:
+    """Train on every row whose ``fold`` != ``fold``, predict the rows of ``fold``, write the fold's files.
+
+    ``rows``: validated data with columns id, prompt, response_a, response_b, label, fold.
+    ``resume_from``: a checkpoint folder written by this function for the same config and fold.
+    ``report``: called with metrics at every log step, with a checkpoint folder every ``train.checkpoint_every``
+    steps, and once at the end with the fold's final metrics."""
+    # ---------------------------------------------------------------- setup
+    t = cfg.train
+    out_dir = Path(out_dir)
+    rank, world = dist_info()
+    device = device or default_device()
+    precision = resolve_precision(t.precision, device)
+    seed_everything(t.seed + fold)
+    fingerprint = f"{cfg.fingerprint()}:fold={fold}"
+
+    tok = build_tokenizer(cfg.model)
+    train_rows = rows[rows["fold"] != fold].reset_index(drop=True)
+    val_rows = rows[rows["fold"] == fold].sort_values("id").reset_index(drop=True)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(f"fold {fold}: {len(train_rows)} training rows and {len(val_rows)} held-out rows; need both")
+    train_ids = encode_rows(train_rows, tok, cfg.data, cfg.model.add_eos_token)
+    val_ids = encode_rows(val_rows, tok, cfg.data, cfg.model.add_eos_token)
+    train_labels = torch.tensor(train_rows["label"].values, dtype=torch.long)
+    lengths = np.array([len(x) for x in train_ids])
+
+    model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision=precision, device=device,
+                        seed=t.seed)
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, t, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+
+    def autocast():
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=DTYPES[precision])
+
+    micro_per_epoch = len(epoch_batches(lengths, t.batch_size, world, t.seed, 0, False))
+    total_micro = math.ceil(t.epochs * micro_per_epoch)
+    total_steps = t.max_steps or math.ceil(total_micro / t.grad_accum)
+    total_micro = min(total_micro, total_steps * t.grad_accum) if not t.max_steps else total_steps * t.grad_accum
+    plans: dict[int, list[np.ndarray]] = {}
+
+    def micro_batch(m: int) -> np.ndarray:
+        epoch, pos = divmod(m, micro_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = epoch_batches(lengths, t.batch_size, world, t.seed + fold, epoch, t.group_by_length)
+        return rank_slice(plans[epoch][pos], rank, world)
+
+    step = 0
+    if resume_from is not None:
+        step = _load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
+        log.info("fold %d: resumed at step %d/%d from %s", fold, step, total_steps, resume_from)
+    telemetry = Telemetry(tb_dir if rank == 0 else None, device)
+    ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{fold}-ckpt-")) if rank == 0 else None
+
+    # ---------------------------------------------------------------- fit
+    ddp_model.train()
+    t_start, samples, tokens = time.perf_counter(), 0, 0
+    window_loss, window_n = 0.0, 0
+    while step < total_steps:
+        lr = lr_at(step, total_steps, t)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        n_micro = min(t.grad_accum, total_micro - step * t.grad_accum)
+        for a in range(n_micro):
+            idx = micro_batch(step * t.grad_accum + a)
+            input_ids, mask = collate([train_ids[i] for i in idx], tok.pad_token_id, device)
+            labels = train_labels[idx].to(device)
+            sync = a == n_micro - 1 or world == 1
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
+                logits = ddp_model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, 3)
+                loss = F.cross_entropy(logits, labels) / n_micro
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            window_loss += loss.item() * n_micro
+            window_n += 1
+            samples += len(idx) * world
+            tokens += int(mask.sum()) * world
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        do_log = step % t.log_every == 0 or step == total_steps
+        do_ckpt = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps
+        if not (do_log or do_ckpt):
+            continue
+        logs = {"fold": fold, "step": step, "total_steps": total_steps}
+        if do_log:
+            elapsed = time.perf_counter() - t_start
+            logs.update(train_loss=window_loss / window_n, lr=lr, grad_norm=float(grad_norm),
+                        samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed, **telemetry.memory())
+            window_loss, window_n = 0.0, 0
+            telemetry.scalars(logs, step)
+        ckpt = None
+        if do_ckpt and rank == 0:
+            ckpt = ckpt_root / f"step={step:07d}"
+            ckpt.mkdir()
+            _save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint)
+        if report is not None:
+            report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    train_seconds = time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- evaluate
+    local_idx = np.arange(rank, len(val_ids), world)
+    local = predict_probs(model, [val_ids[i] for i in local_idx], t.eval_batch_size, tok.pad_token_id, device,
+                          autocast)
+    probs = M.clip_probs(_gather_rows(local, local_idx, len(val_ids), world))
+    labels = val_rows["label"].values
+    oof = pd.DataFrame({"id": val_rows["id"].values, "fold": fold, "label": labels,
+                        "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
+    result = {
+        "fold": fold,
+        "log_loss": M.log_loss(labels, probs),
+        "accuracy": M.accuracy(labels, probs),
+        "n_rows": int(len(val_rows)),
+        "n_train_rows": int(len(train_rows)),
+        "prior_log_loss": M.log_loss(labels, M.prior_probs(train_rows["label"].values, len(val_rows))),
+        "steps": step,
+        "train_seconds": train_seconds,
+        "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
+        "precision": precision,
+        "device": str(device),
+        "world_size": world,
+        "fingerprint": fingerprint,
+    }
+    telemetry.scalars({"eval_log_loss": result["log_loss"], "eval_accuracy": result["accuracy"]}, step)
+    telemetry.close()
+
+    # ---------------------------------------------------------------- write artifacts (rank 0 only)
+    if rank == 0:
+        write_fold_files(out_dir, cfg, model, tok, oof, result)
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    if report is not None:
+        report({**result, "done": True}, None)
+    return FoldResult(fold=fold, metrics=result, oof=oof)
+
+
+def write_fold_files(out_dir: Path, cfg: Config, model, tok, oof: pd.DataFrame, result: dict) -> None:
+    """Each file atomically, ``metrics.json`` last: it marks the fold as complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_adapter(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+    atomic_write_dir(out_dir / "adapter", save_adapter)
+    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+    atomic_write(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
+    atomic_write_json(out_dir / "metrics.json", result)

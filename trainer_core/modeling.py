@@ -1,0 +1,168 @@
+"""Model building: any ``AutoModelForSequenceClassification`` backbone, Gemma-2 first-class (4-bit/8-bit QLoRA)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer_core.config import LoraConfig, ModelConfig
+from trainer_core.paths import atomic_write_dir, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+NUM_LABELS = 3
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
+    if model_cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=model_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def random_weights_dir(model_cfg: ModelConfig, pad_token_id: int, seed: int, dtype: torch.dtype) -> Path:
+    """Save a randomly initialised model of ``model_cfg.random_config``'s architecture once per machine and return its
+    folder. Quantization happens only through ``from_pretrained``, hence the save; the cache key covers everything
+    that changes the weights, so concurrent folds on one machine share one copy."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    spec = dict(model_cfg.random_config)
+    key = hashlib.sha256(json.dumps([spec, pad_token_id, seed, str(dtype)], sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TRAINER_CORE_CACHE", Path(tempfile.gettempdir()) / "trainer_core_random"))
+    out = root / key
+    if (out / "config.json").exists():
+        return out
+    model_type = spec.pop("model_type", "gemma2")
+    cfg = AutoConfig.for_model(model_type, **spec, num_labels=NUM_LABELS, pad_token_id=pad_token_id)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
+        model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+    atomic_write_dir(out, lambda tmp: model.save_pretrained(str(tmp)))
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def decoder_layer_count(model) -> int:
+    cfg = model.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise ValueError(f"cannot tell how many layers {type(model).__name__} has")
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
+                device: torch.device, seed: int = 0):
+    """The sequence classifier (3 labels) ready to train: quantized if configured, LoRA on the configured modules of
+    layers >= ``freeze_layers`` (or full fine-tuning of those layers with LoRA disabled), on ``device``."""
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = DTYPES[precision]
+    if model_cfg.init == "random":
+        path = str(random_weights_dir(model_cfg, pad_token_id, seed, torch.bfloat16 if dtype != torch.float32
+                                      else torch.float32))
+    else:
+        path = resolve_model_path(model_cfg.name_or_path)
+    quant = _quantization_config(model_cfg, dtype)
+    kwargs = dict(num_labels=NUM_LABELS, dtype=dtype if quant is not None or dtype != torch.float32 else torch.float32)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quant is not None:
+        # Inside a Ray Train worker the device is already set; never "auto" (spreads layers over other GPUs).
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if quant is None:
+        model.to(device)
+    n_layers = decoder_layer_count(model)
+
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is enabled below (non-reentrant), not here: peft's reentrant default needs input grads, which
+        # sends the backward pass through every frozen layer.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if model_cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        # Non-reentrant checkpointing needs no grad on the embeddings: backward stops below the lowest adapter.
+        model.disable_input_require_grads()
+
+    if lora_cfg.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if lora_cfg.freeze_layers >= n_layers:
+            raise ValueError(f"lora.freeze_layers={lora_cfg.freeze_layers} leaves no layer to adapt: the model has "
+                             f"{n_layers} layers")
+        peft_cfg = PeftLoraConfig(
+            task_type="SEQ_CLS",
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            bias=lora_cfg.bias,
+            target_modules=list(lora_cfg.target_modules),
+            layers_to_transform=list(range(lora_cfg.freeze_layers, n_layers)) if lora_cfg.freeze_layers else None,
+        )
+        model = get_peft_model(model, peft_cfg)
+    else:
+        _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
+    return model
+
+
+def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:
+    """Full fine-tuning of layers >= freeze_layers and the head; embeddings and lower layers stay fixed."""
+    if freeze_layers <= 0:
+        return
+    if freeze_layers >= n_layers:
+        raise ValueError(f"lora.freeze_layers={freeze_layers} freezes all {n_layers} layers")
+    import re
+
+    layer_re = re.compile(r"\.(\d+)\.")
+    for name, p in model.named_parameters():
+        m = layer_re.search(name)
+        if "embed" in name or (m and int(m.group(1)) < freeze_layers):
+            p.requires_grad_(False)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Only the trained tensors (adapters and head): a few MB where the full model is many GB."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"checkpoint has tensors the model lacks: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,28 @@
+"""Optimizer: bitsandbytes' 8-bit AdamW where it runs, torch AdamW (with a logged reason) where it doesn't."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from trainer_core.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    try:
+        import bitsandbytes as bnb
+
+        # Paging only exists for CUDA memory; on the CPU bitsandbytes would warn and fall back anyway.
+        cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" and device.type == "cuda" \
+            else bnb.optim.AdamW8bit
+        return cls(params, **kw)
+    except Exception as e:  # noqa: BLE001 - missing library, unsupported CPU or GPU: all mean "use torch"
+        log.warning("train.optimizer=%s is unavailable here (%s: %s); using torch.optim.AdamW (32-bit states)",
+                    t.optimizer, type(e).__name__, e)
+        return torch.optim.AdamW(params, **kw)

@@ -1,0 +1,64 @@
+"""Model locations and atomic file writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def resolve_model_path(name: str) -> str:
+    """``'pkg:<module>/<subdir>'`` -> the folder inside that installed package; anything else is returned unchanged
+    (an HF id or a local folder)."""
+    if not name.startswith("pkg:"):
+        return name
+    module, _, sub = name[4:].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r}: Python package '{module}' is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise FileNotFoundError(f"model {name!r}: {path} does not exist")
+    return str(path)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: readers see the old file
+    or the complete new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Like :func:`atomic_write` for a folder (e.g. a saved adapter): built beside ``path``, then swapped in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
