@@ -1,7 +1,9 @@
-"""One typed config tree for a CV run: defaults <- YAML (``--config``) <- dotted overrides (``train.lr=1e-4``).
+"""One typed config tree for a CV run: defaults <- YAML (``--config``) <- dotted overrides
+(``train.lr=1e-4``).
 
-Every field has a default and a one-line doc (``doc=`` metadata, shown by ``--help-config``). Unknown keys and values of the
-wrong type fail loudly at merge time; cross-field problems are collected by :func:`validate` and reported together.
+Every field has a default and a one-line doc (``doc=`` metadata, shown by ``--help-config``). Unknown keys and values
+of the wrong type fail loudly at merge time; cross-field problems are collected by :func:`validate` and reported
+together.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "CSV or parquet file in the Chatbot Arena schema (relative paths in a YAML resolve against its folder)")
+    path: str = _f("", "CSV or parquet file in the Chatbot Arena schema (relative in a YAML: against its folder)")
     n_folds: int = _f(5, "number of folds; a row's fold is id % n_folds")
     max_rows: Optional[int] = _f(None, "use only the first N rows of the file (quick runs and tests); null = all rows")
     max_length: int = _f(1024, "maximum tokens per row, EOS included")
@@ -41,9 +43,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("", "HF model id or local dir; 'pkg:<module>/<subdir>' points inside an installed package")
-    tokenizer: Optional[str] = _f(None, "tokenizer id or dir (null = same as name_or_path); 'bytes' = built-in byte tokenizer")
-    init: Literal["pretrained", "random"] = _f("pretrained", "'random' builds the architecture from random_config, no weights")
+    name_or_path: str = _f("", "HF model id or local dir; 'pkg:<module>/<subdir>' = a folder in an installed package")
+    tokenizer: Optional[str] = _f(None, "tokenizer id or dir (null = name_or_path); 'bytes' = built-in byte tokenizer")
+    init: Literal["pretrained", "random"] = _f("pretrained", "'random' = architecture from random_config, no weights")
     random_config: dict = _f({}, "architecture kwargs (e.g. Gemma2Config fields plus model_type) used when init=random")
     quantization: Literal["nf4", "int8", "none"] = _f("none", "base-weight quantization through bitsandbytes")
     double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
@@ -73,14 +75,16 @@ class TrainConfig:
     batch_size: int = _f(4, "rows per device per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     eval_batch_size: int = _f(4, "rows per device when predicting the held-out fold")
-    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f("adamw_8bit", "bitsandbytes 8-bit AdamW or torch AdamW")
+    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
+        "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm (null = off)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "auto = bf16 on GPUs that have it, fp16 on others, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     seed: int = _f(42, "seed for weights of new layers, dropout and data order")
     group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
     log_every: int = _f(10, "optimizer steps between logged training scalars")
-    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = only at fold end)")
+    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
 
 
 @dataclass

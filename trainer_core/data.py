@@ -26,10 +26,13 @@ class DataError(ValueError):
     """Input data that cannot be used; one line per problem, naming the file, column and row ids."""
 
 
+def _list_text(items: list, limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(str(i) for i in items[:limit]) + more
+
+
 def _ids_text(ids: list, limit: int = 5) -> str:
-    shown = ", ".join(str(i) for i in ids[:limit])
-    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
-    return f"id{'s' if len(ids) > 1 else ''} {shown}{more}"
+    return f"id{'s' if len(ids) > 1 else ''} {_list_text(ids, limit)}"
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -91,7 +94,7 @@ def _parse_ids(df: pd.DataFrame, path: Path, errs: list[str]) -> pd.Series | Non
         ids.append(iv)
     if bad_rows:
         where = "lines" if path.suffix.lower() not in (".parquet", ".pq") else "rows"
-        errs.append(f"{path}: column 'id': missing or non-integer values at {where} {_ids_text(bad_rows)[4:]}")
+        errs.append(f"{path}: column 'id': missing or non-integer values at {where} {_list_text(bad_rows)}")
         return None
     s = pd.Series(ids, dtype="int64")
     dup = s[s.duplicated(keep=False)].unique().tolist()

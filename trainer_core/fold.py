@@ -18,9 +18,10 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,14 @@ import torch.nn.functional as F
 from trainer_core import metrics as M
 from trainer_core.batching import collate, epoch_batches, rank_slice
 from trainer_core.config import Config, TrainConfig, to_yaml
-from trainer_core.modeling import (build_model, load_trainable_state_dict, resolve_precision, trainable_parameters,
-                                   trainable_state_dict, DTYPES)
+from trainer_core.modeling import (
+    DTYPES,
+    build_model,
+    load_trainable_state_dict,
+    resolve_precision,
+    trainable_parameters,
+    trainable_state_dict,
+)
 from trainer_core.optim import build_optimizer
 from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json, atomic_write_text
 from trainer_core.telemetry import Telemetry
@@ -200,6 +207,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
 
     # ---------------------------------------------------------------- fit
     ddp_model.train()
+    start_step = step
     t_start, samples, tokens = time.perf_counter(), 0, 0
     window_loss, window_n = 0.0, 0
     while step < total_steps:
@@ -236,7 +244,8 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         do_ckpt = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps
         if not (do_log or do_ckpt):
             continue
-        logs = {"fold": fold, "step": step, "total_steps": total_steps}
+        logs = {"fold": fold, "step": step, "total_steps": total_steps, "start_step": start_step,
+                "elapsed_s": time.perf_counter() - t_start}
         if do_log:
             elapsed = time.perf_counter() - t_start
             logs.update(train_loss=window_loss / window_n, lr=lr, grad_norm=float(grad_norm),

@@ -62,7 +62,7 @@ def random_weights_dir(model_cfg: ModelConfig, pad_token_id: int, seed: int, dty
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
         model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
-    atomic_write_dir(out, lambda tmp: model.save_pretrained(str(tmp)))
+    atomic_write_dir(out, lambda tmp, m=model: m.save_pretrained(str(tmp)))
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -1,0 +1,233 @@
+"""Folds on Ray: one Ray Tune trial per fold (concurrency = what the cluster holds), each trial a Ray Train
+``TorchTrainer`` with one worker per GPU (or CPU workers) that calls ``trainer_core.fold.train_fold``.
+
+Ray Train V2 (Ray >= 2.51) cannot be passed to a Tuner directly: a trial is a function that builds a TorchTrainer and
+calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. Each fold's Train run is named
+``fold=<k>`` under ``<run_dir>/ray``, so a rerun of the same run directory resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Quieter, faster Ray on small machines; each can still be overridden from the environment.
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import ray.tune  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from trainer_core.config import Config, config_from_dict  # noqa: E402
+
+log = logging.getLogger(__name__)
+TRIAL_DRIVER_CPU = 0.0  # a trial only waits on its TorchTrainer; its workers hold the real resources
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this config (e.g. a GPU config on a machine without GPUs)."""
+
+
+def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = None) -> dict:
+    """Join ``address`` or start a local cluster; returns the cluster's total resources."""
+    if not ray.is_initialized():
+        kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=_have_dashboard(), **kwargs)
+    return ray.cluster_resources()
+
+
+def _have_dashboard() -> bool:
+    # Train V2 frees placement groups of stopped trials through the State API, which needs the dashboard.
+    try:
+        import aiohttp  # noqa: F401  (only installed with ray[default])
+
+        return True
+    except ImportError:
+        return False
+
+
+def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:
+    """How many folds can train at once on this cluster; ClusterError says why none can."""
+    c = cfg.cluster
+    if c.gpus_per_fold > 0:
+        gpus = int(resources.get("GPU", 0))
+        if gpus < c.gpus_per_fold:
+            raise ClusterError(
+                f"this config trains each fold on {c.gpus_per_fold} GPU(s) (cluster.gpus_per_fold="
+                f"{c.gpus_per_fold}), but the Ray cluster has {gpus} GPU(s). Run it on a GPU machine or join a GPU "
+                f"cluster with --address auto; a 4-bit Gemma-2 9B does not train on CPUs in any useful time.")
+        slots = gpus // c.gpus_per_fold
+        cpu_need = c.gpus_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
+    else:
+        cpu_need = c.cpu_workers_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
+        slots = int(resources.get("CPU", 0) // cpu_need)
+        if slots < 1:
+            raise ClusterError(f"one CPU fold needs {cpu_need:g} CPUs (cluster.cpu_workers_per_fold x "
+                               f"cluster.cpus_per_worker) but the cluster has {resources.get('CPU', 0):g}")
+    slots = min(slots, int(resources.get("CPU", 0) // cpu_need) or 1)
+    if c.max_concurrent_folds:
+        slots = min(slots, c.max_concurrent_folds)
+    return max(1, min(slots, n_folds))
+
+
+def fold_worker(config: dict) -> dict:
+    """Runs on every Ray Train worker of one fold: a thin adapter around ``trainer_core.fold.train_fold``."""
+    import pandas as pd
+
+    from trainer_core.fold import train_fold
+
+    cfg = config_from_dict(config["cfg"])
+    fold, run_dir = config["fold"], Path(config["run_dir"])
+    rows = pd.read_parquet(run_dir / "data.parquet")
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix=f"fold{fold}-resume-"))
+        checkpoint.to_directory(str(resume_dir))
+    try:
+        result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
+                            tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device())
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    return result.metrics
+
+
+def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None = None) -> TorchTrainer:
+    c = cfg.cluster
+    use_gpu = c.gpus_per_fold > 0
+    scaling = ray.train.ScalingConfig(
+        num_workers=c.gpus_per_fold if use_gpu else c.cpu_workers_per_fold,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+    )
+    return TorchTrainer(
+        fold_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir)},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def fold_trial(config: dict) -> None:
+    """One Tune trial = one fold's Ray Train run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = config_from_dict(config["cfg"])
+    trainer = build_trainer(cfg, config["fold"], Path(config["run_dir"]), callbacks=[TuneReportCallback()])
+    trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
+
+
+class Progress(ray.tune.Callback):
+    """One console line per fold report: step/total, loss, throughput, ETA; and an overall ETA."""
+
+    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout):
+        self.n_folds, self.concurrency = n_folds, concurrency
+        self.finished = 0
+        self.stream = stream
+        self.t0 = time.time()
+        self.state: dict[int, dict] = {}
+        self.last_print = 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        fold = trial.config.get("fold")
+        if result.get("done"):
+            self.state.pop(fold, None)
+            self.finished += 1
+            self._line(f"fold {fold}: done  log_loss {result['log_loss']:.4f}  accuracy {result['accuracy']:.4f}  "
+                       f"({result['train_seconds']:.0f}s training)")
+            return
+        if "step" not in result:
+            return
+        self.state[fold] = result
+        if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
+            return
+        self.last_print = time.time()
+        loss = f"  loss {result['train_loss']:.4f}" if "train_loss" in result else ""
+        sps = f"  {result['samples_per_s']:.1f} samples/s" if "samples_per_s" in result else ""
+        self._line(f"fold {fold}: step {result['step']}/{result['total_steps']}{loss}{sps}"
+                   f"  eta {_fmt_s(self._eta(result))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
+
+    @staticmethod
+    def _eta(r: dict) -> float:
+        done = r["step"] - r.get("start_step", 0)
+        return r.get("elapsed_s", 0) / done * (r["total_steps"] - r["step"]) if done > 0 else math.inf
+
+    def _overall_eta(self, trials) -> float:
+        """Longest running fold plus the not-yet-started folds in waves of ``concurrency`` (Tune creates trials lazily,
+        so they are counted from the total, not from ``trials``)."""
+        running = [self._eta(r) for r in self.state.values()]
+        not_started = max(0, self.n_folds - self.finished - len(running))
+        per_fold = [r.get("elapsed_s", 0) / max(1, r["step"] - r.get("start_step", 0)) * r["total_steps"]
+                    for r in self.state.values()]
+        mean = sum(per_fold) / len(per_fold) if per_fold else 0.0
+        return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(f"fold {trial.config.get('fold')}: FAILED (details in {trial.local_path or 'the Ray logs'})")
+
+    def _line(self, text: str) -> None:
+        print(f"[{_fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) -> dict[int, str | None]:
+    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished, else the error text}."""
+    if not folds:
+        return {}
+    storage = (run_dir / "ray").resolve()
+    shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
+    tuner = ray.tune.Tuner(
+        # 1 byte of memory: Tune refuses an empty resource request.
+        ray.tune.with_resources(fold_trial, {"cpu": TRIAL_DRIVER_CPU, "memory": 1}),
+        param_space={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "fold": ray.tune.grid_search(folds)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
+                                      callbacks=[Progress(len(folds), concurrency)],
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    out: dict[int, str | None] = {}
+    for r in results:
+        fold = r.config["fold"]
+        out[fold] = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip()[-2000:]}"
+    return out

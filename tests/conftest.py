@@ -1,0 +1,32 @@
+"""Shared fixtures: paths to the repo, the bundled data and the configs; a tiny CSV writer for bad-input tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "arena_sample.csv"
+CONFIGS = REPO / "configs"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def arena_row(i: int, winner: str = "a", prompt=None, a=None, b=None) -> dict:
+    onehot = {"a": (1, 0, 0), "b": (0, 1, 0), "tie": (0, 0, 1)}[winner]
+    return {
+        "id": i, "model_a": "m1", "model_b": "m2",
+        "prompt": json.dumps(prompt if prompt is not None else [f"question {i}"]),
+        "response_a": json.dumps(a if a is not None else [f"answer a {i}"]),
+        "response_b": json.dumps(b if b is not None else [f"answer b {i}"]),
+        "winner_model_a": onehot[0], "winner_model_b": onehot[1], "winner_tie": onehot[2],
+    }
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import yaml
+
+from tests.conftest import CONFIGS, DATA, REPO, arena_row
+
+
+def run(module, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_documents_every_flag():
+    res = run("orchestrator.cv", "--help")
+    assert res.returncode == 0
+    for flag in ("--config", "--folds", "--out", "--address", "--print-config", "--restart", "--help-config",
+                 "key=value", "python -m orchestrator.cv --folds 0-4"):
+        assert flag in res.stdout, flag
+
+
+def test_print_config_resolves_defaults_yaml_and_overrides():
+    res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "--print-config", "train.lr=0.5", "lora.r=4")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["train"]["lr"] == 0.5 and cfg["lora"]["r"] == 4 and cfg["experiment"] == "smoke"
+    res = run("orchestrator.cv", "--print-config", "json")
+    assert json.loads(res.stdout)["experiment"] == "demo_cpu"  # the embedded default
+
+
+def test_help_config_lists_keys():
+    res = run("orchestrator.cv", "--help-config")
+    assert "train.lr = 0.0002" in res.stdout and "lora.freeze_layers" in res.stdout
+
+
+def test_bad_override_is_one_clear_error():
+    res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "train.lr=abc")
+    assert res.returncode == 2 and "train.lr: expected a number" in res.stderr
+
+
+def test_bad_data_stops_before_ray_and_writes_nothing(tmp_path):
+    rows = [arena_row(i) for i in range(1, 11)]
+    rows[3]["response_a"] = "['python', 'literal']"
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame(rows).to_csv(bad, index=False)
+    out = tmp_path / "run"
+    res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "--out", out, f"data.path={bad}")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: {bad}: column 'response_a': id 4: not a JSON list of strings"
+    assert not out.exists()
+    assert "ray" not in res.stdout.lower()
+
+
+def test_gpu_config_on_a_machine_without_gpus_says_why(tmp_path):
+    res = run("orchestrator.cv", "--config", CONFIGS / "gemma2_9b_qlora.yaml", "--folds", "0", "--out",
+              tmp_path / "g", "data.max_rows=50", timeout=300)
+    assert res.returncode == 3
+    assert "cluster.gpus_per_fold=1" in res.stderr and "has 0 GPU(s)" in res.stderr
+    assert not (tmp_path / "g" / "report.json").exists()
+
+
+def test_bundled_data_ships_with_attribution():
+    readme = (REPO / "data" / "README.md").read_text()
+    assert DATA.exists() and "HH-RLHF" in readme and "PandaLM" in readme and "MIT" in readme

@@ -1,0 +1,98 @@
+"""The real end-to-end path: orchestrator.cv on a local Ray cluster (CPU workers), all five folds of the tiny
+Gemma-2 smoke config on a slice of the bundled data, checked against the run-directory contract row for row."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+
+from tests.conftest import CONFIGS, DATA, REPO
+
+N_ROWS = 100
+
+
+def cv(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cv", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv") / "run"
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return out, res
+
+
+def test_run_directory_matches_the_contract(smoke_run):
+    out, res = smoke_run
+    data = pd.read_csv(DATA).head(N_ROWS)
+    label = np.argmax(data[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy(), axis=1)
+    truth = pd.DataFrame({"id": data["id"], "label": label, "fold": data["id"] % 5}).sort_values("id")
+
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert list(oof.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie"]
+    assert len(oof) == N_ROWS and oof["id"].is_unique
+    merged = truth.merge(oof, on="id", suffixes=("", "_oof"), validate="one_to_one")
+    assert (merged["label"] == merged["label_oof"]).all() and (merged["fold"] == merged["fold_oof"]).all()
+    probs = oof[["p_a", "p_b", "p_tie"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1) and (probs > 0).all()
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["cv_log_loss"] == pytest.approx(sk_log_loss(oof["label"], probs, labels=[0, 1, 2]), abs=1e-12)
+    assert report["cv_accuracy"] == pytest.approx((probs.argmax(1) == oof["label"]).mean())
+    assert report["n_rows"] == N_ROWS and report["prior_log_loss"] > 0
+    assert [f["fold"] for f in report["folds"]] == [0, 1, 2, 3, 4]
+    for f in report["folds"]:
+        sel = oof[oof["fold"] == f["fold"]]
+        assert f["n_rows"] == len(sel)
+        assert f["log_loss"] == pytest.approx(sk_log_loss(sel["label"], sel[["p_a", "p_b", "p_tie"]], labels=[0, 1, 2]))
+        fdir = out / f"fold={f['fold']}"
+        fold_oof = pd.read_parquet(fdir / "oof.parquet")
+        assert sorted(fold_oof["id"]) == sorted(truth.loc[truth["fold"] == f["fold"], "id"])
+        assert (fdir / "metrics.json").exists() and (fdir / "config.yaml").exists()
+        assert (fdir / "adapter" / "adapter_model.safetensors").exists()
+        assert (fdir / "adapter" / "tokenizer_config.json").exists()
+        assert list((out / "tensorboard" / f"fold={f['fold']}").iterdir())
+    md = (out / "report.md").read_text()
+    assert f"{report['cv_log_loss']:.4f}" in md
+    # the printed table ends the command, with the run directory
+    assert f"{report['cv_log_loss']:.4f}" in res.stdout and str(out) in res.stdout
+    assert "class-prior log loss" in res.stdout
+
+
+def test_rerun_skips_finished_folds_without_ray(smoke_run):
+    out, _ = smoke_run
+    before = (out / "fold=2" / "metrics.json").stat().st_mtime_ns
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already finished" in res.stdout and "training folds" not in res.stdout
+    assert (out / "fold=2" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_changed_config_for_same_run_dir_is_refused(smoke_run):
+    out, _ = smoke_run
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}",
+             "train.lr=0.5", timeout=120)
+    assert res.returncode == 2 and "different config" in res.stderr and "--restart" in res.stderr
+
+
+def test_report_reruns_standalone_and_refuses_a_missing_fold(smoke_run, tmp_path):
+    import shutil
+
+    out, _ = smoke_run
+    res = subprocess.run([sys.executable, "-m", "orchestrator.report", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ray", "adapter"))
+    (copy / "report.json").unlink()
+    (copy / "fold=3" / "metrics.json").unlink()
+    res = subprocess.run([sys.executable, "-m", "orchestrator.report", str(copy)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1 and "fold 3 has not finished" in res.stderr
+    assert not (copy / "report.json").exists()

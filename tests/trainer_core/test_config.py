@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, REPO
+from trainer_core.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_yaml, validate
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 3.0e-4\n  batch_size: 8\ndata:\n  path: d.csv\nmodel:\n  name_or_path: x\n")
+    cfg = load_config(y, ["train.lr=1e-4", "lora.r=8", "lora.target_modules=[a,b]"])
+    assert cfg.train.lr == 1e-4  # override beats YAML, and '1e-4' (a YAML 1.1 string) becomes a float
+    assert cfg.train.batch_size == 8  # YAML beats default
+    assert cfg.train.epochs == 1.0  # default kept
+    assert cfg.lora.r == 8 and cfg.lora.target_modules == ["a", "b"]
+    assert cfg.data.path == str(tmp_path / "d.csv")  # relative to the YAML's folder
+
+
+def test_override_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.path=sub/x.csv"])
+    assert cfg.data.path == str(tmp_path / "sub" / "x.csv")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("nope.x=1", "unknown config key 'nope'"),
+    ("train.batch_size=abc", "train.batch_size: expected an integer"),
+    ("train.batch_size=2.5", "train.batch_size: expected an integer"),
+    ("lora.enabled=maybe", "lora.enabled: expected true/false"),
+    ("model.quantization=nf3", "model.quantization: 'nf3' is not one of"),
+    ("train=3", "train: expected a mapping"),
+    ("trainlr", "not of the form key=value"),
+])
+def test_bad_overrides_fail_loudly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_validate_lists_every_problem_at_once():
+    cfg = load_config(None, ["train.lr=-1", "lora.r=0", "train.batch_size=0", "data.n_folds=1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for key in ("data.path", "train.lr", "lora.r", "train.batch_size", "data.n_folds", "model.name_or_path"):
+        assert key in msg
+    assert msg.count("\n") >= 6
+
+
+def test_quantized_full_finetune_is_refused():
+    cfg = load_config(None, ["data.path=x", "model.name_or_path=m", "model.quantization=nf4", "lora.enabled=false"])
+    with pytest.raises(ConfigError, match="quantized weights cannot be trained"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads_validates_and_documents_itself(path):
+    if "sweeps" in path.parts:
+        pytest.skip("search spaces are checked by the tune tests")
+    text = path.read_text()
+    assert text.startswith("#"), "each config opens with a comment saying what it is"
+    assert "python -m orchestrator." in text.split("\n\n")[0] or "python -m orchestrator." in text[:1200]
+    cfg = load_config(path)
+    validate(cfg)
+
+
+def test_yaml_round_trip_is_identical():
+    cfg = load_config(CONFIGS / "gemma2_9b_qlora.yaml")
+    again = config_from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == again.to_dict()
+
+
+def test_seed_recipe_is_exact():
+    c = load_config(CONFIGS / "gemma2_9b_qlora.yaml")
+    assert c.model.name_or_path == "unsloth/gemma-2-9b-it-bnb-4bit"
+    assert (c.model.quantization, c.model.double_quant, c.model.add_eos_token) == ("nf4", True, True)
+    assert (c.data.max_length, c.data.truncation, c.data.n_folds) == (1024, "end", 5)
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.bias) == (16, 32, 0.05, "none")
+    assert c.lora.target_modules == ["q_proj", "k_proj", "v_proj"] and c.lora.freeze_layers == 16
+    t = c.train
+    assert (t.epochs, t.lr, t.warmup_steps, t.batch_size, t.grad_accum, t.eval_batch_size) == (1, 2e-4, 20, 4, 1, 4)
+    assert (t.optimizer, t.precision, t.schedule) == ("adamw_8bit", "fp16", "linear")
+    assert c.model.random_config["num_hidden_layers"] == 42 and c.cluster.gpus_per_fold == 1
+
+
+def test_fingerprint_ignores_cluster_placement():
+    a, b = Config(), Config()
+    b.cluster.max_concurrent_folds = 3
+    assert a.fingerprint() == b.fingerprint()
+    b.train.lr = 1.0
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_repo_has_default_config():
+    assert (REPO / "configs" / "demo_cpu.yaml").exists()

@@ -1,0 +1,107 @@
+"""One fold in-process on the tiny Gemma-2 smoke config (real nf4 + LoRA + 8-bit AdamW on the CPU)."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, DATA
+from trainer_core.batching import epoch_batches, padding_waste, rank_slice
+from trainer_core.config import TrainConfig, load_config, validate
+from trainer_core.data import assign_folds, load_rows
+from trainer_core.fold import lr_at, train_fold
+from trainer_core.metrics import log_loss
+
+
+@pytest.fixture(scope="module")
+def smoke_rows():
+    return assign_folds(load_rows(DATA, max_rows=60), 5)
+
+
+def smoke_cfg(*overrides):
+    cfg = load_config(CONFIGS / "smoke.yaml", ["data.max_rows=60", "data.max_length=64", *overrides])
+    validate(cfg)
+    return cfg
+
+
+def test_fold_writes_the_contract_files(tmp_path, smoke_rows):
+    cfg = smoke_cfg("train.max_steps=3", "train.log_every=1")
+    reports = []
+    res = train_fold(cfg, 1, smoke_rows, tmp_path / "fold=1", report=lambda m, c: reports.append((m, c)),
+                     tb_dir=tmp_path / "tb")
+    held = smoke_rows[smoke_rows["fold"] == 1]
+    oof = pd.read_parquet(tmp_path / "fold=1" / "oof.parquet")
+    assert list(oof.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie"]
+    assert sorted(oof["id"]) == sorted(held["id"]) and (oof["fold"] == 1).all()
+    assert np.allclose(oof[["p_a", "p_b", "p_tie"]].sum(1), 1.0)
+    assert res.metrics["log_loss"] == pytest.approx(log_loss(oof["label"], oof[["p_a", "p_b", "p_tie"]].to_numpy()))
+    assert res.metrics["steps"] == 3 and res.metrics["n_rows"] == len(held)
+    adapter = tmp_path / "fold=1" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "tokenizer.json").exists()
+    assert (tmp_path / "fold=1" / "config.yaml").exists() and (tmp_path / "fold=1" / "metrics.json").exists()
+    assert [m["step"] for m, _ in reports[:-1]] == [1, 2, 3] and reports[-1][0]["done"]
+    assert all("train_loss" in m and "cpu_rss_gib" in m for m, _ in reports[:-1])
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
+
+
+def test_lora_only_on_layers_from_freeze_layers(smoke_rows):
+    from trainer_core.modeling import build_model
+    from trainer_core.tokenization import build_tokenizer
+
+    cfg = smoke_cfg()
+    tok = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision="fp32",
+                        device=torch.device("cpu"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n in names if "lora_" in n}
+    assert lora_layers == {2, 3}  # smoke: 4 layers, freeze_layers=2
+    assert {n.split(".")[-2] for n in names if "lora_A" in n} == {"q_proj", "k_proj", "v_proj"}
+    assert any("score" in n for n in names)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, smoke_rows):
+    cfg = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.log_every=100")
+    saved = {}
+
+    def keep(m, ckpt):
+        if ckpt is not None:
+            saved[m["step"]] = shutil.copytree(ckpt, tmp_path / f"ckpt{m['step']}")
+
+    full = train_fold(cfg, 0, smoke_rows, tmp_path / "a", report=keep)
+    assert sorted(saved) == [2]
+    resumed = train_fold(cfg, 0, smoke_rows, tmp_path / "b", resume_from=saved[2])
+    assert resumed.metrics["steps"] == 4
+    np.testing.assert_allclose(resumed.oof[["p_a", "p_b", "p_tie"]].to_numpy(),
+                               full.oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5, atol=1e-6)
+    other = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
+    with pytest.raises(ValueError, match="different config"):
+        train_fold(other, 0, smoke_rows, tmp_path / "c", resume_from=saved[2])
+
+
+def test_lr_schedule_is_a_pure_function_of_step():
+    t = TrainConfig(lr=1.0, warmup_steps=4)
+    lrs = [lr_at(s, 14, t) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    t.schedule = "cosine"
+    assert lr_at(9, 14, t) == pytest.approx(0.5)
+
+
+def test_batches_are_deterministic_cover_every_row_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(5.5, 0.8, size=2000).astype(int) + 20, 1024)
+    a = epoch_batches(lengths, 4, 1, seed=1, epoch=0, group_by_length=True)
+    b = epoch_batches(lengths, 4, 1, seed=1, epoch=0, group_by_length=True)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert sorted(np.concatenate(a).tolist()) == list(range(2000))
+    grouped = padding_waste([lengths[x].tolist() for x in a])
+    plain = padding_waste([lengths[x].tolist() for x in epoch_batches(lengths, 4, 1, 1, 0, False)])
+    assert grouped < 0.05 < plain
+    two = epoch_batches(lengths[:7], 2, 2, seed=0, epoch=0, group_by_length=False)
+    assert all(len(g) == 4 for g in two)  # ranks always get full, equal batches
+    assert len(rank_slice(two[0], 0, 2)) == len(rank_slice(two[0], 1, 2)) == 2
