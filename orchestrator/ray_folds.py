@@ -54,18 +54,10 @@ def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = N
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=_have_dashboard(), **kwargs)
+            # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
+            # trials through the State API, which needs it.
+            ray.init(num_cpus=num_cpus, **kwargs)
     return ray.cluster_resources()
-
-
-def _have_dashboard() -> bool:
-    # Train V2 frees placement groups of stopped trials through the State API, which needs the dashboard.
-    try:
-        import aiohttp  # noqa: F401  (only installed with ray[default])
-
-        return True
-    except ImportError:
-        return False
 
 
 def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:

@@ -185,6 +185,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of {key}.* keys, got {v!r}")
             _apply(cur, v, prefix=f"{key}.")
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            setattr(obj, k, {**cur, **v})  # model.random_config.hidden_size=64 changes one entry
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
 

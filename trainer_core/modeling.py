@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -48,14 +49,21 @@ def random_weights_dir(model_cfg: ModelConfig, pad_token_id: int, seed: int, dty
     """Save a randomly initialised model of ``model_cfg.random_config``'s architecture once per machine and return its
     folder. Quantization happens only through ``from_pretrained``, hence the save; the cache key covers everything
     that changes the weights, so concurrent folds on one machine share one copy."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     spec = dict(model_cfg.random_config)
     key = hashlib.sha256(json.dumps([spec, pad_token_id, seed, str(dtype)], sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("TRAINER_CORE_CACHE", Path(tempfile.gettempdir()) / "trainer_core_random"))
     out = root / key
-    if (out / "config.json").exists():
-        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # folds sharing a machine build it once; the others wait, then reuse it
+        if not (out / "config.json").exists():
+            _save_random_model(spec, pad_token_id, seed, dtype, out)
+    return out
+
+
+def _save_random_model(spec: dict, pad_token_id: int, seed: int, dtype: torch.dtype, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     model_type = spec.pop("model_type", "gemma2")
     cfg = AutoConfig.for_model(model_type, **spec, num_labels=NUM_LABELS, pad_token_id=pad_token_id)
     torch.manual_seed(seed)
@@ -66,7 +74,6 @@ def random_weights_dir(model_cfg: ModelConfig, pad_token_id: int, seed: int, dty
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return out
 
 
 def decoder_layer_count(model) -> int:
@@ -110,7 +117,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         # sends the backward pass through every frozen layer.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model_cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_*
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Non-reentrant checkpointing needs no grad on the embeddings: backward stops below the lowest adapter.
         model.disable_input_require_grads()
 
