@@ -57,6 +57,9 @@ def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = N
             # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
             # trials through the State API, which needs it.
             ray.init(num_cpus=num_cpus, **kwargs)
+    # Tune logs every failed trial's full traceback at ERROR; cv prints the root cause and keeps the traceback on disk.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     return ray.cluster_resources()
 
 
@@ -221,5 +224,21 @@ def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) ->
     out: dict[int, str | None] = {}
     for r in results:
         fold = r.config["fold"]
-        out[fold] = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip()[-2000:]}"
+        if r.error is None:
+            out[fold] = None
+            continue
+        full = str(r.error)
+        log_path = run_dir / "logs" / f"fold={fold}.error.txt"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(full)
+        out[fold] = f"{root_cause(full)} (full traceback: {log_path})"
     return out
+
+
+def root_cause(text: str) -> str:
+    """The innermost exception line of a Ray error text, e.g. "ValueError: ..." rather than Ray's wrappers."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ":" in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
+              and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Interrupt"))
+              and "WorkerGroupError" not in ln and "RayTaskError" not in ln]
+    return causes[-1] if causes else (lines[-1] if lines else "unknown error")

@@ -85,6 +85,8 @@ class TrainConfig:
     group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
     log_every: int = _f(10, "optimizer steps between logged training scalars")
     checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
+    eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
+    interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
 
 
 @dataclass
@@ -300,6 +302,10 @@ def validate(cfg: Config) -> None:
             errs.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.warmup_steps < 0:
         errs.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.eval_every is not None and t.eval_every < 1:
+        errs.append(f"train.eval_every: must be >= 1 or null, got {t.eval_every}")
+    if t.interim_eval_rows < 1:
+        errs.append(f"train.interim_eval_rows: must be >= 1, got {t.interim_eval_rows}")
     if t.checkpoint_every is not None and t.checkpoint_every < 1:
         errs.append(f"train.checkpoint_every: must be >= 1 or null, got {t.checkpoint_every}")
     if c.gpus_per_fold < 0:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from trainer_core import metrics as M
 from trainer_core.batching import collate, epoch_batches, rank_slice
 from trainer_core.config import Config, TrainConfig, to_yaml
+from trainer_core.inference import predict_probs
 from trainer_core.modeling import (
     DTYPES,
     build_model,
@@ -85,24 +86,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def predict_probs(model, ids: list[list[int]], batch_size: int, pad_id: int, device: torch.device,
-                  autocast) -> np.ndarray:
-    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
-    was_training = model.training
-    model.eval()
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), 3), dtype=np.float64)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        input_ids, mask = collate([ids[j] for j in idx], pad_id, device)
-        with autocast():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    model.train(was_training)
-    return out
 
 
 def _gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
@@ -198,6 +181,17 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
             plans[epoch] = epoch_batches(lengths, t.batch_size, world, t.seed + fold, epoch, t.group_by_length)
         return rank_slice(plans[epoch][pos], rank, world)
 
+    # Interim evaluation (for early stopping of sweeps): the first train.interim_eval_rows held-out rows by id.
+    interim_n = min(len(val_ids), t.interim_eval_rows)
+
+    def interim_eval(at_step: int) -> dict:
+        idx = np.arange(rank, interim_n, world)
+        local = predict_probs(model, [val_ids[i] for i in idx], t.eval_batch_size, tok.pad_token_id, device,
+                              autocast)
+        p = M.clip_probs(_gather_rows(local, idx, interim_n, world))
+        y = val_rows["label"].values[:interim_n]
+        return {"interim_log_loss": M.log_loss(y, p), "interim_accuracy": M.accuracy(y, p), "interim_rows": interim_n}
+
     step = 0
     if resume_from is not None:
         step = _load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
@@ -242,7 +236,8 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
 
         do_log = step % t.log_every == 0 or step == total_steps
         do_ckpt = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps
-        if not (do_log or do_ckpt):
+        do_eval = bool(t.eval_every) and step % t.eval_every == 0 and step < total_steps
+        if not (do_log or do_ckpt or do_eval):
             continue
         logs = {"fold": fold, "step": step, "total_steps": total_steps, "start_step": start_step,
                 "elapsed_s": time.perf_counter() - t_start}
@@ -252,6 +247,9 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
                         samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed, **telemetry.memory())
             window_loss, window_n = 0.0, 0
             telemetry.scalars(logs, step)
+        if do_eval:
+            logs.update(interim_eval(step))
+            telemetry.scalars({k: v for k, v in logs.items() if k.startswith("interim_")}, step)
         ckpt = None
         if do_ckpt and rank == 0:
             ckpt = ckpt_root / f"step={step:07d}"
