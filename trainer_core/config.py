@@ -50,7 +50,9 @@ class ModelConfig:
     quantization: Literal["nf4", "int8", "none"] = _f("none", "base-weight quantization through bitsandbytes")
     double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
     attn_implementation: Optional[str] = _f("eager", "attention kernel; eager keeps Gemma-2 logit soft-capping exactly")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (non-reentrant)")
+    gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
+        "auto", "recompute activations in backward: on/off, auto = only if the GPU's free memory demands it, "
+        "reentrant = the seed's way (backward through every layer)")
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
 
 
@@ -82,6 +84,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     seed: int = _f(42, "seed for weights of new layers, dropout and data order")
+    memory_budget_gib: Optional[float] = _f(None, "cap GPU memory per fold process (emulates a smaller card)")
     group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
     log_every: int = _f(10, "optimizer steps between logged training scalars")
     checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
@@ -134,6 +137,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML reads on/off/true/false as booleans
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value

@@ -33,9 +33,12 @@ from trainer_core import metrics as M
 from trainer_core.batching import collate, epoch_batches, rank_slice
 from trainer_core.config import Config, TrainConfig, to_yaml
 from trainer_core.inference import predict_probs
+from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
 from trainer_core.modeling import (
     DTYPES,
     build_model,
+    decoder_layer_count,
+    enable_checkpointing,
     load_trainable_state_dict,
     resolve_precision,
     trainable_parameters,
@@ -153,8 +156,20 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     train_labels = torch.tensor(train_rows["label"].values, dtype=torch.long)
     lengths = np.array([len(x) for x in train_ids])
 
+    apply_budget(device, t.memory_budget_gib)
     model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision=precision, device=device,
                         seed=t.seed)
+    micro_bs, accum = t.batch_size, t.grad_accum
+    if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
+        n_layers = decoder_layer_count(model)
+        plan = plan_memory(model.config, n_trained_layers=n_layers - cfg.lora.freeze_layers,
+                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum,
+                           free_bytes=free_device_bytes(device, t.memory_budget_gib))
+        if plan.checkpointing:
+            enable_checkpointing(model)
+        micro_bs, accum = plan.micro_batch, plan.grad_accum
+        log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
+                 plan.free_gib)
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -168,17 +183,17 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=DTYPES[precision])
 
-    micro_per_epoch = len(epoch_batches(lengths, t.batch_size, world, t.seed, 0, False))
+    micro_per_epoch = len(epoch_batches(lengths, micro_bs, world, t.seed, 0, False))
     total_micro = math.ceil(t.epochs * micro_per_epoch)
-    total_steps = t.max_steps or math.ceil(total_micro / t.grad_accum)
-    total_micro = min(total_micro, total_steps * t.grad_accum) if not t.max_steps else total_steps * t.grad_accum
+    total_steps = t.max_steps or math.ceil(total_micro / accum)
+    total_micro = min(total_micro, total_steps * accum) if not t.max_steps else total_steps * accum
     plans: dict[int, list[np.ndarray]] = {}
 
     def micro_batch(m: int) -> np.ndarray:
         epoch, pos = divmod(m, micro_per_epoch)
         if epoch not in plans:
             plans.clear()
-            plans[epoch] = epoch_batches(lengths, t.batch_size, world, t.seed + fold, epoch, t.group_by_length)
+            plans[epoch] = epoch_batches(lengths, micro_bs, world, t.seed + fold, epoch, t.group_by_length)
         return rank_slice(plans[epoch][pos], rank, world)
 
     # Interim evaluation (for early stopping of sweeps): the first train.interim_eval_rows held-out rows by id.
@@ -208,9 +223,9 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         lr = lr_at(step, total_steps, t)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        n_micro = min(t.grad_accum, total_micro - step * t.grad_accum)
+        n_micro = min(accum, total_micro - step * accum)
         for a in range(n_micro):
-            idx = micro_batch(step * t.grad_accum + a)
+            idx = micro_batch(step * accum + a)
             input_ids, mask = collate([train_ids[i] for i in idx], tok.pad_token_id, device)
             labels = train_labels[idx].to(device)
             sync = a == n_micro - 1 or world == 1

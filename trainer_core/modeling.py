@@ -85,9 +85,13 @@ def decoder_layer_count(model) -> int:
 
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
-                device: torch.device, seed: int = 0):
+                device: torch.device, seed: int = 0, checkpointing: str | None = None):
     """The sequence classifier (3 labels) ready to train: quantized if configured, LoRA on the configured modules of
-    layers >= ``freeze_layers`` (or full fine-tuning of those layers with LoRA disabled), on ``device``."""
+    layers >= ``freeze_layers`` (or full fine-tuning of those layers with LoRA disabled), on ``device``.
+
+    ``checkpointing`` overrides ``model_cfg.gradient_checkpointing``; "auto" is left to the caller (it needs the
+    loaded model's memory, see ``trainer_core.memory``) and builds without checkpointing."""
+    checkpointing = checkpointing or model_cfg.gradient_checkpointing
     from transformers import AutoModelForSequenceClassification
 
     dtype = DTYPES[precision]
@@ -113,17 +117,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        # Checkpointing is enabled below (non-reentrant), not here: peft's reentrant default needs input grads, which
-        # sends the backward pass through every frozen layer.
+        # peft's default would turn on reentrant checkpointing plus input grads, which sends the backward pass through
+        # every frozen layer; checkpointing is chosen separately (enable_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if model_cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_*
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Non-reentrant checkpointing needs no grad on the embeddings: backward stops below the lowest adapter.
-        model.disable_input_require_grads()
+    if checkpointing in ("on", "reentrant"):
+        enable_checkpointing(model, reentrant=checkpointing == "reentrant")
 
     if lora_cfg.enabled:
         from peft import LoraConfig as PeftLoraConfig
@@ -145,6 +143,24 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
     return model
+
+
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Recompute each decoder layer's activations in backward.
+
+    Non-reentrant (ours) needs no grad on the embeddings, so backward stops below the lowest trained layer. Reentrant
+    (the seed, via peft's default) needs input grads, which carries the backward pass through every frozen layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_*
+    if enable is not None:
+        enable(kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        base.enable_input_require_grads()
+    else:
+        base.disable_input_require_grads()
 
 
 def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:

@@ -1,0 +1,79 @@
+"""Choose recomputation and micro-batch size from the GPU's free memory (``model.gradient_checkpointing: auto``).
+
+Activation memory is estimated from the architecture, per token and per trained decoder layer (only layers at or
+above ``freeze_layers`` keep activations for backward once no gradient flows below them):
+
+- without recomputation: ``2 bytes * (16 * hidden + 4 * intermediate)`` for the saved bf16 tensors of the
+  projections, norms and MLP, plus eager attention's ``heads * seq_len * 8`` bytes (fp32 scores, bf16 softmax);
+- with recomputation: each trained layer keeps only its bf16 input (``2 * hidden``), plus one layer's full set
+  during its recompute.
+
+Calibration (one H200, Gemma-2 9B nf4, LoRA on layers 16-41, batch 4 x 1024 tokens): the estimate gives 38 GiB
+of activations without recomputation where about 31 GiB were measured (40 GiB peak minus ~9 GiB of weights), so it
+errs on the safe side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SAFETY = 1.10  # headroom for allocator fragmentation and the optimizer's temporaries
+
+
+@dataclass
+class MemoryPlan:
+    checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    free_gib: float
+    need_gib: float
+    reason: str
+
+
+def activation_bytes_per_token(config, n_trained_layers: int, seq_len: int, checkpointing: bool) -> float:
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    full_layer = 2 * (16 * h + 4 * inter) + heads * seq_len * 8
+    if checkpointing:
+        return n_trained_layers * 2 * h + full_layer
+    return n_trained_layers * full_layer
+
+
+def plan_memory(config, *, n_trained_layers: int, seq_len: int, batch_size: int, grad_accum: int,
+                free_bytes: float) -> MemoryPlan:
+    """The fastest setting that fits: no recomputation at the configured micro-batch if possible, else recomputation,
+    else recomputation with the micro-batch halved (grad_accum doubled, so the optimizer sees the same batch)."""
+    free_gib = free_bytes / 2**30
+
+    def need(ckpt: bool, micro: int) -> float:
+        return activation_bytes_per_token(config, n_trained_layers, seq_len, ckpt) * micro * seq_len * SAFETY / 2**30
+
+    if need(False, batch_size) <= free_gib:
+        return MemoryPlan(False, batch_size, grad_accum, free_gib, need(False, batch_size),
+                          "activations fit without recomputation")
+    micro, accum = batch_size, grad_accum
+    while micro > 1 and need(True, micro) > free_gib:
+        micro, accum = (micro + 1) // 2, accum * 2
+    return MemoryPlan(True, micro, accum, free_gib, need(True, micro),
+                      "recomputation on" + (f", micro-batch {micro} x {accum} accumulation" if micro < batch_size
+                                            else ""))
+
+
+def apply_budget(device: torch.device, budget_gib: float | None) -> None:
+    """Cap this process's GPU memory at ``budget_gib`` (emulates a smaller card, or shares one)."""
+    if device.type == "cuda" and budget_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total), device)
+
+
+def free_device_bytes(device: torch.device, budget_gib: float | None = None) -> float:
+    """Bytes this process can still allocate on ``device``, within ``budget_gib`` if given."""
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    if budget_gib:
+        free = min(free, budget_gib * 2**30 - torch.cuda.memory_reserved(device))
+    return float(free)
