@@ -10,7 +10,6 @@ Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -27,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer_core import metrics as M
 from trainer_core.batching import collate, epoch_batches, rank_slice
@@ -35,7 +33,6 @@ from trainer_core.config import Config, TrainConfig, to_yaml
 from trainer_core.inference import predict_probs
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
 from trainer_core.modeling import (
-    DTYPES,
     build_model,
     decoder_layer_count,
     enable_checkpointing,
@@ -46,6 +43,7 @@ from trainer_core.modeling import (
 )
 from trainer_core.optim import build_optimizer
 from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json, atomic_write_text
+from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
 
@@ -178,10 +176,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
 
-    def autocast():
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=DTYPES[precision])
+    autocast = make_autocast(precision, device)
 
     micro_per_epoch = len(epoch_batches(lengths, micro_bs, world, t.seed, 0, False))
     total_micro = math.ceil(t.epochs * micro_per_epoch)
@@ -218,35 +213,23 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     ddp_model.train()
     start_step = step
     t_start, samples, tokens = time.perf_counter(), 0, 0
-    window_loss, window_n = 0.0, 0
+    window_loss, window_n = torch.zeros((), device=device), 0
     while step < total_steps:
         lr = lr_at(step, total_steps, t)
         for g in optimizer.param_groups:
             g["lr"] = lr
         n_micro = min(accum, total_micro - step * accum)
+        micro = []
         for a in range(n_micro):
             idx = micro_batch(step * accum + a)
             input_ids, mask = collate([train_ids[i] for i in idx], tok.pad_token_id, device)
-            labels = train_labels[idx].to(device)
-            sync = a == n_micro - 1 or world == 1
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
-                logits = ddp_model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, 3)
-                loss = F.cross_entropy(logits, labels) / n_micro
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            window_loss += loss.item() * n_micro
-            window_n += 1
+            micro.append((input_ids, mask, train_labels[idx].to(device, non_blocking=True)))
             samples += len(idx) * world
-            tokens += int(mask.sum()) * world
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            tokens += int(lengths[idx].sum()) * world
+        loss, grad_norm = train_step(ddp_model, micro, optimizer, scaler, params, autocast, t.max_grad_norm,
+                                     ddp=world > 1)
+        window_loss += loss
+        window_n += 1
         step += 1
 
         do_log = step % t.log_every == 0 or step == total_steps
@@ -258,9 +241,9 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
                 "elapsed_s": time.perf_counter() - t_start}
         if do_log:
             elapsed = time.perf_counter() - t_start
-            logs.update(train_loss=window_loss / window_n, lr=lr, grad_norm=float(grad_norm),
+            logs.update(train_loss=float(window_loss) / window_n, lr=lr, grad_norm=float(grad_norm),
                         samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed, **telemetry.memory())
-            window_loss, window_n = 0.0, 0
+            window_loss, window_n = torch.zeros((), device=device), 0
             telemetry.scalars(logs, step)
         if do_eval:
             logs.update(interim_eval(step))
