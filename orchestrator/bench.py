@@ -1,0 +1,109 @@
+"""Benchmark fold training: the seed notebook's setup against this project's, same process, same batches.
+
+Builds the config's architecture with random weights (``model.random_config``; nothing is downloaded) and times
+(a) the seed's setup - fp16, the library's default attention, reentrant checkpointing through every layer, batch 4,
+8-bit AdamW - and (b) the project's fold training step as configured (bf16 where the card has it, no backward through
+frozen layers, recomputation only if free memory demands it), on full-length rows and on an arena-like length mix.
+Optionally (c) the project's setup squeezed into a smaller card (``--budget-gib 24``). Prints one table, the ratio
+line, and a numerics check of (b) against (a). Not a test: figures go into docs/PERFORMANCE.md with the card.
+
+Examples::
+
+    python -m orchestrator.bench --config configs/smoke.yaml                      # CPU, seconds
+    python -m orchestrator.bench --config configs/gemma2_9b_qlora.yaml --steps 10 --budget-gib 24 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer_core.benchmark import compare_numerics, our_setup, run_setup, seed_setup
+from trainer_core.config import ConfigError, load_config, validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="config whose architecture and training setup to time")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per measurement (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default 2)")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="also time the project's setup capped at this much GPU memory (e.g. 24 for a 24 GB card)")
+    p.add_argument("--no-mixed", action="store_true", help="skip the variable-length (arena-like) measurement")
+    p.add_argument("--no-seed", action="store_true", help="skip the seed baseline (then no ratio is printed)")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for orchestrator.cv")
+    return p
+
+
+def fmt(v, spec: str) -> str:
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict], device_name: str) -> None:
+    head = (f"{'setup':<10} {'prec':<5} {'micro x acc':>11} {'samples/s':>10} {'tokens/s':>10} {'s/step':>7} "
+            f"{'peak GiB':>9} {'MFU':>6} {'mixed s/s':>10} {'pad waste':>9}  checkpointing")
+    print(f"device: {device_name}")
+    print(head)
+    for r in rows:
+        print(f"{r['setup']:<10} {r['precision']:<5} {str(r['micro_batch']) + ' x ' + str(r['grad_accum']):>11} "
+              f"{r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>7.3f} "
+              f"{fmt(r.get('peak_gib'), '9.1f')} {fmt(r.get('mfu'), '6.1%')} "
+              f"{fmt(r.get('mixed_samples_per_s'), '10.2f')} {fmt(r.get('mixed_padding_waste'), '9.1%')}  "
+              f"{r['checkpointing']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, "model.init=random"])
+        validate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    seed = seed_setup(cfg)
+    ours = our_setup(cfg, device)
+    if device.type == "cpu":
+        # fp16 autocast and loss scaling are GPU features; on the CPU both setups run fp32 (the comparison then
+        # measures recomputation, frozen-layer backward and length grouping only).
+        seed.precision = "fp32"
+    rows = []
+    if not args.no_seed:
+        rows.append(run_setup(cfg, seed, device, steps=args.steps, warmup=args.warmup, mixed=not args.no_mixed))
+    rows.append(run_setup(cfg, ours, device, steps=args.steps, warmup=args.warmup, mixed=not args.no_mixed))
+    if args.budget_gib:
+        capped = our_setup(cfg, device)
+        capped.name = f"ours@{args.budget_gib:g}G"
+        rows.append(run_setup(cfg, capped, device, steps=args.steps, warmup=args.warmup,
+                              budget_gib=args.budget_gib, mixed=False))
+    print_table(rows, device_name)
+    result = {"device": device_name, "config": str(args.config), "overrides": args.overrides, "rows": rows}
+    if not args.no_seed:
+        ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
+        result["ratio"] = ratio
+        print(f"samples/s ratio vs seed (same call, {device_name}): {ratio:.2f}")
+        if "mixed_samples_per_s" in rows[0]:
+            mixed = rows[1]["mixed_samples_per_s"] / rows[0]["mixed_samples_per_s"]
+            result["mixed_ratio"] = mixed
+            print(f"samples/s ratio vs seed on the arena-like length mix (same call, {device_name}): {mixed:.2f}")
+        num = compare_numerics(cfg, seed, ours, device)
+        result["numerics"] = num
+        print(f"numerics, ours vs seed setup (same weights, one batch): max |logit diff| "
+              f"{num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
+              f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} "
+              f"({num['rel_loss_diff']:.2%})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The CPU benchmark on the smoke config runs end to end and reports every figure (it times, it does not assert
+speed: figures belong in docs/PERFORMANCE.md)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import CONFIGS, REPO
+
+
+def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "orchestrator.bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--steps", "2", "--warmup", "1", "--json", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "samples/s ratio vs seed (same call, cpu):" in res.stdout
+    data = json.loads(out.read_text())
+    seed, ours = data["rows"]
+    assert seed["setup"] == "seed" and seed["checkpointing"] == "reentrant" and seed["micro_batch"] == 4
+    assert ours["setup"] == "ours"
+    for row in data["rows"]:
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and 0 <= row["mixed_padding_waste"] < 1
+    assert ours["mixed_padding_waste"] < 0.05 < seed["mixed_padding_waste"]  # length grouping
+    assert data["ratio"] == ours["samples_per_s"] / seed["samples_per_s"]
+    # identical weights, fp32 on both sides: the fast path computes the same logits
+    assert data["numerics"]["rel_logit_diff"] < 1e-5 and data["numerics"]["rel_loss_diff"] < 1e-5

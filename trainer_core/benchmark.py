@@ -1,0 +1,193 @@
+"""Time the seed notebook's training setup against this project's, on the same synthetic batches, in one process.
+
+Both setups build the config's architecture with the same random weights (no download) and run the shared
+``trainer_core.step.train_step``. Figures: samples/s, real (non-pad) tokens/s, peak GPU memory, model-FLOPs
+utilisation (MFU), and the ratio ours / seed. A variable-length mix resembling arena data measures padding waste.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer_core.batching import collate, epoch_batches, padding_waste
+from trainer_core.config import Config
+from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
+from trainer_core.modeling import build_model, decoder_layer_count, enable_checkpointing, trainable_parameters
+from trainer_core.optim import build_optimizer
+from trainer_core.step import make_autocast, train_step
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+@dataclass
+class Setup:
+    name: str
+    precision: str            # resolved: bf16 / fp16 / fp32
+    checkpointing: str        # reentrant / on / off / auto
+    attn_implementation: str | None
+    batch_size: int
+    grad_accum: int
+    group_by_length: bool
+    optimizer: str
+
+
+def seed_setup(cfg: Config) -> Setup:
+    """The seed notebook: fp16, the library's default attention, peft's default (reentrant) checkpointing through
+    every layer, batch 4, 8-bit AdamW, no length grouping."""
+    return Setup("seed", "fp16", "reentrant", None, 4, 1, False, "adamw_8bit")
+
+
+def our_setup(cfg: Config, device: torch.device) -> Setup:
+    from trainer_core.modeling import resolve_precision
+
+    return Setup("ours", resolve_precision(cfg.train.precision, device), cfg.model.gradient_checkpointing,
+                 cfg.model.attn_implementation, cfg.train.batch_size, cfg.train.grad_accum, True, cfg.train.optimizer)
+
+
+def arena_like_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
+    """Token counts resembling arena rows: log-normal, median ~0.4 * max_length, a tail cut at max_length."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(0.4 * max_length), 0.8, size=n), 16, max_length).astype(int)
+
+
+def model_flops_per_token(config, n_trained_layers: int, seq_len: int) -> float:
+    """Useful FLOPs per token: forward through every layer plus the activation-gradient backward through the trained
+    layers (LoRA weight gradients are negligible). Same definition for both setups, so MFU ratio = speed ratio."""
+    h, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * hd
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * hd
+    matmul = h * q + 2 * h * kv + q * h + 3 * h * inter
+    per_layer = 2 * matmul + 4 * seq_len * q  # projections + attention scores/values (causal mask not discounted)
+    return per_layer * (config.num_hidden_layers + n_trained_layers)
+
+
+def _synthetic_batches(lengths: np.ndarray, batch: int, group: bool, vocab: int, device: torch.device,
+                       n_batches: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    plan = epoch_batches(lengths, batch, 1, seed, 0, group)[:n_batches]
+    out = []
+    for idx in plan:
+        ids = [rng.integers(4, vocab, size=int(lengths[i])).tolist() for i in idx]
+        input_ids, mask = collate(ids, 0, device)
+        out.append((input_ids, mask, torch.as_tensor(rng.integers(0, 3, size=len(idx)), device=device)))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, budget_gib: float | None):
+    """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, the same way fold.py builds them."""
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.attn_implementation = setup.attn_implementation
+    torch.manual_seed(cfg.train.seed)
+    ckpt = "off" if setup.checkpointing == "auto" else setup.checkpointing
+    model = build_model(mcfg, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
+                        seed=cfg.train.seed, checkpointing=ckpt)
+    micro, accum, plan_text = setup.batch_size, setup.grad_accum, setup.checkpointing
+    if setup.checkpointing == "auto":
+        if device.type == "cuda":
+            plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
+                               seq_len=seq_len, batch_size=micro, grad_accum=accum,
+                               free_bytes=free_device_bytes(device, budget_gib))
+            if plan.checkpointing:
+                enable_checkpointing(model)
+            micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
+        else:
+            plan_text = "auto: off on CPU"
+    params = trainable_parameters(model)
+    tcfg = copy.deepcopy(cfg.train)
+    tcfg.optimizer = setup.optimizer
+    optimizer = build_optimizer(params, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
+    return model, params, optimizer, scaler, micro, accum, plan_text
+
+
+def time_steps(model, params, optimizer, scaler, batches: list, accum: int, autocast, warmup: int,
+               device: torch.device) -> tuple[float, int, int, int]:
+    """(seconds, steps, samples, real tokens) over the timed steps (after ``warmup`` untimed ones)."""
+    steps = [batches[i:i + accum] for i in range(0, len(batches) - accum + 1, accum)]
+    for s in steps[:warmup]:
+        train_step(model, s, optimizer, scaler, params, autocast, 1.0)
+    _sync(device)
+    timed = steps[warmup:]
+    t0 = time.perf_counter()
+    for s in timed:
+        train_step(model, s, optimizer, scaler, params, autocast, 1.0)
+    _sync(device)
+    secs = time.perf_counter() - t0
+    samples = sum(len(m[2]) for s in timed for m in s)
+    tokens = sum(int(m[1].sum()) for s in timed for m in s)
+    return secs, len(timed), samples, tokens
+
+
+def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, warmup: int,
+              budget_gib: float | None = None, mixed: bool = True) -> dict:
+    """Benchmark one setup at full length (max_length every row) and on the arena-like length mix."""
+    seq_len = cfg.data.max_length
+    if device.type == "cuda":
+        apply_budget(device, budget_gib)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, params, optimizer, scaler, micro, accum, plan_text = build_for(cfg, setup, device, seq_len, budget_gib)
+    autocast = make_autocast(setup.precision, device)
+    vocab = model.config.vocab_size
+    n_trained = decoder_layer_count(model) - cfg.lora.freeze_layers
+    n_batches = (steps + warmup) * accum
+    row = {"setup": setup.name, "precision": setup.precision, "checkpointing": plan_text,
+           "attention": setup.attn_implementation or "default", "micro_batch": micro, "grad_accum": accum}
+    full = _synthetic_batches(np.full(n_batches * micro, seq_len), micro, False, vocab, device, n_batches, 1)
+    secs, n, samples, tokens = time_steps(model, params, optimizer, scaler, full, accum, autocast, warmup, device)
+    row.update(samples_per_s=samples / secs, tokens_per_s=tokens / secs, s_per_step=secs / n)
+    flops = model_flops_per_token(model.config, n_trained, seq_len)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda"
+                 and k in torch.cuda.get_device_name(device)), None)
+    row["mfu"] = tokens / secs * flops / peak if peak else None
+    if mixed:
+        lengths = arena_like_lengths(4096, seq_len)
+        batches = _synthetic_batches(lengths, micro, setup.group_by_length, vocab, device, n_batches, 2)
+        row["mixed_padding_waste"] = padding_waste([m[1].sum(1).tolist() for m in batches])
+        secs, n, samples, tokens = time_steps(model, params, optimizer, scaler, batches, accum, autocast, warmup,
+                                              device)
+        row.update(mixed_samples_per_s=samples / secs, mixed_tokens_per_s=tokens / secs)
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    del model, optimizer, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return row
+
+
+@torch.no_grad()
+def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows: int = 4) -> dict:
+    """Logits and loss of setup ``b`` against setup ``a`` on one batch with identical weights (eval mode)."""
+    out = {}
+    seq_len = min(cfg.data.max_length, 256)
+    for setup in (a, b):
+        model, *_ = build_for(cfg, setup, device, seq_len, None)
+        model.eval()
+        batch = _synthetic_batches(arena_like_lengths(rows, seq_len, 3), rows, False, model.config.vocab_size,
+                                   device, 1, 3)[0]
+        with make_autocast(setup.precision, device)():
+            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits.float()
+        out[setup.name] = (logits.cpu(), torch.nn.functional.cross_entropy(logits, batch[2]).item())
+        del model
+        gc.collect()
+    (la, lossa), (lb, lossb) = out[a.name], out[b.name]
+    scale = float(la.abs().max()) or 1.0
+    return {"max_abs_logit_diff": float((la - lb).abs().max()), "logit_scale": scale,
+            "rel_logit_diff": float((la - lb).abs().max()) / scale,
+            "loss_a": lossa, "loss_b": lossb, "rel_loss_diff": abs(lossa - lossb) / max(abs(lossa), 1e-12)}
