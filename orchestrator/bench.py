@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # variable-length batches fragment
 
-from trainer_core.benchmark import compare_numerics, our_setup, run_setup, seed_setup
+import torch  # noqa: E402
+
+from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, run_setup, seed_setup
 from trainer_core.config import ConfigError, load_config, validate
 
 
@@ -75,31 +78,39 @@ def main(argv: list[str] | None = None) -> int:
         # fp16 autocast and loss scaling are GPU features; on the CPU both setups run fp32 (the comparison then
         # measures recomputation, frozen-layer backward and length grouping only).
         seed.precision = "fp32"
-    rows = []
-    if not args.no_seed:
-        rows.append(run_setup(cfg, seed, device, steps=args.steps, warmup=args.warmup, mixed=not args.no_mixed))
-    rows.append(run_setup(cfg, ours, device, steps=args.steps, warmup=args.warmup, mixed=not args.no_mixed))
+    plan = [] if args.no_seed else [(seed, None, not args.no_mixed)]
+    plan.append((ours, None, not args.no_mixed))
     if args.budget_gib:
         capped = our_setup(cfg, device)
         capped.name = f"ours@{args.budget_gib:g}G"
-        rows.append(run_setup(cfg, capped, device, steps=args.steps, warmup=args.warmup,
-                              budget_gib=args.budget_gib, mixed=False))
-    print_table(rows, device_name)
+        plan.append((capped, args.budget_gib, False))
+    rows = []
+    for setup, budget, mixed in plan:
+        try:
+            rows.append(run_setup(cfg, setup, device, steps=args.steps, warmup=args.warmup, budget_gib=budget,
+                                  mixed=mixed))
+        except torch.OutOfMemoryError as e:  # recorded; the other setups still run
+            free_cuda(device)
+            rows.append({"setup": setup.name, "oom": True, "budget_gib": budget, "error": str(e).splitlines()[0]})
+        print(json.dumps(rows[-1]), flush=True)  # each row as soon as it exists
+    ok = {r["setup"]: r for r in rows if not r.get("oom")}
+    print_table(list(ok.values()), device_name)
+    for r in rows:
+        if r.get("oom"):
+            print(f"{r['setup']}: out of GPU memory ({r['error']})")
     result = {"device": device_name, "config": str(args.config), "overrides": args.overrides, "rows": rows}
-    if not args.no_seed:
-        ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
-        result["ratio"] = ratio
-        print(f"samples/s ratio vs seed (same call, {device_name}): {ratio:.2f}")
-        if "mixed_samples_per_s" in rows[0]:
-            mixed = rows[1]["mixed_samples_per_s"] / rows[0]["mixed_samples_per_s"]
-            result["mixed_ratio"] = mixed
-            print(f"samples/s ratio vs seed on the arena-like length mix (same call, {device_name}): {mixed:.2f}")
+    if "seed" in ok and "ours" in ok:
+        result["ratio"] = ok["ours"]["samples_per_s"] / ok["seed"]["samples_per_s"]
+        print(f"samples/s ratio vs seed (same call, {device_name}): {result['ratio']:.2f}")
+        if "mixed_samples_per_s" in ok["seed"]:
+            result["mixed_ratio"] = ok["ours"]["mixed_samples_per_s"] / ok["seed"]["mixed_samples_per_s"]
+            print(f"samples/s ratio vs seed on the arena-like length mix (same call, {device_name}): "
+                  f"{result['mixed_ratio']:.2f}")
         num = compare_numerics(cfg, seed, ours, device)
         result["numerics"] = num
         print(f"numerics, ours vs seed setup (same weights, one batch): max |logit diff| "
               f"{num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
-              f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} "
-              f"({num['rel_loss_diff']:.2%})")
+              f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -15,6 +15,7 @@ unless ``--restart`` is given.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -149,13 +150,21 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     if todo:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-            concurrency = ray_folds.plan_concurrency(cfg, resources, len(todo))
+            ray_folds.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
         except ray_folds.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-        print(f"training folds {todo} on Ray ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs): "
-              f"{concurrency} at a time; run directory {run_dir}")
-        errors = ray_folds.run_folds(cfg, todo, run_dir, concurrency)
+        phases = ray_folds.plan_phases(todo, int(resources.get("GPU", 0)), cfg.cluster.gpus_per_fold,
+                                       cfg.cluster.pack_folds)
+        errors = {}
+        for phase_folds, gpus in phases:
+            phase_cfg = copy.deepcopy(cfg)
+            phase_cfg.cluster.gpus_per_fold = gpus
+            concurrency = ray_folds.plan_concurrency(phase_cfg, resources, len(phase_folds))
+            where = f"{gpus} GPU(s) each" if gpus else f"{cfg.cluster.cpu_workers_per_fold} CPU worker(s) each"
+            print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
+                  f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time; run directory {run_dir}")
+            errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency))
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

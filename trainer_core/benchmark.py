@@ -135,6 +135,7 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
               budget_gib: float | None = None, mixed: bool = True) -> dict:
     """Benchmark one setup at full length (max_length every row) and on the arena-like length mix."""
     seq_len = cfg.data.max_length
+    start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         apply_budget(device, budget_gib)
         torch.cuda.empty_cache()
@@ -144,7 +145,8 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
     vocab = model.config.vocab_size
     n_trained = decoder_layer_count(model) - cfg.lora.freeze_layers
     n_batches = (steps + warmup) * accum
-    row = {"setup": setup.name, "precision": setup.precision, "checkpointing": plan_text,
+    row = {"setup": setup.name, "precision": setup.precision, "checkpointing": plan_text, "start_gib": start_gib,
+           "budget_gib": budget_gib,
            "attention": setup.attn_implementation or "default", "micro_batch": micro, "grad_accum": accum}
     full = _synthetic_batches(np.full(n_batches * micro, seq_len), micro, False, vocab, device, n_batches, 1)
     secs, n, samples, tokens = time_steps(model, params, optimizer, scaler, full, accum, autocast, warmup, device)
@@ -163,12 +165,19 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    del model, optimizer, params
+    del model, optimizer, params, scaler, full
+    if mixed:
+        del batches
+    free_cuda(device)
+    return row
+
+
+def free_cuda(device: torch.device) -> None:
+    """Release what a finished setup held, so the next one starts from an empty card."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return row
 
 
 @torch.no_grad()

@@ -99,6 +99,8 @@ class ClusterConfig:
     cpu_workers_per_fold: int = _f(1, "Ray Train CPU workers per fold when gpus_per_fold = 0")
     cpus_per_worker: float = _f(1.0, "CPUs reserved for each Ray Train worker")
     max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
+    pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
+                              "instead of leaving GPUs idle")
     max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
 

@@ -158,6 +158,11 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision=precision, device=device,
                         seed=t.seed)
     micro_bs, accum = t.batch_size, t.grad_accum
+    if world > 1 and t.batch_size % world == 0:
+        micro_bs = t.batch_size // world  # the optimizer batch (batch_size x grad_accum) stays the recipe's
+    elif world > 1:
+        log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
+                    fold, t.batch_size, world, world)
     if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
         n_layers = decoder_layer_count(model)
         plan = plan_memory(model.config, n_trained_layers=n_layers - cfg.lora.freeze_layers,

@@ -1,0 +1,39 @@
+"""Fold placement on GPUs and concurrency limits (pure functions; Ray is imported but not started)."""
+
+import pytest
+
+from orchestrator.ray_folds import ClusterError, plan_concurrency, plan_phases
+from trainer_core.config import Config
+
+
+@pytest.mark.parametrize("n_folds, gpus, per_fold, pack, expected", [
+    (5, 4, 1, True, [([0, 1, 2, 3], 1), ([4], 4)]),          # not a wave of four then a lone fold on one GPU
+    (5, 4, 1, False, [([0, 1, 2, 3, 4], 1)]),
+    (5, 2, 1, True, [([0, 1, 2, 3], 1), ([4], 2)]),
+    (4, 4, 1, True, [([0, 1, 2, 3], 1)]),                    # no remainder: nothing to pack
+    (2, 4, 1, True, [([0, 1], 2)]),                          # fewer folds than GPUs: each fold gets two
+    (5, 8, 2, True, [([0, 1, 2, 3], 2), ([4], 8)]),
+    (6, 4, 1, True, [([0, 1, 2, 3], 1), ([4, 5], 2)]),
+    (5, 0, 0, True, [([0, 1, 2, 3, 4], 0)]),                 # CPU folds
+])
+def test_plan_phases(n_folds, gpus, per_fold, pack, expected):
+    plan = plan_phases(list(range(n_folds)), gpus, per_fold, pack)
+    assert plan == expected
+    assert sorted(f for fs, _ in plan for f in fs) == list(range(n_folds))  # every fold exactly once
+    assert all(len(fs) * g <= max(gpus, per_fold) for fs, g in plan[1:])  # a packed phase never oversubscribes
+
+
+def test_concurrency_is_bounded_by_gpus_cpus_and_config():
+    cfg = Config()
+    cfg.cluster.gpus_per_fold, cfg.cluster.cpus_per_worker = 1, 4
+    assert plan_concurrency(cfg, {"GPU": 4, "CPU": 64}, 5) == 4
+    assert plan_concurrency(cfg, {"GPU": 4, "CPU": 8}, 5) == 2       # CPUs run out first
+    cfg.cluster.max_concurrent_folds = 1
+    assert plan_concurrency(cfg, {"GPU": 4, "CPU": 64}, 5) == 1
+    with pytest.raises(ClusterError, match="has 0 GPU"):
+        plan_concurrency(cfg, {"CPU": 2}, 5)
+    cpu = Config()
+    assert plan_concurrency(cpu, {"CPU": 2}, 5) == 2
+    cpu.cluster.cpus_per_worker = 3
+    with pytest.raises(ClusterError, match="needs 3 CPUs"):
+        plan_concurrency(cpu, {"CPU": 2}, 5)
