@@ -136,6 +136,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     ``report``: called with metrics at every log step, with a checkpoint folder every ``train.checkpoint_every``
     steps, and once at the end with the fold's final metrics."""
     # ---------------------------------------------------------------- setup
+    t_fold = time.perf_counter()
     t = cfg.train
     out_dir = Path(out_dir)
     rank, world = dist_info()
@@ -282,6 +283,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "steps": step,
         "train_seconds": train_seconds,
         "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
+        "fold_seconds": time.perf_counter() - t_fold,  # model load + training + prediction
         "precision": precision,
         "device": str(device),
         "world_size": world,
