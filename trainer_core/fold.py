@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer_core import metrics as M
-from trainer_core.batching import collate, epoch_batches, rank_slice
+from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
 from trainer_core.config import Config, TrainConfig, to_yaml
 from trainer_core.inference import predict_probs
 from trainer_core.modeling import (
@@ -168,9 +168,9 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=DTYPES[precision])
 
-    micro_per_epoch = len(epoch_batches(lengths, t.batch_size, world, t.seed, 0, False))
+    micro_per_epoch, total_steps = planned_steps(len(train_ids), t.batch_size, world, t.epochs, t.grad_accum,
+                                                 t.max_steps)
     total_micro = math.ceil(t.epochs * micro_per_epoch)
-    total_steps = t.max_steps or math.ceil(total_micro / t.grad_accum)
     total_micro = min(total_micro, total_steps * t.grad_accum) if not t.max_steps else total_steps * t.grad_accum
     plans: dict[int, list[np.ndarray]] = {}
 
