@@ -7,8 +7,13 @@ Examples::
     python -m orchestrator.tune --config configs/gemma2_9b_qlora.yaml --folds 0 --num-samples 16 --address auto
     python -m orchestrator.tune --config configs/gemma2_9b_qlora.yaml --folds 0 --num-samples 16 \\
         --space configs/sweeps/lr_rank_freeze.yaml --search optuna --scheduler asha --out runs/g9b-sweep
-    python -m orchestrator.tune --config configs/smoke.yaml --space my_space.yaml --num-samples 4 data.max_rows=80
+    python -m orchestrator.tune --config configs/smoke.yaml --space configs/sweeps/smoke_lr_rank.yaml --num-samples 4 \\
+        data.max_rows=80
     python -m orchestrator.cv --config runs/g9b-sweep/best.yaml --folds 0-4      # then: all folds with the winner
+
+With ``--scheduler asha`` folds evaluate every ``train.eval_every`` steps (set to about a quarter of a fold when the
+config leaves it null) on a fixed subset of the held-out fold - its first ``train.interim_eval_rows`` rows by id - and
+ASHA compares trials at equal optimizer steps. A trial's final score is always its folds' combined OOF log loss.
 
 Rerunning the same command with the same ``--out`` resumes an interrupted sweep: finished trials are kept, unfinished
 ones continue (finished folds skipped, others from their last checkpoint). A sweep directory that holds a different
