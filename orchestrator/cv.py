@@ -79,15 +79,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: list[str]):
-    """Validate the data (before any Ray work), claim or check the run directory, write data.parquet once.
+def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str) -> dict:
+    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file."""
+    return {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
+            "n_folds": cfg.data.n_folds, "data_sha256": data_sha256, "n_rows": int(len(rows)), "folds": folds,
+            "command": command}
 
-    Returns the rows with folds assigned."""
-    rows = assign_folds(load_rows(cfg.data.path, max_rows=cfg.data.max_rows), cfg.data.n_folds)
-    meta = {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
-            "n_folds": cfg.data.n_folds,
-            "data_sha256": file_sha256(cfg.data.path), "n_rows": int(len(rows)), "folds": folds,
-            "command": " ".join(["python -m orchestrator.cv", *argv])}
+
+def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
+    """Check or claim ``run_dir`` for ``meta`` (RunDirError if it holds another config or data file), then write
+    ``data.parquet`` once and the resolved ``config.yaml`` and ``run.json``. Shared by cv runs and sweep trials."""
     meta_path = run_dir / "run.json"
     if meta_path.exists() and not restart:
         old = json.loads(meta_path.read_text())
@@ -104,6 +105,15 @@ def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: l
         atomic_write(run_dir / "data.parquet", lambda p: rows.to_parquet(p, index=False))
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     atomic_write_json(meta_path, meta)
+
+
+def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: list[str]):
+    """Validate the data (before any Ray work), claim or check the run directory, write data.parquet once.
+
+    Returns the rows with folds assigned."""
+    rows = assign_folds(load_rows(cfg.data.path, max_rows=cfg.data.max_rows), cfg.data.n_folds)
+    meta = run_meta(cfg, rows, folds, file_sha256(cfg.data.path), " ".join(["python -m orchestrator.cv", *argv]))
+    claim_run_dir(run_dir, cfg, rows, meta, restart)
     return rows
 
 

@@ -33,6 +33,14 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, e
     return batches
 
 
+def planned_steps(n_train: int, batch_size: int, world: int, epochs: float, grad_accum: int,
+                  max_steps: int | None) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps) of a fold with ``n_train`` training rows: what ``train_fold`` runs,
+    and what a sweep needs to space its interim evaluations before any fold starts."""
+    micro_per_epoch = math.ceil(n_train / (batch_size * world))  # = len(epoch_batches(...)), last batch partial/filled
+    return micro_per_epoch, max_steps or math.ceil(math.ceil(epochs * micro_per_epoch) / grad_accum)
+
+
 def rank_slice(global_batch: np.ndarray, rank: int, world: int) -> np.ndarray:
     per = math.ceil(len(global_batch) / world)
     return global_batch[rank * per:(rank + 1) * per]

@@ -8,6 +8,7 @@ together.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -265,6 +266,27 @@ def config_from_dict(d: dict) -> Config:
     cfg = Config()
     _apply(cfg, d)
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    """A copy of ``cfg`` with dotted overrides (``{'train.lr': 1e-4}``) merged in exactly as CLI overrides are: unknown
+    keys and wrong types raise ConfigError. Used by sweeps, whose trials are such overrides of one base config."""
+    out = copy.deepcopy(cfg)
+    _apply(out, nest(dict(overrides)))
+    return out
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    """The value at a dotted key (``'lora.r'``); KeyError if there is none."""
+    node: Any = cfg
+    for part in key.split("."):
+        if dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(key)
+    return node
 
 
 def validate(cfg: Config) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_core import metrics as M
-from trainer_core.batching import collate, epoch_batches, rank_slice
+from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
 from trainer_core.config import Config, TrainConfig, to_yaml
 from trainer_core.inference import predict_probs
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
@@ -184,9 +184,8 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
 
     autocast = make_autocast(precision, device)
 
-    micro_per_epoch = len(epoch_batches(lengths, micro_bs, world, t.seed, 0, False))
+    micro_per_epoch, total_steps = planned_steps(len(train_ids), micro_bs, world, t.epochs, accum, t.max_steps)
     total_micro = math.ceil(t.epochs * micro_per_epoch)
-    total_steps = t.max_steps or math.ceil(total_micro / accum)
     total_micro = min(total_micro, total_steps * accum) if not t.max_steps else total_steps * accum
     plans: dict[int, list[np.ndarray]] = {}
 
