@@ -5,7 +5,7 @@ Examples::
     python -m orchestrator.cv --folds 0-4                                   # embedded demo (CPU, real MiniLM)
     python -m orchestrator.cv --config configs/smoke.yaml --folds 0,2 train.lr=1e-3
     python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --folds 0-4 --address auto --out runs/g9b
-    python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --print-config yaml
+    python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --print-config --format json
 
 Rerunning the same command with the same ``--out`` resumes: finished folds (checked by their files) are skipped,
 unfinished ones continue from their last checkpoint. A different config or data file for that directory is refused
@@ -43,8 +43,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", default="0-4", help="folds to train: 0-4, 0,2,4, 3 or all (default: 0-4)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' = the one running here); default: start a local cluster")
-    p.add_argument("--print-config", nargs="?", const="yaml", choices=["yaml", "json"], default=None,
-                   help="print the resolved config (YAML, or JSON) and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml", help="--print-config's format (default yaml)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides applied after --config, e.g. train.lr=1e-4 data.path=my.csv")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(to_yaml(cfg) if args.print_config == "yaml" else json.dumps(cfg.to_dict(), indent=2))
+        print(to_yaml(cfg) if args.format == "yaml" else json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
         folds = parse_folds(args.folds, cfg.data.n_folds)

@@ -16,7 +16,7 @@ def run(module, *args, timeout=180):
 def test_help_documents_every_flag():
     res = run("orchestrator.cv", "--help")
     assert res.returncode == 0
-    for flag in ("--config", "--folds", "--out", "--address", "--print-config", "--restart", "--help-config",
+    for flag in ("--config", "--folds", "--out", "--address", "--print-config", "--format", "--restart", "--help-config",
                  "key=value", "python -m orchestrator.cv --folds 0-4"):
         assert flag in res.stdout, flag
 
@@ -26,7 +26,7 @@ def test_print_config_resolves_defaults_yaml_and_overrides():
     assert res.returncode == 0, res.stderr
     cfg = yaml.safe_load(res.stdout)
     assert cfg["train"]["lr"] == 0.5 and cfg["lora"]["r"] == 4 and cfg["experiment"] == "smoke"
-    res = run("orchestrator.cv", "--print-config", "json")
+    res = run("orchestrator.cv", "--print-config", "--format", "json")
     assert json.loads(res.stdout)["experiment"] == "demo_cpu"  # the embedded default
 
 
