@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default 2)")
     p.add_argument("--budget-gib", type=float, default=None,
                    help="also time the project's setup capped at this much GPU memory (e.g. 24 for a 24 GB card)")
+    p.add_argument("--also-attn", default=None, metavar="IMPL",
+                   help="also time the project's setup with this attention (e.g. flex_attention, which keeps "
+                        "Gemma-2's soft-capping; sdpa drops it)")
     p.add_argument("--no-mixed", action="store_true", help="skip the variable-length (arena-like) measurement")
     p.add_argument("--no-seed", action="store_true", help="skip the seed baseline (then no ratio is printed)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         seed.precision = "fp32"
     plan = [] if args.no_seed else [(seed, None, not args.no_mixed)]
     plan.append((ours, None, not args.no_mixed))
+    if args.also_attn:
+        alt = our_setup(cfg, device)
+        alt.name, alt.attn_implementation = f"ours+{args.also_attn.split('_')[0]}", args.also_attn
+        plan.append((alt, None, not args.no_mixed))
     if args.budget_gib:
         capped = our_setup(cfg, device)
         capped.name = f"ours@{args.budget_gib:g}G"
@@ -89,15 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows.append(run_setup(cfg, setup, device, steps=args.steps, warmup=args.warmup, budget_gib=budget,
                                   mixed=mixed))
-        except torch.OutOfMemoryError as e:  # recorded; the other setups still run
+        except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:  # recorded; the other setups still run
             free_cuda(device)
-            rows.append({"setup": setup.name, "oom": True, "budget_gib": budget, "error": str(e).splitlines()[0]})
+            rows.append({"setup": setup.name, "oom": isinstance(e, torch.OutOfMemoryError), "failed": True,
+                         "budget_gib": budget, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
         print(json.dumps(rows[-1]), flush=True)  # each row as soon as it exists
-    ok = {r["setup"]: r for r in rows if not r.get("oom")}
+    ok = {r["setup"]: r for r in rows if not r.get("failed")}
     print_table(list(ok.values()), device_name)
     for r in rows:
-        if r.get("oom"):
-            print(f"{r['setup']}: out of GPU memory ({r['error']})")
+        if r.get("failed"):
+            print(f"{r['setup']}: failed ({r['error']})")
     result = {"device": device_name, "config": str(args.config), "overrides": args.overrides, "rows": rows}
     if "seed" in ok and "ours" in ok:
         result["ratio"] = ok["ours"]["samples_per_s"] / ok["seed"]["samples_per_s"]

@@ -105,6 +105,7 @@ def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, bud
             micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
         else:
             plan_text = "auto: off on CPU"
+    model.train()  # recomputation and dropout act only in training mode, as in fold.py
     params = trainable_parameters(model)
     tcfg = copy.deepcopy(cfg.train)
     tcfg.optimizer = setup.optimizer
