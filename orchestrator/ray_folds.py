@@ -57,7 +57,8 @@ def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = N
         else:
             # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
             # trials through the State API, which needs it.
-            ray.init(num_cpus=num_cpus, **kwargs)
+            dash = os.environ.get("ORCHESTRATOR_RAY_DASHBOARD")  # "0" starts without it (to test that path)
+            ray.init(num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1", **kwargs)
     # Tune logs every failed trial's full traceback at ERROR; cv prints the root cause and keeps the traceback on disk.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
@@ -223,10 +224,53 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def state_api_available() -> bool:
+    """Whether Ray's State API answers (it needs the dashboard, from ray[default])."""
+    try:
+        from ray.util.state import list_actors
+
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means Train cannot use it either
+        return False
+
+
+def remove_leftover_placement_groups() -> int:
+    """Remove every live placement group of this (private, local) cluster; returns how many."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    n = 0
+    for pg_hex, info in ray.util.placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            n += 1
+    return n
+
+
 def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) -> dict[int, str | None]:
-    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished, else the error text}."""
+    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished, else the error text}.
+
+    Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
+    reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
+    of ``concurrency`` and leftover placement groups are removed between waves."""
     if not folds:
         return {}
+    if not state_api_available():
+        if cfg.cluster.address:
+            log.warning("Ray's State API is not available on %s (install ray[default] there): placement groups of "
+                        "finished folds may never be freed", cfg.cluster.address)
+        else:
+            print(f"Ray dashboard not running: folds train in waves of {concurrency}, placement groups freed between "
+                  f"waves (install ray[default] for continuous scheduling)")
+            out: dict[int, str | None] = {}
+            for i in range(0, len(folds), concurrency):
+                out.update(_tune_folds(cfg, folds[i:i + concurrency], run_dir, concurrency))
+                remove_leftover_placement_groups()
+            return out
+    return _tune_folds(cfg, folds, run_dir, concurrency)
+
+
+def _tune_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) -> dict[int, str | None]:
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     tuner = ray.tune.Tuner(

@@ -96,3 +96,18 @@ def test_report_reruns_standalone_and_refuses_a_missing_fold(smoke_run, tmp_path
                          text=True, timeout=120)
     assert res.returncode == 1 and "fold 3 has not finished" in res.stderr
     assert not (copy / "report.json").exists()
+
+
+def test_runs_to_completion_without_the_dashboard(tmp_path):
+    """Without Ray's dashboard (State API), Train V2 leaves finished folds' placement groups reserved; the second wave
+    of folds used to wait forever. Folds now run in waves with the leftovers freed in between."""
+    import os
+
+    out = tmp_path / "nodash"
+    env = {**os.environ, "ORCHESTRATOR_RAY_DASHBOARD": "0"}
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--folds",
+                          "0-2", "--out", str(out), "data.max_rows=60", "train.max_steps=2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "waves of 2" in res.stdout
+    assert json.loads((out / "report.json").read_text())["n_rows"] == len(pd.read_csv(DATA).head(60).query("id % 5 <= 2"))

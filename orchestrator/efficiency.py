@@ -1,0 +1,69 @@
+"""Measure multi-GPU parallel efficiency of a CV run: (sum of one-GPU fold times) / (GPUs x wall time).
+
+Runs ``orchestrator.cv`` on the given config and folds, then reads each fold's ``metrics.json``: ``fold_seconds``
+(model load + training + prediction inside the worker) of the folds that ran on one GPU is the numerator; a fold that
+ran data-parallel over several GPUs counts as the mean one-GPU fold time. Wall time is the whole command, Ray start
+and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
+
+Example::
+
+    python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0-4 --out /tmp/eff \\
+        model.init=random model.tokenizer=bytes data.max_rows=600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer_core.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.efficiency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="config to run")
+    p.add_argument("--folds", default="0-4", help="folds (default 0-4)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (wiped first)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.init == "random":
+        from trainer_core.modeling import random_weights_dir
+        from trainer_core.tokenization import build_tokenizer
+
+        pad = build_tokenizer(cfg.model).pad_token_id
+        random_weights_dir(cfg.model, pad, cfg.train.seed,
+                           torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16)
+    n_gpus = torch.cuda.device_count()
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(args.config), "--folds",
+                          args.folds, "--out", str(args.out), "--restart", *args.overrides])
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        return res.returncode
+    metrics = [json.loads(f.read_text()) for f in sorted(args.out.glob("fold=*/metrics.json"))]
+    single = [m["fold_seconds"] for m in metrics if m["world_size"] == 1]
+    mean_single = sum(single) / len(single) if single else None
+    one_gpu_total = sum(m["fold_seconds"] if m["world_size"] == 1 else mean_single for m in metrics)
+    gpus = max(1, n_gpus)
+    for m in metrics:
+        print(f"fold {m['fold']}: {m['world_size']} GPU(s), fold {m['fold_seconds']:.1f}s, "
+              f"training {m['train_seconds']:.1f}s, {m['train_samples_per_s']:.2f} samples/s")
+    eff = one_gpu_total / (gpus * wall)
+    print(f"wall {wall:.1f}s on {gpus} GPU(s); sum of one-GPU fold times {one_gpu_total:.1f}s; "
+          f"parallel efficiency {eff:.3f}")
+    (args.out / "efficiency.json").write_text(json.dumps({"wall_s": wall, "gpus": gpus, "efficiency": eff,
+                                                          "one_gpu_total_s": one_gpu_total, "folds": metrics},
+                                                         indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
