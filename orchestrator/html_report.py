@@ -155,7 +155,8 @@ diagonal are under-confident, below it over-confident; dot size = rows in the bi
 quantiles, so buckets hold similar row counts. Long rows are where truncation to <code>data.max_length</code> tokens
 cuts text away.</p></div>
 </div>
-<p class="note" style="margin-top:28px">Regenerate: <code>python -m orchestrator.report {html.escape(report['run_dir'])}
-</code> &middot; numbers: <code>report.json</code> &middot; OOF probabilities: <code>oof.parquet</code></p>
+<p class="note" style="margin-top:28px">Regenerate:
+<code>python -m orchestrator.report {html.escape(report['run_dir'])}</code> &middot; numbers: <code>report.json</code>
+&middot; OOF probabilities: <code>oof.parquet</code></p>
 </main></body></html>
 """

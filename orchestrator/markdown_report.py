@@ -70,6 +70,9 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         vals = " | ".join(fmt(f.get(k), 3 if k == "temperature" else 4) for k, _ in cols)
         secs = f"{f['train_seconds']:.0f}" if f.get("train_seconds") is not None else "-"
         out.append(f"| {f['fold']} | {f['n_rows']} | {vals} | {f.get('steps') or '-'} | {secs} |")
+    # The combined row: report keys are the per-fold keys with a cv_ prefix (the prior's has none); no single T.
+    cv = [fmt(report.get(f"cv_{k}", report.get(k))) if k != "temperature" else "" for k, _ in cols]
+    out.append(f"| **CV** | {report['n_rows']} | " + " | ".join(cv) + " | | |")
     out += _image(plots, "folds", "per-fold log loss")
     out += ["", "## Calibration", "",
             f"Expected calibration error (top-label, 10 bins): {fmt(report['ece'])} as predicted, "
