@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score each row with responses a/b swapped and average (twice the compute)")
     p.add_argument("--no-temperature", action="store_true",
                    help="do not apply the run's fitted temperature (report.json) to the probabilities")
-    p.add_argument("--folds", default=None, help="fold models to average, e.g. 0-4 or 0,2 (default: all of the run's)")
+    p.add_argument("--folds", default=None,
+                   help="fold models to average, e.g. 0-4 or 0,2 (default: the folds report.json covers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per forward pass (default: the run's train.eval_batch_size)")
     p.add_argument("--device", default="auto", help="'auto' (a GPU if present, else CPU), 'cpu', 'cuda' or 'cuda:1'")
@@ -127,9 +128,13 @@ def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
     return out
 
 
-def _run_folds(run_dir: Path, spec: str | None) -> list[int]:
+def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
+    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's."""
     meta = json.loads((run_dir / "run.json").read_text())
-    folds = parse_folds(spec, int(meta["n_folds"])) if spec else list(meta["folds"])
+    if spec:
+        folds = parse_folds(spec, int(meta["n_folds"]))
+    else:
+        folds = [f["fold"] for f in report["folds"]] if report else list(meta["folds"])
     missing = [k for k in folds if not (run_dir / f"fold={k}" / "metrics.json").exists()
                or not (run_dir / f"fold={k}" / "adapter").is_dir()]
     if missing:
@@ -152,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
             raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
-        report = None if args.no_temperature and args.soft_labels is None else _read_report(run_dir)
+        needs_report = args.soft_labels is not None or not args.no_temperature
+        report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
         soft = soft_labels(run_dir, report) if args.soft_labels is not None else None
         if args.data is not None:
             try:
-                folds = _run_folds(run_dir, args.folds)
+                folds = _run_folds(run_dir, args.folds, report)
             except ValueError as e:  # a bad --folds spec
                 raise PredictError(str(e)) from None
             rows = load_rows(args.data, require_labels=False)
