@@ -1,4 +1,4 @@
-"""The reducer: fold files -> ``report.json``, ``oof.parquet``, ``report.md`` (and ``report.html``).
+"""The reducer: fold files -> ``report.json``, ``oof.parquet``, ``report.md``, ``report.html`` (+ ``report_plots/``).
 
 It reads only files (``data.parquet`` and ``fold=<k>/{metrics.json,oof.parquet}``), so it needs no Ray and can be rerun
 on a finished run directory at any time (``python -m orchestrator.report RUN_DIR``).
@@ -12,10 +12,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator import calibration as C
+from orchestrator import diagnostics as D
+from orchestrator.html_report import render_html
+from orchestrator.markdown_report import render_markdown
+from orchestrator.plots import render_figures
 from trainer_core import metrics as M
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
 
-OOF_COLUMNS = ["id", "fold", "label", "p_a", "p_b", "p_tie"]
+PROB_COLUMNS = ["p_a", "p_b", "p_tie"]
+OOF_COLUMNS = ["id", "fold", "label", *PROB_COLUMNS]
+TTA_COLUMNS = ["p_a_tta", "p_b_tta", "p_tie_tta"]  # optional (train.eval_tta): responses a/b swapped, averaged back
+PLOTS_DIR = "report_plots"  # PNGs linked from report.md; report.html embeds the same images
 
 
 class ReduceError(ValueError):
@@ -59,9 +67,12 @@ def load_fold(run_dir: Path, fold: int, rows: pd.DataFrame) -> tuple[dict, pd.Da
         raise ReduceError(f"{fdir / 'oof.parquet'}: fold {fold} lacks ids {_ids(missing)}")
     if extra:
         raise ReduceError(f"{fdir / 'oof.parquet'}: ids not in fold {fold}: {_ids(extra)}")
-    p = oof[["p_a", "p_b", "p_tie"]].to_numpy()
-    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-6):
-        raise ReduceError(f"{fdir / 'oof.parquet'}: probabilities are not finite rows summing to 1")
+    for cols in (PROB_COLUMNS, TTA_COLUMNS):
+        if not set(cols) <= set(oof.columns):
+            continue
+        p = oof[cols].to_numpy()
+        if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-6):
+            raise ReduceError(f"{fdir / 'oof.parquet'}: {', '.join(cols)} are not finite rows summing to 1")
     return metrics, oof
 
 
@@ -82,42 +93,85 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
         fold_metrics.append(m)
     if problems:
         raise ReduceError("incomplete run, no report written:\n  " + "\n  ".join(problems))
-    oof = pd.concat(parts).sort_values("id").reset_index(drop=True)[OOF_COLUMNS]
-    labels = oof["label"].to_numpy()
-    probs = oof[["p_a", "p_b", "p_tie"]].to_numpy()
-    # Baseline: each held-out row gets the class prior of its own fold's training rows.
-    prior = np.zeros_like(probs)
-    for k in folds:
-        mask = (oof["fold"] == k).to_numpy()
-        prior[mask] = M.class_prior(rows.loc[rows["fold"] != k, "label"].to_numpy())
-    per_fold = []
-    for m in fold_metrics:
-        sel = oof[oof["fold"] == m["fold"]]
-        p = sel[["p_a", "p_b", "p_tie"]].to_numpy()
-        per_fold.append({
-            "fold": m["fold"], "log_loss": M.log_loss(sel["label"], p), "accuracy": M.accuracy(sel["label"], p),
-            "n_rows": int(len(sel)), "prior_log_loss": m.get("prior_log_loss"), "steps": m.get("steps"),
-            "train_seconds": m.get("train_seconds"), "train_samples_per_s": m.get("train_samples_per_s"),
-        })
-    report = {
-        "cv_log_loss": M.log_loss(labels, probs),
-        "cv_accuracy": M.accuracy(labels, probs),
-        "prior_log_loss": M.log_loss(labels, prior),
-        "n_rows": int(len(oof)),
-        "n_folds": len(folds),
-        "label_counts": {name: int((labels == i).sum()) for i, name in enumerate(("a", "b", "tie"))},
-        "folds": per_fold,
-        "clip": M.EPS,
-        "run_dir": str(run_dir.resolve()),
-    }
+    # TTA columns are reported only when every fold has them: a CV figure over some folds would not be comparable.
+    has_tta = all(set(TTA_COLUMNS) <= set(p.columns) for p in parts)
+    oof = pd.concat(parts).sort_values("id").reset_index(drop=True)[OOF_COLUMNS + (TTA_COLUMNS if has_tta else [])]
+    report = summarise(oof, rows, folds, fold_metrics)
+    report["run_dir"] = str(run_dir.resolve())
     run_meta = run_dir / "run.json"
     if run_meta.exists():
         meta = json.loads(run_meta.read_text())
         report["experiment"] = meta.get("experiment")
         report["fingerprint"] = meta.get("fingerprint")
+    figures = render_figures(report)
     atomic_write(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
-    atomic_write_text(run_dir / "report.md", render_markdown(report))
+    for name, png in figures.items():
+        atomic_write(run_dir / PLOTS_DIR / f"{name}.png", lambda p, b=png: p.write_bytes(b))
+    atomic_write_text(run_dir / "report.md", render_markdown(report, {n: f"{PLOTS_DIR}/{n}.png" for n in figures}))
+    atomic_write_text(run_dir / "report.html", render_html(report, figures))
     atomic_write_json(run_dir / "report.json", report)
+    return report
+
+
+def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metrics: list[dict]) -> dict:
+    """Every number of the report, from the combined OOF rows and the run's data (JSON-able)."""
+    labels = oof["label"].to_numpy()
+    fold_of = oof["fold"].to_numpy()
+    probs = oof[PROB_COLUMNS].to_numpy()
+    # Baseline: each held-out row gets the class prior of its own fold's training rows.
+    prior = np.zeros_like(probs)
+    for k in folds:
+        prior[fold_of == k] = M.class_prior(rows.loc[rows["fold"] != k, "label"].to_numpy())
+    calibrated, temps = C.cross_fit(labels, probs, fold_of)
+    variants = {"": probs, "_calibrated": calibrated}
+    report = {
+        "cv_log_loss": M.log_loss(labels, probs),
+        "cv_accuracy": M.accuracy(labels, probs),
+        "prior_log_loss": M.log_loss(labels, prior),
+        "cv_log_loss_calibrated": M.log_loss(labels, calibrated),
+        "temperature": C.fit_temperature(labels, probs),
+        "temperatures_by_fold": {str(k): t for k, t in temps.items()},
+    }
+    if TTA_COLUMNS[0] in oof.columns:
+        tta = oof[TTA_COLUMNS].to_numpy()
+        tta_cal, tta_temps = C.cross_fit(labels, tta, fold_of)
+        variants.update({"_tta": tta, "_tta_calibrated": tta_cal})
+        report.update({
+            "cv_log_loss_tta": M.log_loss(labels, tta),
+            "cv_accuracy_tta": M.accuracy(labels, tta),
+            "cv_log_loss_tta_calibrated": M.log_loss(labels, tta_cal),
+            "temperature_tta": C.fit_temperature(labels, tta),
+            "temperatures_tta_by_fold": {str(k): t for k, t in tta_temps.items()},
+        })
+    by_fold = {m["fold"]: m for m in fold_metrics}
+    per_fold = []
+    for k in folds:
+        sel = fold_of == k
+        y, m = labels[sel], by_fold[k]
+        entry = {"fold": k, "n_rows": int(sel.sum()), "log_loss": M.log_loss(y, probs[sel]),
+                 "accuracy": M.accuracy(y, probs[sel]), "prior_log_loss": M.log_loss(y, prior[sel])}
+        for suffix, p in variants.items():
+            if suffix:
+                entry[f"log_loss{suffix}"] = M.log_loss(y, p[sel])
+        entry.update(temperature=temps[k], steps=m.get("steps"), train_seconds=m.get("train_seconds"),
+                     train_samples_per_s=m.get("train_samples_per_s"))
+        per_fold.append(entry)
+    rel = {name or "plain": D.reliability(labels, p) for name, p in
+           (("", probs), ("calibrated", calibrated))}
+    data = oof[["id"]].merge(rows, on="id", how="left", validate="one_to_one")
+    report.update({
+        "n_rows": int(len(oof)),
+        "n_folds": len(folds),
+        "label_counts": {name: int((labels == i).sum()) for i, name in enumerate(("a", "b", "tie"))},
+        "folds": per_fold,
+        "confusion": D.confusion(labels, probs),
+        "ece": rel["plain"]["ece"],
+        "ece_calibrated": rel["calibrated"]["ece"],
+        "reliability": rel,
+        "length_unit": "characters of the formatted input text (prompt, response a, response b with their prefixes)",
+        "length_buckets": D.length_buckets(D.text_lengths(data), labels, probs, prior),
+        "clip": M.EPS,
+    })
     return report
 
 
@@ -132,23 +186,9 @@ def format_table(report: dict) -> str:
     verdict = "beats" if report["cv_log_loss"] < report["prior_log_loss"] else "does NOT beat"
     lines.append(f"OOF log loss {report['cv_log_loss']:.4f} {verdict} the class-prior log loss "
                  f"{report['prior_log_loss']:.4f}")
+    lines.append(f"temperature-scaled (T={report['temperature']:.3f}, cross-fitted per fold): "
+                 f"{report['cv_log_loss_calibrated']:.4f}")
+    if "cv_log_loss_tta" in report:
+        lines.append(f"A/B-swap TTA: {report['cv_log_loss_tta']:.4f}, temperature-scaled "
+                     f"{report['cv_log_loss_tta_calibrated']:.4f}")
     return "\n".join(lines)
-
-
-def render_markdown(report: dict) -> str:
-    out = [f"# CV report: {report.get('experiment') or Path(report['run_dir']).name}", "",
-           f"- OOF log loss: **{report['cv_log_loss']:.4f}** (class prior: {report['prior_log_loss']:.4f})",
-           f"- OOF accuracy: {report['cv_accuracy']:.4f}",
-           f"- rows: {report['n_rows']} over {report['n_folds']} folds; labels a/b/tie: "
-           f"{report['label_counts']['a']}/{report['label_counts']['b']}/{report['label_counts']['tie']}",
-           f"- probabilities clipped to [{report['clip']:g}, 1 - {report['clip']:g}] and renormalised (as Kaggle)",
-           "", "| fold | rows | log loss | accuracy | class-prior log loss | steps | train s |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
-    for f in report["folds"]:
-        prior = f"{f['prior_log_loss']:.4f}" if f.get("prior_log_loss") is not None else "-"
-        secs = f"{f['train_seconds']:.0f}" if f.get("train_seconds") is not None else "-"
-        out.append(f"| {f['fold']} | {f['n_rows']} | {f['log_loss']:.4f} | {f['accuracy']:.4f} | {prior} | "
-                   f"{f.get('steps', '-')} | {secs} |")
-    out.append(f"| **CV** | {report['n_rows']} | **{report['cv_log_loss']:.4f}** | {report['cv_accuracy']:.4f} | "
-               f"{report['prior_log_loss']:.4f} | | |")
-    return "\n".join(out) + "\n"

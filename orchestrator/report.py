@@ -1,4 +1,5 @@
-"""Rebuild a run's OOF report from its fold files alone (no Ray, no GPU): report.json, report.md, oof.parquet.
+"""Rebuild a run's OOF report from its fold files alone (no Ray, no GPU): report.json, report.md, report.html
+(self-contained, figures embedded), report_plots/*.png and oof.parquet.
 
 Examples::
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(report))
-    print(f"\nwrote {args.run_dir / 'report.json'}, report.md, oof.parquet")
+    print(f"\nwrote {args.run_dir / 'report.html'}, report.md, report.json, report_plots/, oof.parquet")
     return 0
 
 

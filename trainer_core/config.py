@@ -91,6 +91,7 @@ class TrainConfig:
     checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
     eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
     interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
 
 
 @dataclass

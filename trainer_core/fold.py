@@ -5,7 +5,7 @@ imports Ray). Only rank 0 writes files; every rank calls ``report`` the same num
 
 Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (id, fold, label, p_a, p_b, p_tie),
 ``config.yaml``, ``adapter/`` (adapter or model weights plus tokenizer) and, last, ``metrics.json``: a fold whose
-``metrics.json`` exists finished.
+``metrics.json`` exists finished. With ``train.eval_tta`` the OOF file also holds p_a_tta, p_b_tta, p_tie_tta.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json
 from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
+from trainer_core.tta import swap_responses, tta_average
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,13 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "world_size": world,
         "fingerprint": fingerprint,
     }
+    if t.eval_tta:  # the same rows with responses a/b swapped, averaged back; p_a/p_b/p_tie stay the plain figure
+        swapped_ids = encode_rows(swap_responses(val_rows), tok, cfg.data, cfg.model.add_eos_token)
+        local = predict_probs(model, [swapped_ids[i] for i in local_idx], t.eval_batch_size, tok.pad_token_id, device,
+                              autocast)
+        tta = M.clip_probs(tta_average(probs, _gather_rows(local, local_idx, len(val_ids), world)))
+        oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
+        result.update(log_loss_tta=M.log_loss(labels, tta), accuracy_tta=M.accuracy(labels, tta))
     telemetry.scalars({"eval_log_loss": result["log_loss"], "eval_accuracy": result["accuracy"]}, step)
     telemetry.close()
 

@@ -1,6 +1,10 @@
-"""Batched prediction of class probabilities."""
+"""Batched prediction of class probabilities, and loading a finished fold's model to predict new rows with it."""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,3 +28,42 @@ def predict_probs(model, ids: list[list[int]], batch_size: int, pad_id: int, dev
         out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return out
+
+
+def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple[object, object, str]:
+    """(model in eval mode, tokenizer, precision) of a finished fold, from its ``adapter/`` folder.
+
+    With LoRA the base model is rebuilt exactly as training built it (same quantization, same preparation, same
+    random-init seed for ``model.init=random``) and the saved adapter plus score head are loaded onto it; without
+    LoRA the folder holds the whole fine-tuned model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainer_core.modeling import DTYPES, build_model, resolve_precision
+
+    adapter_dir = Path(adapter_dir)
+    precision = resolve_precision(cfg.train.precision, device)
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if tok.pad_token is None:  # as build_tokenizer does at training time
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if cfg.lora.enabled:
+        from peft import PeftModel
+
+        # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.
+        base = build_model(replace(cfg.model, gradient_checkpointing=False),
+                           replace(cfg.lora, enabled=False, freeze_layers=0), pad_token_id=tok.pad_token_id,
+                           precision=precision, device=device, seed=cfg.train.seed)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
+        model.to(device)
+    model.eval()
+    return model, tok, precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A no-argument context factory (as :func:`predict_probs` takes): autocast to ``precision`` unless fp32."""
+    from trainer_core.modeling import DTYPES
+
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])

@@ -16,7 +16,8 @@ def run(module, *args, timeout=180):
 def test_help_documents_every_flag():
     res = run("orchestrator.cv", "--help")
     assert res.returncode == 0
-    for flag in ("--config", "--folds", "--out", "--address", "--print-config", "--format", "--restart", "--help-config",
+    for flag in ("--config", "--folds", "--out", "--address", "--print-config", "--format", "--restart",
+                 "--help-config",
                  "key=value", "python -m orchestrator.cv --folds 0-4"):
         assert flag in res.stdout, flag
 

@@ -110,4 +110,5 @@ def test_runs_to_completion_without_the_dashboard(tmp_path):
                          capture_output=True, text=True, timeout=400, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "waves of 2" in res.stdout
-    assert json.loads((out / "report.json").read_text())["n_rows"] == len(pd.read_csv(DATA).head(60).query("id % 5 <= 2"))
+    expected = len(pd.read_csv(DATA).head(60).query("id % 5 <= 2"))
+    assert json.loads((out / "report.json").read_text())["n_rows"] == expected

@@ -1,0 +1,190 @@
+"""Use a finished CV run: predict new rows with every fold's model and write a Kaggle submission; export the OOF
+probabilities as soft labels for distillation. No Ray; a GPU if there is one, else the CPU.
+
+Examples::
+
+    python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv
+    python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv --tta
+    python -m orchestrator.predict --run runs/g9b --soft-labels soft_labels.parquet
+    python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
+
+Submission: ``id,winner_model_a,winner_model_b,winner_tie``, one row per input row, in input order. Each fold's model
+scores every row (``--tta``: also with responses a and b swapped, averaged back); each fold's probabilities are
+temperature-scaled with the run's global T (report.json; ``--no-temperature`` skips it), then the folds are averaged.
+T is applied per fold because it was fitted on single-model OOF probabilities, which is what each fold produces.
+
+Soft labels (``--soft-labels``), one row per training row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted),
+p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted temperature scaling: T fitted on the other folds), plus with
+``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta, p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal,
+temperature_tta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator import calibration as C
+from orchestrator.reducer import PROB_COLUMNS, TTA_COLUMNS
+from trainer_core import metrics as M
+from trainer_core.config import ConfigError, load_config
+from trainer_core.data import DataError, load_rows, parse_folds
+from trainer_core.paths import atomic_write
+from trainer_core.tta import swap_responses, tta_average
+
+SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+
+
+class PredictError(ValueError):
+    """The run directory cannot be used for prediction; the message says what is missing."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a finished run directory written by orchestrator.cv")
+    p.add_argument("--data", type=Path, help="rows to predict: CSV or parquet with id, prompt, response_a, response_b")
+    p.add_argument("--out", type=Path, help="submission CSV to write (id,winner_model_a,winner_model_b,winner_tie)")
+    p.add_argument("--tta", action="store_true",
+                   help="also score each row with responses a/b swapped and average (twice the compute)")
+    p.add_argument("--no-temperature", action="store_true",
+                   help="do not apply the run's fitted temperature (report.json) to the probabilities")
+    p.add_argument("--folds", default=None,
+                   help="fold models to average, e.g. 0-4 or 0,2 (default: the folds report.json covers)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward pass (default: the run's train.eval_batch_size)")
+    p.add_argument("--device", default="auto", help="'auto' (a GPU if present, else CPU), 'cpu', 'cuda' or 'cuda:1'")
+    p.add_argument("--soft-labels", type=Path, default=None, metavar="PARQUET",
+                   help="write the run's OOF probabilities (plain and temperature-scaled) as soft labels")
+    return p
+
+
+def _read_report(run_dir: Path) -> dict:
+    path = run_dir / "report.json"
+    if not path.exists():
+        raise PredictError(f"{path}: missing; build it with `python -m orchestrator.report {run_dir}`")
+    return json.loads(path.read_text())
+
+
+def temperature_for(report: dict | None, tta: bool) -> tuple[float, str]:
+    """(T to apply, where it came from). TTA probabilities are less confident than plain ones, so a plain T would
+    over-soften them: with ``tta`` only ``temperature_tta`` (fitted on TTA OOF rows) is used."""
+    if report is None:
+        return 1.0, "none (--no-temperature)"
+    if tta:
+        if "temperature_tta" in report:
+            return float(report["temperature_tta"]), "temperature_tta from report.json"
+        return 1.0, "none: the run has no TTA OOF probabilities to fit one on (train the run with train.eval_tta=true)"
+    return float(report["temperature"]), "temperature from report.json"
+
+
+def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, temperature: float,
+                       device: str = "auto", batch_size: int | None = None, log=print) -> np.ndarray:
+    """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order."""
+    import torch
+
+    from trainer_core.inference import autocast_for, load_fold_model, predict_probs
+    from trainer_core.tokenization import encode_rows
+
+    cfg = load_config(run_dir / "config.yaml")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    bs = batch_size or cfg.train.eval_batch_size
+    total = np.zeros((len(rows), 3))
+    for k in folds:
+        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
+        autocast = autocast_for(precision, dev)
+        ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
+        p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
+        if tta:
+            swapped = encode_rows(swap_responses(rows), tok, cfg.data, cfg.model.add_eos_token)
+            p = M.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
+        total += C.apply_temperature(p, temperature)
+        log(f"fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {dev} ({precision})")
+        del model
+    return M.clip_probs(total / len(folds))
+
+
+def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
+    """The run's OOF probabilities with their cross-fitted temperature-scaled versions (columns: module docstring)."""
+    oof = pd.read_parquet(run_dir / "oof.parquet")
+    if len(oof) != report["n_rows"]:
+        raise PredictError(f"{run_dir}: oof.parquet has {len(oof)} rows but report.json {report['n_rows']}; rebuild "
+                           f"both with `python -m orchestrator.report {run_dir}`")
+    out = oof[["id", "fold", "label", *PROB_COLUMNS]].copy()
+    variants = [("", PROB_COLUMNS, "temperatures_by_fold", "temperature")]
+    if set(TTA_COLUMNS) <= set(oof.columns) and "temperatures_tta_by_fold" in report:
+        out[TTA_COLUMNS] = oof[TTA_COLUMNS]
+        variants.append(("_tta", TTA_COLUMNS, "temperatures_tta_by_fold", "temperature_tta"))
+    for suffix, cols, key, t_col in variants:
+        temps = report[key]
+        cal = C.calibrate_by_fold(oof[cols].to_numpy(), oof["fold"].to_numpy(), temps)
+        out[[f"p_a{suffix}_cal", f"p_b{suffix}_cal", f"p_tie{suffix}_cal"]] = cal
+        out[t_col] = oof["fold"].astype(str).map(temps).astype(float)
+    return out
+
+
+def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
+    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    if spec:
+        folds = parse_folds(spec, int(meta["n_folds"]))
+    else:
+        folds = [f["fold"] for f in report["folds"]] if report else list(meta["folds"])
+    missing = [k for k in folds if not (run_dir / f"fold={k}" / "metrics.json").exists()
+               or not (run_dir / f"fold={k}" / "adapter").is_dir()]
+    if missing:
+        raise PredictError(f"{run_dir}: fold{'s' if len(missing) > 1 else ''} {missing} not finished (no "
+                           f"metrics.json or adapter/); finish them with orchestrator.cv or pass --folds")
+    return folds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.data is None) != (args.out is None):
+        parser.error("--data and --out go together")
+    if args.data is None and args.soft_labels is None:
+        parser.error("nothing to do: give --data and --out, and/or --soft-labels")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    run_dir = args.run
+    # Everything is checked and computed before anything is written: a bad input leaves no half-made output.
+    try:
+        if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
+            raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
+        needs_report = args.soft_labels is not None or not args.no_temperature
+        report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
+        soft = soft_labels(run_dir, report) if args.soft_labels is not None else None
+        if args.data is not None:
+            try:
+                folds = _run_folds(run_dir, args.folds, report)
+            except ValueError as e:  # a bad --folds spec
+                raise PredictError(str(e)) from None
+            rows = load_rows(args.data, require_labels=False)
+            temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
+    except (PredictError, DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.data is not None:
+        print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "
+              f"({source})")
+        probs = predict_submission(run_dir, rows, folds, tta=args.tta, temperature=temperature, device=args.device,
+                                   batch_size=args.batch_size)
+        sub = pd.DataFrame({"id": rows["id"].values, "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
+                            "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
+    if soft is not None:
+        atomic_write(args.soft_labels, lambda p: soft.to_parquet(p, index=False))
+        print(f"wrote {len(soft)} soft labels to {args.soft_labels}")
+    if args.data is not None:
+        atomic_write(args.out, lambda p: sub.to_csv(p, index=False))
+        print(f"wrote {len(sub)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""orchestrator.predict on a real smoke run: fold models reload exactly, the submission is valid for unseen rows,
+TTA is symmetric on a real model, soft labels match the report, and bad input writes nothing.
+
+The run directory is built once for the module by the same code the Ray path runs (``prepare_run_dir``, then
+``trainer_core.train_fold`` per fold, then the reducer) but in this process: predict never touches Ray, and skipping
+five Ray Train start-ups keeps the module under a minute on 2 cores."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.calibration import apply_temperature, calibrate_by_fold
+from orchestrator.cv import prepare_run_dir
+from orchestrator.predict import predict_submission
+from orchestrator.reducer import reduce_run
+from tests.conftest import CONFIGS, DATA, REPO
+from trainer_core.config import load_config, validate
+from trainer_core.data import load_rows
+from trainer_core.fold import train_fold
+from trainer_core.tta import swap_probs, swap_responses
+
+N_ROWS = 60
+SUB_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true"])
+    validate(cfg)
+    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, ["--config", "configs/smoke.yaml"])
+    for k in range(5):
+        train_fold(cfg, k, rows, out / f"fold={k}")
+    reduce_run(out, [0, 1, 2, 3, 4])
+    return out
+
+
+def predict(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "orchestrator.predict", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def raw_rows(start, stop, labels=True):
+    df = pd.read_csv(DATA).iloc[start:stop]
+    return df if labels else df.drop(columns=["winner_model_a", "winner_model_b", "winner_tie"])
+
+
+def test_fold_model_reloads_exactly_and_gets_the_fitted_temperature(run_dir, tmp_path):
+    # Predicting fold 1's own held-out rows with fold 1's model alone must reproduce its OOF probabilities, with
+    # the run's global temperature applied on top.
+    report = json.loads((run_dir / "report.json").read_text())
+    held = raw_rows(0, N_ROWS)
+    held = held[held["id"] % 5 == 1]
+    held.to_csv(tmp_path / "fold1.csv", index=False)
+    res = predict("--run", run_dir, "--data", tmp_path / "fold1.csv", "--out", tmp_path / "sub.csv", "--folds", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    oof = pd.read_parquet(run_dir / "fold=1" / "oof.parquet").set_index("id").loc[sub["id"]]
+    expected = apply_temperature(oof[["p_a", "p_b", "p_tie"]].to_numpy(), report["temperature"])
+    assert np.allclose(sub[SUB_COLUMNS[1:]].to_numpy(), expected, atol=1e-5)
+    assert f"temperature {report['temperature']:.3f}" in res.stdout
+
+
+def test_submission_for_unseen_rows_with_tta_and_soft_labels(run_dir, tmp_path):
+    unseen = raw_rows(N_ROWS, N_ROWS + 25, labels=False)  # never trained or scored, no label columns (as Kaggle's)
+    unseen.to_csv(tmp_path / "test.csv", index=False)
+    res = predict("--run", run_dir, "--data", tmp_path / "test.csv", "--out", tmp_path / "submission.csv", "--tta",
+                  "--soft-labels", tmp_path / "soft.parquet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    assert list(sub.columns) == SUB_COLUMNS and list(sub["id"]) == list(unseen["id"])
+    p = sub[SUB_COLUMNS[1:]].to_numpy()
+    assert np.isfinite(p).all() and (p > 0).all() and (p < 1).all() and np.allclose(p.sum(1), 1.0)
+    assert "temperature_tta" in res.stdout and all(f"fold {k}: scored 25 rows (+ swapped)" in res.stdout
+                                                     for k in range(5))
+
+    report = json.loads((run_dir / "report.json").read_text())
+    soft = pd.read_parquet(tmp_path / "soft.parquet")
+    oof = pd.read_parquet(run_dir / "oof.parquet")
+    assert list(soft.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie", "p_a_tta", "p_b_tta", "p_tie_tta",
+                                  "p_a_cal", "p_b_cal", "p_tie_cal", "temperature", "p_a_tta_cal", "p_b_tta_cal",
+                                  "p_tie_tta_cal", "temperature_tta"]
+    assert soft["id"].tolist() == oof["id"].tolist() and len(soft) == N_ROWS
+    cal = calibrate_by_fold(oof[["p_a", "p_b", "p_tie"]].to_numpy(), oof["fold"].to_numpy(),
+                            report["temperatures_by_fold"])
+    assert np.allclose(soft[["p_a_cal", "p_b_cal", "p_tie_cal"]].to_numpy(), cal)
+    from trainer_core.metrics import log_loss
+    assert log_loss(soft["label"], cal) == pytest.approx(report["cv_log_loss_calibrated"])
+
+
+def test_tta_is_symmetric_on_a_real_fold_model(run_dir):
+    rows = load_rows(DATA, max_rows=N_ROWS + 10).iloc[N_ROWS:]
+    kw = dict(tta=True, temperature=1.0, device="cpu", log=lambda *_: None)
+    p = predict_submission(run_dir, rows, [0], **kw)
+    p_swapped = predict_submission(run_dir, swap_responses(rows), [0], **kw)
+    assert np.allclose(p_swapped, swap_probs(p), atol=1e-6)
+
+
+def test_report_has_tta_beside_the_plain_figure(run_dir):
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    report = json.loads((run_dir / "report.json").read_text())
+    oof = pd.read_parquet(run_dir / "oof.parquet")
+    assert report["cv_log_loss"] == pytest.approx(sk_log_loss(oof["label"], oof[["p_a", "p_b", "p_tie"]],
+                                                              labels=[0, 1, 2]), abs=1e-12)
+    assert report["cv_log_loss_tta"] == pytest.approx(sk_log_loss(oof["label"], oof[["p_a_tta", "p_b_tta",
+                                                                                     "p_tie_tta"]], labels=[0, 1, 2]))
+    metrics = json.loads((run_dir / "fold=2" / "metrics.json").read_text())
+    assert metrics["log_loss_tta"] == pytest.approx(report["folds"][2]["log_loss_tta"])
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(run_dir, tmp_path):
+    bad = raw_rows(N_ROWS, N_ROWS + 5, labels=False).drop(columns=["response_b"])
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    res = predict("--run", run_dir, "--data", tmp_path / "bad.csv", "--out", tmp_path / "sub.csv",
+                  "--soft-labels", tmp_path / "soft.parquet", timeout=120)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "bad.csv" in err[0] and "response_b" in err[0]
+    assert not (tmp_path / "sub.csv").exists() and not (tmp_path / "soft.parquet").exists()
+    res = predict("--run", tmp_path, "--data", tmp_path / "bad.csv", "--out", tmp_path / "sub.csv", timeout=120)
+    assert res.returncode == 2 and "not a run directory" in res.stderr
