@@ -284,6 +284,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "train_seconds": train_seconds,
         "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
         "fold_seconds": time.perf_counter() - t_fold,  # model load + training + prediction
+        "resumed_from_step": start_step,  # 0 unless this run continued from a checkpoint
         "precision": precision,
         "device": str(device),
         "world_size": world,
