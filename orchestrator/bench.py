@@ -66,7 +66,7 @@ def print_table(rows: list[dict], device_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = load_config(args.config, [*args.overrides, "model.init=random"])
         validate(cfg)

@@ -119,7 +119,7 @@ def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: l
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.help_config:
         for key, doc, default in field_docs():

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", default="0-4", help="folds (default 0-4)")
     p.add_argument("--out", type=Path, required=True, help="run directory (wiped first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.init == "random":
         from trainer_core.modeling import random_weights_dir

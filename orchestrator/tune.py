@@ -98,7 +98,7 @@ def claim_sweep_dir(sweep_dir: Path, meta: dict, rows) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.num_samples < 1:
         print("error: --num-samples must be >= 1", file=sys.stderr)

@@ -65,3 +65,10 @@ def test_gpu_config_on_a_machine_without_gpus_says_why(tmp_path):
 def test_bundled_data_ships_with_attribution():
     readme = (REPO / "data" / "README.md").read_text()
     assert DATA.exists() and "HH-RLHF" in readme and "PandaLM" in readme and "MIT" in readme
+
+
+def test_overrides_may_come_before_and_after_flags():
+    res = run("orchestrator.cv", "train.lr=0.5", "--config", CONFIGS / "smoke.yaml", "lora.r=4", "--print-config")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["train"]["lr"] == 0.5 and cfg["lora"]["r"] == 4

@@ -18,17 +18,19 @@ SLOW_FOLD = ["data.max_rows=60", "train.max_steps=60", "train.checkpoint_every=5
              "data.max_length=128"]
 
 
-def start_cv(out, *extra):
+def start_cv(out, folds, *overrides):
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"),
-                             "--out", str(out), *SLOW_FOLD, *extra], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             "--out", str(out), "--folds", folds, *SLOW_FOLD, *overrides], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def wait_for(pred, timeout, what):
+def wait_for(pred, timeout, what, proc):
     end = time.time() + timeout
     while time.time() < end:
         if pred():
             return
+        if proc.poll() is not None:
+            raise AssertionError(f"cv exited ({proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -50,9 +52,9 @@ def check_oof(out, folds):
 
 def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
     out = tmp_path / "kill"
-    proc = start_cv(out, "--folds", "1")
+    proc = start_cv(out, "1", "train.max_steps=200")  # long enough to be killed mid-way
     try:
-        wait_for(lambda: checkpoints(out, 1), 240, "the first checkpoint")
+        wait_for(lambda: checkpoints(out, 1), 240, "the first checkpoint", proc)
         victims = train_workers()
         assert victims, "no Ray Train worker process found"
         for v in victims:
@@ -63,16 +65,16 @@ def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stdout[-4000:]
     metrics = json.loads((out / "fold=1" / "metrics.json").read_text())
-    assert metrics["steps"] == 60 and metrics["resumed_from_step"] >= 5
+    assert metrics["steps"] == 200 and metrics["resumed_from_step"] >= 5, stdout[-3000:]
     check_oof(out, {1})
 
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "resume"
-    proc = start_cv(out, "--folds", "0,3")
+    proc = start_cv(out, "0,3")
     try:
-        wait_for(lambda: checkpoints(out, 0) or checkpoints(out, 3), 240, "a checkpoint")
+        wait_for(lambda: checkpoints(out, 0) or checkpoints(out, 3), 240, "a checkpoint", proc)
         os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and workers: the whole run dies at once
         proc.wait(timeout=60)
     finally:
