@@ -36,7 +36,9 @@ def wait_for(pred, timeout, what, proc):
 
 
 def checkpoints(out, fold):
-    return list((out / "ray" / f"fold={fold}").glob("checkpoint_*/state.json"))
+    """Checkpoints Ray Train has registered (listed in its snapshot), not merely files being uploaded."""
+    snap = out / "ray" / f"fold={fold}" / "checkpoint_manager_snapshot.json"
+    return snap.exists() and "checkpoint_" in snap.read_text()
 
 
 def train_workers():
