@@ -160,6 +160,7 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     if todo:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+            ray_folds.link_ray_logs(run_dir)
             ray_folds.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
         except ray_folds.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)

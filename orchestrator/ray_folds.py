@@ -65,6 +65,21 @@ def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = N
     return ray.cluster_resources()
 
 
+def link_ray_logs(run_dir: Path) -> Path | None:
+    """``<run_dir>/logs/ray`` -> this Ray session's log folder (every worker's stdout/stderr), so the full logs of a
+    run are reachable from its run directory while the console stays quiet."""
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001 - no public API
+    except Exception:  # noqa: BLE001 - a joined cluster may not expose it; the link is a convenience
+        return None
+    link = run_dir / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(session / "logs", target_is_directory=True)
+    return link
+
+
 def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:
     """How many folds can train at once on this cluster; ClusterError says why none can."""
     c = cfg.cluster

@@ -58,6 +58,7 @@ def test_run_directory_matches_the_contract(smoke_run):
         assert (fdir / "adapter" / "adapter_model.safetensors").exists()
         assert (fdir / "adapter" / "tokenizer_config.json").exists()
         assert list((out / "tensorboard" / f"fold={f['fold']}").iterdir())
+    assert any((out / "logs" / "ray").iterdir()), "the Ray session's logs are linked from the run directory"
     md = (out / "report.md").read_text()
     assert f"{report['cv_log_loss']:.4f}" in md
     # the printed table ends the command, with the run directory
