@@ -26,7 +26,7 @@ from pathlib import Path
 
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
-from trainer_core.paths import atomic_write, atomic_write_json
+from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
@@ -103,7 +103,7 @@ def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data.parquet").exists():
         atomic_write(run_dir / "data.parquet", lambda p: rows.to_parquet(p, index=False))
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(meta_path, meta)
 
 
