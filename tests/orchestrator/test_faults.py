@@ -41,8 +41,25 @@ def checkpoints(out, fold):
     return snap.exists() and "checkpoint_" in snap.read_text()
 
 
-def train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+def descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def train_workers(pid):
+    """This run's Ray Train workers: the local cluster is started by the cv process, so they descend from it."""
+    return [p for p in descendants(pid) if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+
+
+def kill_run(proc):
+    """SIGKILL the cv driver and every process of its Ray cluster (raylet, GCS, workers), nothing else."""
+    for p in [psutil.Process(proc.pid), *descendants(proc.pid)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def check_oof(out, folds):
@@ -57,14 +74,14 @@ def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
     proc = start_cv(out, "1", "train.max_steps=200")  # long enough to be killed mid-way
     try:
         wait_for(lambda: checkpoints(out, 1), 240, "the first checkpoint", proc)
-        victims = train_workers()
+        victims = train_workers(proc.pid)
         assert victims, "no Ray Train worker process found"
         for v in victims:
             os.kill(v.pid, signal.SIGKILL)
         stdout, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_run(proc)
     assert proc.returncode == 0, stdout[-4000:]
     metrics = json.loads((out / "fold=1" / "metrics.json").read_text())
     assert metrics["steps"] == 200 and metrics["resumed_from_step"] >= 5, stdout[-3000:]
@@ -77,12 +94,11 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     proc = start_cv(out, "0,3")
     try:
         wait_for(lambda: checkpoints(out, 0) or checkpoints(out, 3), 240, "a checkpoint", proc)
-        os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and workers: the whole run dies at once
+        kill_run(proc)  # driver, Ray and workers: the whole run dies at once
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+            kill_run(proc)
     assert not (out / "report.json").exists()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--out",
                           str(out), "--folds", "0,3", *SLOW_FOLD], cwd=REPO, capture_output=True, text=True,
