@@ -15,7 +15,6 @@ unless ``--restart`` is given.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -165,14 +164,12 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         except ray_folds.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-        phases = ray_folds.plan_phases(todo, int(resources.get("GPU", 0)), cfg.cluster.gpus_per_fold,
-                                       cfg.cluster.pack_folds)
         errors = {}
-        for phase_folds, gpus in phases:
-            phase_cfg = copy.deepcopy(cfg)
-            phase_cfg.cluster.gpus_per_fold = gpus
+        for phase_folds, phase_cfg in ray_folds.plan_fold_phases(cfg, todo, resources):
             concurrency = ray_folds.plan_concurrency(phase_cfg, resources, len(phase_folds))
-            where = f"{gpus} GPU(s) each" if gpus else f"{cfg.cluster.cpu_workers_per_fold} CPU worker(s) each"
+            c = phase_cfg.cluster
+            where = (f"{c.gpus_per_fold} GPU(s) each" if c.gpus_per_fold else
+                     f"{c.cpu_workers_per_fold} CPU worker(s) x {c.cpus_per_worker:g} CPUs each")
             print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
                   f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time; run directory {run_dir}")
             errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency))

@@ -8,6 +8,7 @@ calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. E
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -121,14 +122,37 @@ def plan_phases(folds: list[int], n_gpus: int, gpus_per_fold: int, pack: bool) -
     return ([(folds[:n_full], gpus_per_fold)] if n_full else []) + [(rest, share)]
 
 
+def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[tuple[list[int], Config]]:
+    """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
+    CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores."""
+    c = cfg.cluster
+    if c.gpus_per_fold > 0:
+        plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
+    else:
+        slots = plan_concurrency(cfg, resources, len(folds))
+        plan = [(fs, k) for fs, k in plan_phases(folds, slots, 1, c.pack_folds)]
+    out = []
+    for phase_folds, units in plan:
+        phase_cfg = copy.deepcopy(cfg)
+        if c.gpus_per_fold > 0:
+            phase_cfg.cluster.gpus_per_fold = units
+        else:
+            phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
+        out.append((phase_folds, phase_cfg))
+    return out
+
+
 def fold_worker(config: dict) -> dict:
     """Runs on every Ray Train worker of one fold: a thin adapter around ``trainer_core.fold.train_fold``."""
     import pandas as pd
+    import torch
 
     from trainer_core.fold import train_fold
 
     cfg = config_from_dict(config["cfg"])
     fold, run_dir = config["fold"], Path(config["run_dir"])
+    if cfg.cluster.gpus_per_fold == 0:
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))  # a packed CPU fold uses all it reserved
     rows = pd.read_parquet(run_dir / "data.parquet")
 
     def report(metrics: dict, ckpt_dir: Path | None) -> None:

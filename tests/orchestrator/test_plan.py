@@ -37,3 +37,16 @@ def test_concurrency_is_bounded_by_gpus_cpus_and_config():
     cpu.cluster.cpus_per_worker = 3
     with pytest.raises(ClusterError, match="needs 3 CPUs"):
         plan_concurrency(cpu, {"CPU": 2}, 5)
+
+
+def test_cpu_folds_pack_the_last_wave_onto_more_threads():
+    from orchestrator.ray_folds import plan_fold_phases
+
+    cfg = Config()  # CPU folds, 1 worker x 1 CPU
+    phases = plan_fold_phases(cfg, [0, 1, 2, 3, 4], {"CPU": 2})
+    assert [(fs, c.cluster.cpus_per_worker) for fs, c in phases] == [([0, 1, 2, 3], 1.0), ([4], 2.0)]
+    assert cfg.cluster.cpus_per_worker == 1.0  # the caller's config is not changed
+    gpu = Config()
+    gpu.cluster.gpus_per_fold = 1
+    phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
+    assert [(fs, c.cluster.gpus_per_fold) for fs, c in phases] == [([0, 1, 2, 3], 1), ([4], 4)]
