@@ -88,7 +88,8 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
     """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order."""
     import torch
 
-    from trainer_core.inference import autocast_for, load_fold_model, predict_probs
+    from trainer_core.inference import load_fold_model, predict_probs
+    from trainer_core.step import make_autocast
     from trainer_core.tokenization import encode_rows
 
     cfg = load_config(run_dir / "config.yaml")
@@ -97,7 +98,7 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
     total = np.zeros((len(rows), 3))
     for k in folds:
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
-        autocast = autocast_for(precision, dev)
+        autocast = make_autocast(precision, dev)
         ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
         p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
         if tta:

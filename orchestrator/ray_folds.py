@@ -130,7 +130,7 @@ def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[tup
         plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
     else:
         slots = plan_concurrency(cfg, resources, len(folds))
-        plan = [(fs, k) for fs, k in plan_phases(folds, slots, 1, c.pack_folds)]
+        plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
     out = []
     for phase_folds, units in plan:
         phase_cfg = copy.deepcopy(cfg)

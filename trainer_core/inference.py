@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,12 +57,3 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
         model.to(device)
     model.eval()
     return model, tok, precision
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A no-argument context factory (as :func:`predict_probs` takes): autocast to ``precision`` unless fp32."""
-    from trainer_core.modeling import DTYPES
-
-    if precision == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])

@@ -14,11 +14,11 @@ import torch
 
 from trainer_core.config import LoraConfig, ModelConfig
 from trainer_core.paths import atomic_write_dir, resolve_model_path
+from trainer_core.step import DTYPES
 
 log = logging.getLogger(__name__)
 
 NUM_LABELS = 3
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
