@@ -43,6 +43,12 @@ from trainer_core.config import Config, config_from_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
 TRIAL_DRIVER_CPU = 0.0  # a trial only waits on its TorchTrainer; its workers hold the real resources
+# A trial's driver, and with it the Ray Train controller (Ray places it on the driver's node), runs on the head node:
+# losing the head loses the cluster anyway (the GCS runs there), and losing any other node then costs only the Train
+# workers on it, which Ray Train restarts from the fold's last checkpoint. A driver on the lost node would take the
+# fold down for good ("the actor's node was terminated unexpectedly"). The custom resource also keeps Tune from
+# refusing an empty request. Tests: test_multinode.py.
+TRIAL_RESOURCES = {"cpu": TRIAL_DRIVER_CPU, "node:__internal_head__": 0.001}
 
 
 class ClusterError(RuntimeError):
@@ -313,8 +319,7 @@ def _tune_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) 
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     tuner = ray.tune.Tuner(
-        # 1 byte of memory: Tune refuses an empty resource request.
-        ray.tune.with_resources(fold_trial, {"cpu": TRIAL_DRIVER_CPU, "memory": 1}),
+        ray.tune.with_resources(fold_trial, TRIAL_RESOURCES),
         param_space={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "fold": ray.tune.grid_search(folds)},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,

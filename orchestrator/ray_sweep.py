@@ -25,7 +25,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import ray_folds  # noqa: F401  (sets Ray's environment defaults before Ray starts)
-from orchestrator.ray_folds import TRIAL_DRIVER_CPU, build_trainer
+from orchestrator.ray_folds import TRIAL_RESOURCES, build_trainer
 from trainer_core.config import apply_overrides, config_from_dict
 
 METRIC = "loss"
@@ -132,7 +132,7 @@ def run_sweep(base: dict, param_space: dict, sweep_dir: Path, folds: list[int], 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), folds=folds,
                                  data_sha256=data_sha256),
-        {"cpu": TRIAL_DRIVER_CPU, "memory": 1})  # 1 byte of memory: Tune refuses an empty resource request
+        TRIAL_RESOURCES)  # on the head node, like cv folds: a lost worker node costs only its Train workers
     path = str(sweep_dir / "ray" / "tune")
     if restore:
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
