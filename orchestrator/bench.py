@@ -25,8 +25,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import torch  # noqa: E402
 
-from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, run_setup, seed_setup
-from trainer_core.config import ConfigError, load_config, validate
+from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, profile_setup, run_setup, seed_setup
+from trainer_core.config import ConfigError, apply_overrides, load_config, parse_override, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default 2)")
     p.add_argument("--budget-gib", type=float, default=None,
                    help="also time the project's setup capped at this much GPU memory (e.g. 24 for a 24 GB card)")
-    p.add_argument("--also-attn", default=None, metavar="IMPL",
-                   help="also time the project's setup with this attention (e.g. flex_attention, which keeps "
-                        "Gemma-2's soft-capping; sdpa drops it)")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also time the project's setup with these config overrides, and check its numerics against "
+                        "it (repeatable; e.g. model.compile=true, model.attn_implementation=flex_attention, "
+                        "train.batch_size=8)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the project's full-length step (torch.profiler): device-busy share of each "
+                        "step and the top operators by device time")
     p.add_argument("--no-mixed", action="store_true", help="skip the variable-length (arena-like) measurement")
     p.add_argument("--no-seed", action="store_true", help="skip the seed baseline (then no ratio is printed)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, "model.init=random"])
         validate(cfg)
+        variants = []
+        for spec in args.also:
+            overrides = dict(parse_override(kv) for kv in spec.split(","))
+            validate(apply_overrides(cfg, overrides))
+            variants.append((spec, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         seed.precision = "fp32"
     plan = [] if args.no_seed else [(seed, None, not args.no_mixed)]
     plan.append((ours, None, not args.no_mixed))
-    if args.also_attn:
-        alt = our_setup(cfg, device)
-        alt.name, alt.attn_implementation = f"ours+{args.also_attn.split('_')[0]}", args.also_attn
-        plan.append((alt, None, not args.no_mixed))
+    for spec, overrides in variants:
+        plan.append((our_setup(cfg, device, overrides, f"ours+{spec}"), None, not args.no_mixed))
     if args.budget_gib:
         capped = our_setup(cfg, device)
         capped.name = f"ours@{args.budget_gib:g}G"
@@ -119,6 +126,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"numerics, ours vs seed setup (same weights, one batch): max |logit diff| "
               f"{num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
               f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%})")
+    for spec, overrides in variants:
+        name = f"ours+{spec}"
+        if "ours" not in ok or name not in ok:
+            continue
+        try:
+            num = compare_numerics(cfg, ours, our_setup(cfg, device, overrides, name), device)
+        except (RuntimeError, ValueError) as e:
+            free_cuda(device)
+            num = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        ok[name]["numerics_vs_ours"] = num
+        print(f"{name}: {ok[name]['samples_per_s'] / ok['ours']['samples_per_s']:.2f}x ours; numerics vs ours: "
+              + (num["error"] if "error" in num else f"max |logit diff| {num['max_abs_logit_diff']:.4g} "
+                 f"({num['rel_logit_diff']:.2%}), loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} "
+                 f"({num['rel_loss_diff']:.2%})"), flush=True)
+    if args.profile:
+        try:
+            prof = profile_setup(cfg, ours, device)
+            result["profile"] = {k: v for k, v in prof.items() if k != "table"}
+            busy = prof["device_busy_s_per_step"]
+            print(f"profile of {prof['setup']} (micro-batch {prof['micro_batch']}): {prof['s_per_step']:.3f} s/step"
+                  + (f", device busy {busy:.3f} s ({busy / prof['s_per_step']:.0%})" if busy is not None else ""))
+            print(prof["table"])
+        except (RuntimeError, ValueError) as e:
+            free_cuda(device)
+            print(f"profile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from trainer_core.batching import collate, epoch_batches, padding_waste
-from trainer_core.config import Config
+from trainer_core.config import Config, apply_overrides
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
 from trainer_core.modeling import build_model, decoder_layer_count, enable_checkpointing, trainable_parameters
 from trainer_core.optim import build_optimizer
@@ -36,6 +36,7 @@ class Setup:
     grad_accum: int
     group_by_length: bool
     optimizer: str
+    overrides: dict = field(default_factory=dict)  # dotted config overrides this setup was built with
 
 
 def seed_setup(cfg: Config) -> Setup:
@@ -44,11 +45,15 @@ def seed_setup(cfg: Config) -> Setup:
     return Setup("seed", "fp16", "reentrant", None, 4, 1, False, "adamw_8bit")
 
 
-def our_setup(cfg: Config, device: torch.device) -> Setup:
+def our_setup(cfg: Config, device: torch.device, overrides: dict | None = None, name: str = "ours") -> Setup:
+    """The project's fold training setup as ``cfg`` (plus ``overrides``, a variant to compare) configures it."""
     from trainer_core.modeling import resolve_precision
 
-    return Setup("ours", resolve_precision(cfg.train.precision, device), cfg.model.gradient_checkpointing,
-                 cfg.model.attn_implementation, cfg.train.batch_size, cfg.train.grad_accum, True, cfg.train.optimizer)
+    overrides = dict(overrides or {})
+    c = apply_overrides(cfg, overrides)
+    return Setup(name, resolve_precision(c.train.precision, device), c.model.gradient_checkpointing,
+                 c.model.attn_implementation, c.train.batch_size, c.train.grad_accum, True, c.train.optimizer,
+                 overrides)
 
 
 def arena_like_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
@@ -88,8 +93,11 @@ def _sync(device: torch.device) -> None:
 
 def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, budget_gib: float | None):
     """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, the same way fold.py builds them."""
+    cfg = apply_overrides(cfg, setup.overrides)
     mcfg = copy.deepcopy(cfg.model)
     mcfg.attn_implementation = setup.attn_implementation
+    if setup.name == "seed":
+        mcfg.compile = "off"
     torch.manual_seed(cfg.train.seed)
     ckpt = "off" if setup.checkpointing == "auto" else setup.checkpointing
     model = build_model(mcfg, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
@@ -135,6 +143,7 @@ def time_steps(model, params, optimizer, scaler, batches: list, accum: int, auto
 def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, warmup: int,
               budget_gib: float | None = None, mixed: bool = True) -> dict:
     """Benchmark one setup at full length (max_length every row) and on the arena-like length mix."""
+    cfg = apply_overrides(cfg, setup.overrides)
     seq_len = cfg.data.max_length
     start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
@@ -171,6 +180,37 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
         del batches
     free_cuda(device)
     return row
+
+
+def profile_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int = 3, warmup: int = 2,
+                  top: int = 25) -> dict:
+    """Where a full-length training step spends its time: ``torch.profiler`` over ``steps`` steps after ``warmup``.
+    Returns wall and device-busy seconds per step and the ``top`` operators by self device time (a table string)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = apply_overrides(cfg, setup.overrides)
+    model, params, optimizer, scaler, micro, accum, _ = build_for(cfg, setup, device, cfg.data.max_length, None)
+    autocast = make_autocast(setup.precision, device)
+    n = (steps + warmup) * accum
+    batches = _synthetic_batches(np.full(n * micro, cfg.data.max_length), micro, False, model.config.vocab_size,
+                                 device, n, 1)
+    time_steps(model, params, optimizer, scaler, batches[:warmup * accum], accum, autocast, 0, device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        secs, n_steps, _, _ = time_steps(model, params, optimizer, scaler, batches[warmup * accum:], accum, autocast,
+                                         0, device)
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # device busy time: the union-free sum of kernel durations (one stream in these models)
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
+    out = {"setup": setup.name, "micro_batch": micro, "s_per_step": secs / n_steps,
+           "device_busy_s_per_step": busy_us / 1e6 / n_steps if cuda else None,
+           "table": events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60)}
+    del model, optimizer, params, scaler, batches
+    free_cuda(device)
+    return out
 
 
 def free_cuda(device: torch.device) -> None:

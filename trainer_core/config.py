@@ -54,6 +54,9 @@ class ModelConfig:
     gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
         "auto", "recompute activations in backward: on/off, auto = only if the GPU's free memory demands it, "
         "reentrant = the seed's way (backward through every layer)")
+    compile: Literal["off", "on", "dynamic"] = _f(
+        "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
+        "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start")
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
 
 

@@ -142,7 +142,30 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         model = get_peft_model(model, peft_cfg)
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
+    if model_cfg.compile != "off":
+        compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None)
     return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as the layer count)."""
+    n = decoder_layer_count(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def compile_layers(model, dynamic: bool | None = None) -> None:
+    """Regional compilation: ``torch.compile`` each decoder layer in place (parameter names and state dicts do not
+    change). Layers of one kind share compiled code, so a 42-layer model compiles a few graphs, not 42; lengths that
+    vary between batches get one dynamic-shape graph after the second length seen."""
+    import torch._dynamo
+
+    # frozen vs adapted layers, sliding vs global attention, train vs eval, fixed vs dynamic length: a dozen graphs
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=dynamic)
 
 
 def enable_checkpointing(model, reentrant: bool = False) -> None:

@@ -11,14 +11,20 @@ from tests.conftest import CONFIGS, REPO
 def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "-m", "orchestrator.bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--steps", "2", "--warmup", "1", "--json", str(out)], cwd=REPO, capture_output=True,
+                          "--steps", "2", "--warmup", "1", "--json", str(out),
+                          "--also", "lora.r=4,train.batch_size=2", "--profile"], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "samples/s ratio vs seed (same call, cpu):" in res.stdout
     data = json.loads(out.read_text())
-    seed, ours = data["rows"]
+    seed, ours, variant = data["rows"]
     assert seed["setup"] == "seed" and seed["checkpointing"] == "reentrant" and seed["micro_batch"] == 4
     assert ours["setup"] == "ours"
+    # a variant row: the project's setup with overrides, its numerics checked against ours (same weights: LoRA B
+    # starts at zero, so rank 4 vs 16 gives the same logits)
+    assert variant["setup"] == "ours+lora.r=4,train.batch_size=2" and variant["micro_batch"] == 2
+    assert variant["numerics_vs_ours"]["rel_logit_diff"] < 1e-5
+    assert data["profile"]["s_per_step"] > 0 and "aten::" in res.stdout  # the operator table
     for row in data["rows"]:
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and 0 <= row["mixed_padding_waste"] < 1
     assert ours["mixed_padding_waste"] < 0.05 < seed["mixed_padding_waste"]  # length grouping
