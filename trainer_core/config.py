@@ -25,10 +25,14 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message lists every problem, one per line."""
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
+def _f(default: Any, doc: str, *, added: bool = False, **kw: Any) -> Any:
+    """A documented config field. ``added=True``: a key introduced after run directories already existed, whose
+    default is exactly the behaviour from before; at its default it stays out of the fingerprint, so adding it does
+    not make earlier runs unresumable."""
+    meta = {"doc": doc, "added": added}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -56,7 +60,8 @@ class ModelConfig:
         "reentrant = the seed's way (backward through every layer)")
     compile: Literal["off", "on", "dynamic"] = _f(
         "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
-        "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start")
+        "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
+        added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
 
 
@@ -123,9 +128,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not cluster placement)."""
+        """Hash of everything that changes results (not cluster placement; keys added later, at their default)."""
         d = self.to_dict()
         d.pop("cluster")
+        for name, section in d.items():
+            sub = getattr(self, name)
+            if dataclasses.is_dataclass(sub):
+                for f in dataclasses.fields(sub):
+                    if f.metadata.get("added") and getattr(sub, f.name) == f.default:
+                        section.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

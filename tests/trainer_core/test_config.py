@@ -94,6 +94,21 @@ def test_fingerprint_ignores_cluster_placement():
     assert a.fingerprint() != b.fingerprint()
 
 
+def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
+    """model.compile arrived after run directories existed: at its default ('off', the old behaviour) the fingerprint
+    is the one computed without the key, so those runs still resume; turning it on changes the fingerprint."""
+    import hashlib
+    import json
+
+    cfg = Config()
+    d = cfg.to_dict()
+    d.pop("cluster")
+    d["model"].pop("compile")
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    cfg.model.compile = "on"
+    assert cfg.fingerprint() != Config().fingerprint()
+
+
 def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=null") == ("a.b", None)
     assert parse_override("a.b=true") == ("a.b", True)
