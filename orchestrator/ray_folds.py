@@ -8,6 +8,7 @@ calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. E
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -42,6 +43,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from trainer_core.config import Config, config_from_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
+ETA_WINDOW = 8  # progress reports per fold that its ETA is measured over
 TRIAL_DRIVER_CPU = 0.0  # a trial only waits on its TorchTrainer; its workers hold the real resources
 # A trial's driver, and with it the Ray Train controller (Ray places it on the driver's node), runs on the head node:
 # losing the head loses the cluster anyway (the GCS runs there), and losing any other node then costs only the Train
@@ -219,6 +221,7 @@ class Progress(ray.tune.Callback):
         self.stream = stream
         self.t0 = time.time()
         self.state: dict[int, dict] = {}
+        self.recent: dict[int, collections.deque] = {}  # fold -> last (elapsed_s, step) pairs
         self.last_print = 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -232,6 +235,11 @@ class Progress(ray.tune.Callback):
         if "step" not in result:
             return
         self.state[fold] = result
+        window = self.recent.setdefault(fold, collections.deque(maxlen=ETA_WINDOW))
+        if window and result["step"] <= window[-1][1]:  # the fold restarted from a checkpoint
+            window.clear()
+        window.append((result.get("elapsed_s", 0.0), result["step"]))
+        result["_s_per_step"] = self._s_per_step(result, window)
         if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
             return
         self.last_print = time.time()
@@ -241,17 +249,25 @@ class Progress(ray.tune.Callback):
                    f"  eta {_fmt_s(self._eta(result))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
 
     @staticmethod
-    def _eta(r: dict) -> float:
+    def _s_per_step(r: dict, window) -> float:
+        """Seconds per step over the last ``ETA_WINDOW`` reports, so one-off start-up costs (compilation, the first
+        batches) stop inflating the ETA once the window has moved past them; before that, the fold's average."""
+        if len(window) >= 2 and window[-1][1] > window[0][1]:
+            return (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
         done = r["step"] - r.get("start_step", 0)
-        return r.get("elapsed_s", 0) / done * (r["total_steps"] - r["step"]) if done > 0 else math.inf
+        return r.get("elapsed_s", 0) / done if done > 0 else math.inf
+
+    @staticmethod
+    def _eta(r: dict) -> float:
+        return r.get("_s_per_step", math.inf) * (r["total_steps"] - r["step"])
 
     def _overall_eta(self, trials) -> float:
         """Longest running fold plus the not-yet-started folds in waves of ``concurrency`` (Tune creates trials lazily,
         so they are counted from the total, not from ``trials``)."""
         running = [self._eta(r) for r in self.state.values()]
         not_started = max(0, self.n_folds - self.finished - len(running))
-        per_fold = [r.get("elapsed_s", 0) / max(1, r["step"] - r.get("start_step", 0)) * r["total_steps"]
-                    for r in self.state.values()]
+        per_fold = [r["_s_per_step"] * r["total_steps"] for r in self.state.values()
+                    if math.isfinite(r.get("_s_per_step", math.inf))]
         mean = sum(per_fold) / len(per_fold) if per_fold else 0.0
         return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
 
