@@ -1,0 +1,129 @@
+"""The config schema: one dataclass per section (data, model, lora, train, cluster), every field with its default and
+a one-line doc. Merging, validation and YAML live in :mod:`trainer_core.config`, which re-exports these classes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem, one per line."""
+
+
+def _f(default: Any, doc: str, *, added: bool = False, **kw: Any) -> Any:
+    """A documented config field. ``added=True``: a key introduced after run directories already existed, whose
+    default is exactly the behaviour from before; at its default it stays out of the fingerprint, so adding it does
+    not make earlier runs unresumable."""
+    meta = {"doc": doc, "added": added}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "CSV or parquet file in the Chatbot Arena schema (relative in a YAML: against its folder)")
+    n_folds: int = _f(5, "number of folds; a row's fold is id % n_folds")
+    max_rows: Optional[int] = _f(None, "use only the first N rows of the file (quick runs and tests); null = all rows")
+    max_length: int = _f(1024, "maximum tokens per row, EOS included")
+    truncation: Literal["end", "balanced"] = _f(
+        "end", "'end' cuts the joined text at max_length (seed); 'balanced' shares the budget between prompt, a and b"
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "HF model id or local dir; 'pkg:<module>/<subdir>' = a folder in an installed package")
+    tokenizer: Optional[str] = _f(None, "tokenizer id or dir (null = name_or_path); 'bytes' = built-in byte tokenizer")
+    init: Literal["pretrained", "random"] = _f("pretrained", "'random' = architecture from random_config, no weights")
+    random_config: dict = _f({}, "architecture kwargs (e.g. Gemma2Config fields plus model_type) used when init=random")
+    quantization: Literal["nf4", "int8", "none"] = _f("none", "base-weight quantization through bitsandbytes")
+    double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
+    attn_implementation: Optional[str] = _f("eager", "attention kernel; eager keeps Gemma-2 logit soft-capping exactly")
+    gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
+        "auto", "recompute activations in backward: on/off, auto = only if the GPU's free memory demands it, "
+        "reentrant = the seed's way (backward through every layer)")
+    compile: Literal["off", "on", "dynamic"] = _f(
+        "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
+        "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
+        added=True)
+    add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "train LoRA adapters (plus the score head); false = full fine-tuning")
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj"], "module names that get adapters")
+    freeze_layers: int = _f(0, "adapters only on decoder layers >= this index (counted from the model's own layers)")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "passes over the training folds (fractions allowed)")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (null = epochs decide)")
+    lr: float = _f(2e-4, "peak learning rate")
+    warmup_steps: int = _f(20, "linear warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warmup")
+    batch_size: int = _f(4, "rows per device per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    eval_batch_size: int = _f(4, "rows per device when predicting the held-out fold")
+    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
+        "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm (null = off)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
+    seed: int = _f(42, "seed for weights of new layers, dropout and data order")
+    memory_budget_gib: Optional[float] = _f(None, "cap GPU memory per fold process (emulates a smaller card)")
+    group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
+    log_every: int = _f(10, "optimizer steps between logged training scalars")
+    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
+    eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
+    interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = _f(None, "Ray address to join ('auto' = the running cluster); null starts a local one")
+    gpus_per_fold: int = _f(0, "GPUs (= Ray Train workers) per fold; 0 trains on CPU workers")
+    cpu_workers_per_fold: int = _f(1, "Ray Train CPU workers per fold when gpus_per_fold = 0")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved for each Ray Train worker")
+    max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
+    pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
+                              "instead of leaving GPUs idle")
+    max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
+    num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
+
+
+@dataclass
+class Config:
+    experiment: str = _f("cv", "run name: the default run directory is runs/<experiment>")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not cluster placement; keys added later, at their default)."""
+        d = self.to_dict()
+        d.pop("cluster")
+        for name, section in d.items():
+            sub = getattr(self, name)
+            if dataclasses.is_dataclass(sub):
+                for f in dataclasses.fields(sub):
+                    if f.metadata.get("added") and getattr(sub, f.name) == f.default:
+                        section.pop(f.name)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
