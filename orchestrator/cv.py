@@ -165,14 +165,21 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         errors = {}
-        for phase_folds, phase_cfg in ray_folds.plan_fold_phases(cfg, todo, resources):
+        for phase_folds, phase_cfg, stops in ray_folds.plan_fold_phases(cfg, todo, resources):
+            phase_folds = [k for k in phase_folds if errors.get(k) is None]  # a fold that failed stays failed
+            if not phase_folds:
+                continue
             concurrency = ray_folds.plan_concurrency(phase_cfg, resources, len(phase_folds))
             c = phase_cfg.cluster
             where = (f"{c.gpus_per_fold} GPU(s) each" if c.gpus_per_fold else
                      f"{c.cpu_workers_per_fold} CPU worker(s) x {c.cpus_per_worker:g} CPUs each")
+            pieces = ("; pieces: " + ", ".join(f"fold {k} to {'the end' if stops[k] is None else f'{stops[k]:.0%}'}"
+                                               for k in phase_folds)) if stops else ""
             print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
-                  f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time; run directory {run_dir}")
-            errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency))
+                  f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time{pieces}; run directory "
+                  f"{run_dir}")
+            errors.update({k: e for k, e in ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency,
+                                                               stops).items() if errors.get(k) is None})
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

@@ -130,10 +130,38 @@ def plan_phases(folds: list[int], n_gpus: int, gpus_per_fold: int, pack: bool) -
     return ([(folds[:n_full], gpus_per_fold)] if n_full else []) + [(rest, share)]
 
 
-def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[tuple[list[int], Config]]:
+def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[int, float | None]]]:
+    """Round-robin pieces for ``folds`` on ``slots`` when they do not divide evenly: ``len(folds)`` phases, phase k
+    training the ``slots`` folds k, k+1, ... (cyclically), each for 1/slots of its steps. Every fold runs in exactly
+    ``slots`` phases, every slot is busy in every phase, so the wall time is len(folds)/slots fold-times (1.25 for five
+    on four) instead of ceil(len(folds)/slots). Returns [(phase folds, {fold: stop fraction, None = to the end})]."""
+    n = len(folds)
+    if slots >= n or n % slots == 0:
+        return [(folds, {})]
+    pieces_done = dict.fromkeys(folds, 0)
+    phases = []
+    for k in range(n):
+        members = [folds[(k + i) % n] for i in range(slots)]
+        stops: dict[int, float | None] = {}
+        for f in members:
+            pieces_done[f] += 1
+            stops[f] = None if pieces_done[f] == slots else pieces_done[f] / slots
+        phases.append((sorted(members), stops))
+    return phases
+
+
+def plan_fold_phases(cfg: Config, folds: list[int],
+                     resources: dict) -> list[tuple[list[int], Config, dict[int, float | None]]]:
     """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
-    CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores."""
+    CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
+    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
     c = cfg.cluster
+    if c.rotate_folds:
+        slots = (int(resources.get("GPU", 0)) // c.gpus_per_fold if c.gpus_per_fold > 0
+                 else plan_concurrency(cfg, resources, len(folds)))
+        if c.max_concurrent_folds:
+            slots = min(slots, c.max_concurrent_folds)
+        return [(f, cfg, stops) for f, stops in plan_rotation(folds, max(1, slots))]
     if c.gpus_per_fold > 0:
         plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
     else:
@@ -146,7 +174,7 @@ def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[tup
             phase_cfg.cluster.gpus_per_fold = units
         else:
             phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
-        out.append((phase_folds, phase_cfg))
+        out.append((phase_folds, phase_cfg, {}))
     return out
 
 
@@ -174,14 +202,16 @@ def fold_worker(config: dict) -> dict:
         checkpoint.to_directory(str(resume_dir))
     try:
         result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
-                            tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device())
+                            tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device(),
+                            stop_at=config.get("stop_at"))
     finally:
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    return result.metrics
+    return {"paused": True} if result is None else result.metrics
 
 
-def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None = None,
+                  stop_at: float | None = None) -> TorchTrainer:
     c = cfg.cluster
     use_gpu = c.gpus_per_fold > 0
     scaling = ray.train.ScalingConfig(
@@ -191,7 +221,7 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None 
     )
     return TorchTrainer(
         fold_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir)},
+        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "stop_at": stop_at},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
@@ -208,7 +238,9 @@ def fold_trial(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = config_from_dict(config["cfg"])
-    trainer = build_trainer(cfg, config["fold"], Path(config["run_dir"]), callbacks=[TuneReportCallback()])
+    stop_at = config.get("stops", {}).get(str(config["fold"]))  # a piece of a rotated schedule, else None
+    trainer = build_trainer(cfg, config["fold"], Path(config["run_dir"]), callbacks=[TuneReportCallback()],
+                            stop_at=stop_at)
     trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
 
 
@@ -226,6 +258,12 @@ class Progress(ray.tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         fold = trial.config.get("fold")
+        if result.get("paused"):  # a piece of a rotated schedule ended; the fold continues in a later phase
+            self.state.pop(fold, None)
+            self.recent.pop(fold, None)
+            self._line(f"fold {fold}: paused at step {result['step']}/{result['total_steps']} (checkpointed; "
+                       f"continues in a later phase)")
+            return
         if result.get("done"):
             self.state.pop(fold, None)
             self.finished += 1
@@ -308,8 +346,10 @@ def remove_leftover_placement_groups() -> int:
     return n
 
 
-def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) -> dict[int, str | None]:
-    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished, else the error text}.
+def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int,
+              stops: dict[int, float | None] | None = None) -> dict[int, str | None]:
+    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished (or paused at its ``stops``
+    fraction, a piece of a rotated schedule), else the error text}.
 
     Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
     reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
@@ -325,18 +365,20 @@ def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) ->
                   f"waves (install ray[default] for continuous scheduling)")
             out: dict[int, str | None] = {}
             for i in range(0, len(folds), concurrency):
-                out.update(_tune_folds(cfg, folds[i:i + concurrency], run_dir, concurrency))
+                out.update(_tune_folds(cfg, folds[i:i + concurrency], run_dir, concurrency, stops))
                 remove_leftover_placement_groups()
             return out
-    return _tune_folds(cfg, folds, run_dir, concurrency)
+    return _tune_folds(cfg, folds, run_dir, concurrency, stops)
 
 
-def _tune_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int) -> dict[int, str | None]:
+def _tune_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int,
+                stops: dict[int, float | None] | None = None) -> dict[int, str | None]:
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(fold_trial, TRIAL_RESOURCES),
-        param_space={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "fold": ray.tune.grid_search(folds)},
+        param_space={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "fold": ray.tune.grid_search(folds),
+                     "stops": {str(f): v for f, v in (stops or {}).items()}},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
                                       callbacks=[Progress(len(folds), concurrency)],

@@ -102,17 +102,19 @@ def _gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -
     return out
 
 
-def _save_checkpoint(path: Path, model, optimizer, scaler, step: int, fingerprint: str) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scaler, step: int, fingerprint: str, totals: dict) -> None:
     torch.save(trainable_state_dict(model), path / "trainable.pt")
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), path / "scaler.pt")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                path / "rng.pt")
-    (path / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    (path / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "totals": totals}))
 
 
-def _load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str) -> int:
+def _load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str) -> tuple[int, dict]:
+    """Restores model, optimizer, scaler and RNG state; returns (step, totals so far: seconds and samples spent by the
+    runs before this one)."""
     state = json.loads((path / "state.json").read_text())
     if state["fingerprint"] != fingerprint:
         raise ValueError(f"checkpoint {path} was written by a different config or fold; refusing to resume from it")
@@ -124,18 +126,21 @@ def _load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str) -> 
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return int(state["step"])
+    return int(state["step"]), state.get("totals", {})
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
                resume_from: str | Path | None = None, report: ReportFn | None = None,
-               tb_dir: str | Path | None = None, device: torch.device | None = None) -> FoldResult:
+               tb_dir: str | Path | None = None, device: torch.device | None = None,
+               stop_at: float | None = None) -> FoldResult | None:
     """Train on every row whose ``fold`` != ``fold``, predict the rows of ``fold``, write the fold's files.
 
     ``rows``: validated data with columns id, prompt, response_a, response_b, label, fold.
     ``resume_from``: a checkpoint folder written by this function for the same config and fold.
     ``report``: called with metrics at every log step, with a checkpoint folder every ``train.checkpoint_every``
-    steps, and once at the end with the fold's final metrics."""
+    steps, and once at the end with the fold's final metrics.
+    ``stop_at``: pause after this fraction of the fold's steps (a piece of a rotated schedule): report a checkpoint
+    there (metrics carry ``paused: True``) and return None; a later call resumed from it continues the fold."""
     # ---------------------------------------------------------------- setup
     t_fold = time.perf_counter()
     t = cfg.train
@@ -208,19 +213,26 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         y = val_rows["label"].values[:interim_n]
         return {"interim_log_loss": M.log_loss(y, p), "interim_accuracy": M.accuracy(y, p), "interim_rows": interim_n}
 
-    step = 0
+    step, before = 0, {}
     if resume_from is not None:
-        step = _load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
+        step, before = _load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
         log.info("fold %d: resumed at step %d/%d from %s", fold, step, total_steps, resume_from)
     telemetry = Telemetry(tb_dir if rank == 0 else None, device)
     ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{fold}-ckpt-")) if rank == 0 else None
 
     # ---------------------------------------------------------------- fit
+    stop_step = total_steps if stop_at is None else min(total_steps, max(step + 1, round(total_steps * stop_at)))
     ddp_model.train()
     start_step = step
     t_start, samples, tokens = time.perf_counter(), 0, 0
+
+    def totals() -> dict:  # seconds and samples of every run of this fold so far, this one included
+        return {"train_seconds": before.get("train_seconds", 0.0) + time.perf_counter() - t_start,
+                "fold_seconds": before.get("fold_seconds", 0.0) + time.perf_counter() - t_fold,
+                "samples": before.get("samples", 0) + samples}
+
     window_loss, window_n = torch.zeros((), device=device), 0
-    while step < total_steps:
+    while step < stop_step:
         lr = lr_at(step, total_steps, t)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -238,13 +250,14 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         window_n += 1
         step += 1
 
-        do_log = step % t.log_every == 0 or step == total_steps
-        do_ckpt = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps
+        pause = step == stop_step < total_steps
+        do_log = step % t.log_every == 0 or step == total_steps or pause
+        do_ckpt = (bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps) or pause
         do_eval = bool(t.eval_every) and step % t.eval_every == 0 and step < total_steps
         if not (do_log or do_ckpt or do_eval):
             continue
         logs = {"fold": fold, "step": step, "total_steps": total_steps, "start_step": start_step,
-                "elapsed_s": time.perf_counter() - t_start}
+                "elapsed_s": time.perf_counter() - t_start, **({"paused": True} if pause else {})}
         if do_log:
             elapsed = time.perf_counter() - t_start
             logs.update(train_loss=float(window_loss) / window_n, lr=lr, grad_norm=float(grad_norm),
@@ -258,12 +271,18 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         if do_ckpt and rank == 0:
             ckpt = ckpt_root / f"step={step:07d}"
             ckpt.mkdir()
-            _save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint)
+            _save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint, totals())
         if report is not None:
             report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
         if ckpt is not None:
             shutil.rmtree(ckpt, ignore_errors=True)
-    train_seconds = time.perf_counter() - t_start
+    if step < total_steps:  # paused: the checkpoint reported at this step is where a later piece continues
+        telemetry.close()
+        if ckpt_root is not None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        return None
+    done = totals()
+    train_seconds = done["train_seconds"]
 
     # ---------------------------------------------------------------- evaluate
     local_idx = np.arange(rank, len(val_ids), world)
@@ -281,9 +300,9 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "n_train_rows": int(len(train_rows)),
         "prior_log_loss": M.log_loss(labels, M.prior_probs(train_rows["label"].values, len(val_rows))),
         "steps": step,
-        "train_seconds": train_seconds,
-        "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
-        "fold_seconds": time.perf_counter() - t_fold,  # model load + training + prediction
+        "train_seconds": train_seconds,  # every run of this fold (pieces, restarts after a failure) together
+        "train_samples_per_s": done["samples"] / train_seconds if train_seconds > 0 else None,
+        "fold_seconds": before.get("fold_seconds", 0.0) + time.perf_counter() - t_fold,  # load + train + predict
         "resumed_from_step": start_step,  # 0 unless this run continued from a checkpoint
         "precision": precision,
         "device": str(device),

@@ -44,9 +44,37 @@ def test_cpu_folds_pack_the_last_wave_onto_more_threads():
 
     cfg = Config()  # CPU folds, 1 worker x 1 CPU
     phases = plan_fold_phases(cfg, [0, 1, 2, 3, 4], {"CPU": 2})
-    assert [(fs, c.cluster.cpus_per_worker) for fs, c in phases] == [([0, 1, 2, 3], 1.0), ([4], 2.0)]
+    assert [(fs, c.cluster.cpus_per_worker) for fs, c, _ in phases] == [([0, 1, 2, 3], 1.0), ([4], 2.0)]
     assert cfg.cluster.cpus_per_worker == 1.0  # the caller's config is not changed
     gpu = Config()
     gpu.cluster.gpus_per_fold = 1
     phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
-    assert [(fs, c.cluster.gpus_per_fold) for fs, c in phases] == [([0, 1, 2, 3], 1), ([4], 4)]
+    assert [(fs, c.cluster.gpus_per_fold) for fs, c, _ in phases] == [([0, 1, 2, 3], 1), ([4], 4)]
+
+
+@pytest.mark.parametrize("n_folds,slots", [(5, 4), (5, 2), (5, 3), (7, 4), (3, 2)])
+def test_rotation_keeps_every_slot_busy_and_runs_each_fold_once_in_order(n_folds, slots):
+    from orchestrator.ray_folds import plan_rotation
+
+    folds = list(range(10, 10 + n_folds))
+    phases = plan_rotation(folds, slots)
+    assert len(phases) == n_folds  # each phase is 1/slots of a fold-time: n_folds/slots fold-times in all
+    seen = {f: [] for f in folds}
+    for members, stops in phases:
+        assert len(members) == slots == len(set(members)) and set(stops) == set(members)  # every slot busy
+        for f in members:
+            seen[f].append(stops[f])
+    for f, pieces in seen.items():  # slots pieces per fold, each ending further on, the last one to the end
+        assert pieces == [i / slots for i in range(1, slots)] + [None], (f, pieces)
+
+
+def test_rotation_is_only_used_when_folds_do_not_divide_evenly():
+    from orchestrator.ray_folds import plan_fold_phases, plan_rotation
+
+    assert plan_rotation([0, 1, 2, 3], 2) == [([0, 1, 2, 3], {})]
+    assert plan_rotation([0, 1], 4) == [([0, 1], {})]
+    gpu = Config()
+    gpu.cluster.gpus_per_fold, gpu.cluster.rotate_folds = 1, True
+    phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
+    assert len(phases) == 5 and all(c.cluster.gpus_per_fold == 1 and len(fs) == 4 for fs, c, _ in phases)
+    assert plan_fold_phases(gpu, [0, 1, 2, 3], {"CPU": 64, "GPU": 4}) == [([0, 1, 2, 3], gpu, {})]

@@ -1,5 +1,6 @@
 """One fold in-process on the tiny Gemma-2 smoke config (real nf4 + LoRA + 8-bit AdamW on the CPU)."""
 
+import json
 import shutil
 
 import numpy as np
@@ -81,6 +82,34 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, smoke_row
     other = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
     with pytest.raises(ValueError, match="different config"):
         train_fold(other, 0, smoke_rows, tmp_path / "c", resume_from=saved[2])
+
+
+def test_a_fold_trained_in_pieces_matches_one_run(tmp_path, smoke_rows):
+    """A rotated schedule trains a fold in pieces (stop_at): each piece ends with a checkpoint at its share of the
+    steps and writes nothing else; the next piece resumes from it. The OOF equals an uninterrupted run's, and the
+    final metrics add up the pieces' seconds."""
+    cfg = smoke_cfg("train.max_steps=6", "train.checkpoint_every=null", "train.log_every=100")
+    full = train_fold(cfg, 0, smoke_rows, tmp_path / "a")
+    reports, saved = [], []
+
+    def keep(m, ckpt):
+        reports.append(m)
+        if ckpt is not None:
+            saved.append(shutil.copytree(ckpt, tmp_path / f"ckpt{m['step']}"))
+
+    first = train_fold(cfg, 0, smoke_rows, tmp_path / "b", report=keep, stop_at=0.5)
+    assert first is None and not (tmp_path / "b").exists()  # paused: no fold files yet
+    paused = reports[-1]
+    assert paused["step"] == 3 and paused["paused"] is True and len(saved) == 1
+    state = json.loads((saved[0] / "state.json").read_text())
+    assert state["totals"]["train_seconds"] >= paused["elapsed_s"] and state["totals"]["samples"] > 0
+    state["totals"]["train_seconds"] = 1000.0  # as if the first piece had taken 1000 s: it must be carried over
+    (saved[0] / "state.json").write_text(json.dumps(state))
+    second = train_fold(cfg, 0, smoke_rows, tmp_path / "b", report=keep, resume_from=saved[0])
+    assert second.metrics["steps"] == 6 and second.metrics["resumed_from_step"] == 3
+    assert 1000.0 < second.metrics["train_seconds"] < 1000.0 + 600
+    np.testing.assert_allclose(second.oof[["p_a", "p_b", "p_tie"]].to_numpy(),
+                               full.oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule_is_a_pure_function_of_step():
