@@ -2,8 +2,9 @@
 
 Runs ``orchestrator.cv`` on the given config and folds, then reads each fold's ``metrics.json``: ``fold_seconds``
 (model load + training + prediction inside the worker) of the folds that ran on one GPU is the numerator; a fold that
-ran data-parallel over several GPUs counts as the mean one-GPU fold time. Wall time is the whole command, Ray start
-and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
+ran data-parallel over several GPUs counts as the mean one-GPU fold time; a fold trained in pieces
+(``cluster.rotate_folds``) counts its training plus one model load and prediction. Wall time is the whole command,
+Ray start and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
 
 Example::
 
@@ -23,6 +24,14 @@ from pathlib import Path
 import torch
 
 from trainer_core.config import load_config
+
+
+def one_gpu_seconds(m: dict) -> float:
+    """What the fold would take alone in one run: all its training plus one model load and one prediction (those of
+    its last run). A fold trained in pieces (cluster.rotate_folds) loaded the model once per piece: only once counts."""
+    if m.get("last_run_seconds") is None:
+        return m["fold_seconds"]
+    return m["train_seconds"] + m["last_run_seconds"] - m["last_run_train_seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if res.returncode != 0:
         return res.returncode
     metrics = [json.loads(f.read_text()) for f in sorted(args.out.glob("fold=*/metrics.json"))]
-    single = [m["fold_seconds"] for m in metrics if m["world_size"] == 1]
+    single = [one_gpu_seconds(m) for m in metrics if m["world_size"] == 1]
     mean_single = sum(single) / len(single) if single else None
-    one_gpu_total = sum(m["fold_seconds"] if m["world_size"] == 1 else mean_single for m in metrics)
+    one_gpu_total = sum(one_gpu_seconds(m) if m["world_size"] == 1 else mean_single for m in metrics)
     gpus = max(1, n_gpus)
     for m in metrics:
         print(f"fold {m['fold']}: {m['world_size']} GPU(s), fold {m['fold_seconds']:.1f}s, "

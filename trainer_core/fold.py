@@ -281,6 +281,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         if ckpt_root is not None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         return None
+    run_train_seconds = time.perf_counter() - t_start
     done = totals()
     train_seconds = done["train_seconds"]
 
@@ -303,6 +304,8 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "train_seconds": train_seconds,  # every run of this fold (pieces, restarts after a failure) together
         "train_samples_per_s": done["samples"] / train_seconds if train_seconds > 0 else None,
         "fold_seconds": before.get("fold_seconds", 0.0) + time.perf_counter() - t_fold,  # load + train + predict
+        "last_run_seconds": time.perf_counter() - t_fold,  # this run alone (a fold in pieces: its last piece)
+        "last_run_train_seconds": run_train_seconds,
         "resumed_from_step": start_step,  # 0 unless this run continued from a checkpoint
         "precision": precision,
         "device": str(device),
