@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     # Ray is imported only once the config and data are known to be good.
-    from orchestrator import ray_folds
+    from orchestrator import ray_folds, schedule
     from orchestrator.reducer import ReduceError, fold_is_complete, format_table, reduce_run
 
     done = [k for k in folds if fold_is_complete(run_dir, k, rows)]
@@ -160,16 +160,16 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
             ray_folds.link_ray_logs(run_dir)
-            ray_folds.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
-        except ray_folds.ClusterError as e:
+            schedule.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
+        except schedule.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
         errors = {}
-        for phase_folds, phase_cfg, stops in ray_folds.plan_fold_phases(cfg, todo, resources):
+        for phase_folds, phase_cfg, stops in schedule.plan_fold_phases(cfg, todo, resources):
             phase_folds = [k for k in phase_folds if errors.get(k) is None]  # a fold that failed stays failed
             if not phase_folds:
                 continue
-            concurrency = ray_folds.plan_concurrency(phase_cfg, resources, len(phase_folds))
+            concurrency = schedule.plan_concurrency(phase_cfg, resources, len(phase_folds))
             c = phase_cfg.cluster
             where = (f"{c.gpus_per_fold} GPU(s) each" if c.gpus_per_fold else
                      f"{c.cpu_workers_per_fold} CPU worker(s) x {c.cpus_per_worker:g} CPUs each")

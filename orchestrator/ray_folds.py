@@ -8,15 +8,10 @@ calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. E
 
 from __future__ import annotations
 
-import collections
-import copy
 import logging
-import math
 import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 # Quieter, faster Ray on small machines; each can still be overridden from the environment.
@@ -40,21 +35,17 @@ import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
+from orchestrator.progress import Progress  # noqa: E402
+from orchestrator.schedule import TRIAL_DRIVER_CPU  # noqa: E402
 from trainer_core.config import Config, config_from_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
-ETA_WINDOW = 8  # progress reports per fold that its ETA is measured over
-TRIAL_DRIVER_CPU = 0.0  # a trial only waits on its TorchTrainer; its workers hold the real resources
 # A trial's driver, and with it the Ray Train controller (Ray places it on the driver's node), runs on the head node:
 # losing the head loses the cluster anyway (the GCS runs there), and losing any other node then costs only the Train
 # workers on it, which Ray Train restarts from the fold's last checkpoint. A driver on the lost node would take the
 # fold down for good ("the actor's node was terminated unexpectedly"). The custom resource also keeps Tune from
 # refusing an empty request. Tests: test_multinode.py.
 TRIAL_RESOURCES = {"cpu": TRIAL_DRIVER_CPU, "node:__internal_head__": 0.001}
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot run this config (e.g. a GPU config on a machine without GPUs)."""
 
 
 def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = None) -> dict:
@@ -87,95 +78,6 @@ def link_ray_logs(run_dir: Path) -> Path | None:
         link.unlink()
     link.symlink_to(session / "logs", target_is_directory=True)
     return link
-
-
-def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:
-    """How many folds can train at once on this cluster; ClusterError says why none can."""
-    c = cfg.cluster
-    if c.gpus_per_fold > 0:
-        gpus = int(resources.get("GPU", 0))
-        if gpus < c.gpus_per_fold:
-            raise ClusterError(
-                f"this config trains each fold on {c.gpus_per_fold} GPU(s) (cluster.gpus_per_fold="
-                f"{c.gpus_per_fold}), but the Ray cluster has {gpus} GPU(s). Run it on a GPU machine or join a GPU "
-                f"cluster with --address auto; a 4-bit Gemma-2 9B does not train on CPUs in any useful time.")
-        slots = gpus // c.gpus_per_fold
-        cpu_need = c.gpus_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
-    else:
-        cpu_need = c.cpu_workers_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
-        slots = int(resources.get("CPU", 0) // cpu_need)
-        if slots < 1:
-            raise ClusterError(f"one CPU fold needs {cpu_need:g} CPUs (cluster.cpu_workers_per_fold x "
-                               f"cluster.cpus_per_worker) but the cluster has {resources.get('CPU', 0):g}")
-    slots = min(slots, int(resources.get("CPU", 0) // cpu_need) or 1)
-    if c.max_concurrent_folds:
-        slots = min(slots, c.max_concurrent_folds)
-    return max(1, min(slots, n_folds))
-
-
-def plan_phases(folds: list[int], n_gpus: int, gpus_per_fold: int, pack: bool) -> list[tuple[list[int], int]]:
-    """[(folds, GPUs per fold), ...] run one after the other, minimising wall time on ``n_gpus`` GPUs.
-
-    Full waves run ``n_gpus // gpus_per_fold`` folds at once. The remainder (five folds on four GPUs leave one) would
-    otherwise run alone while the other GPUs idle; with ``pack`` it runs as a last phase whose folds split all the
-    GPUs between them (data-parallel inside each fold): five folds on four GPUs take about 1.25 fold-times, not 2."""
-    if gpus_per_fold == 0 or not pack:
-        return [(folds, gpus_per_fold)]
-    slots = max(1, n_gpus // gpus_per_fold)
-    if len(folds) % slots == 0:
-        return [(folds, gpus_per_fold)]
-    n_full = len(folds) - len(folds) % slots
-    rest = folds[n_full:]
-    share = max(gpus_per_fold, n_gpus // len(rest))
-    return ([(folds[:n_full], gpus_per_fold)] if n_full else []) + [(rest, share)]
-
-
-def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[int, float | None]]]:
-    """Round-robin pieces for ``folds`` on ``slots`` when they do not divide evenly: ``len(folds)`` phases, phase k
-    training the ``slots`` folds k, k+1, ... (cyclically), each for 1/slots of its steps. Every fold runs in exactly
-    ``slots`` phases, every slot is busy in every phase, so the wall time is len(folds)/slots fold-times (1.25 for five
-    on four) instead of ceil(len(folds)/slots). Returns [(phase folds, {fold: stop fraction, None = to the end})]."""
-    n = len(folds)
-    if slots >= n or n % slots == 0:
-        return [(folds, {})]
-    pieces_done = dict.fromkeys(folds, 0)
-    phases = []
-    for k in range(n):
-        members = [folds[(k + i) % n] for i in range(slots)]
-        stops: dict[int, float | None] = {}
-        for f in members:
-            pieces_done[f] += 1
-            stops[f] = None if pieces_done[f] == slots else pieces_done[f] / slots
-        phases.append((sorted(members), stops))
-    return phases
-
-
-def plan_fold_phases(cfg: Config, folds: list[int],
-                     resources: dict) -> list[tuple[list[int], Config, dict[int, float | None]]]:
-    """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
-    CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
-    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
-    c = cfg.cluster
-    if c.rotate_folds:
-        slots = (int(resources.get("GPU", 0)) // c.gpus_per_fold if c.gpus_per_fold > 0
-                 else plan_concurrency(cfg, resources, len(folds)))
-        if c.max_concurrent_folds:
-            slots = min(slots, c.max_concurrent_folds)
-        return [(f, cfg, stops) for f, stops in plan_rotation(folds, max(1, slots))]
-    if c.gpus_per_fold > 0:
-        plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
-    else:
-        slots = plan_concurrency(cfg, resources, len(folds))
-        plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
-    out = []
-    for phase_folds, units in plan:
-        phase_cfg = copy.deepcopy(cfg)
-        if c.gpus_per_fold > 0:
-            phase_cfg.cluster.gpus_per_fold = units
-        else:
-            phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
-        out.append((phase_folds, phase_cfg, {}))
-    return out
 
 
 def fold_worker(config: dict) -> dict:
@@ -242,85 +144,6 @@ def fold_trial(config: dict) -> None:
     trainer = build_trainer(cfg, config["fold"], Path(config["run_dir"]), callbacks=[TuneReportCallback()],
                             stop_at=stop_at)
     trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
-
-
-class Progress(ray.tune.Callback):
-    """One console line per fold report: step/total, loss, throughput, ETA; and an overall ETA."""
-
-    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout):
-        self.n_folds, self.concurrency = n_folds, concurrency
-        self.finished = 0
-        self.stream = stream
-        self.t0 = time.time()
-        self.state: dict[int, dict] = {}
-        self.recent: dict[int, collections.deque] = {}  # fold -> last (elapsed_s, step) pairs
-        self.last_print = 0.0
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        fold = trial.config.get("fold")
-        if result.get("paused"):  # a piece of a rotated schedule ended; the fold continues in a later phase
-            self.state.pop(fold, None)
-            self.recent.pop(fold, None)
-            self._line(f"fold {fold}: paused at step {result['step']}/{result['total_steps']} (checkpointed; "
-                       f"continues in a later phase)")
-            return
-        if result.get("done"):
-            self.state.pop(fold, None)
-            self.finished += 1
-            self._line(f"fold {fold}: done  log_loss {result['log_loss']:.4f}  accuracy {result['accuracy']:.4f}  "
-                       f"({result['train_seconds']:.0f}s training)")
-            return
-        if "step" not in result:
-            return
-        self.state[fold] = result
-        window = self.recent.setdefault(fold, collections.deque(maxlen=ETA_WINDOW))
-        if window and result["step"] <= window[-1][1]:  # the fold restarted from a checkpoint
-            window.clear()
-        window.append((result.get("elapsed_s", 0.0), result["step"]))
-        result["_s_per_step"] = self._s_per_step(result, window)
-        if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
-            return
-        self.last_print = time.time()
-        loss = f"  loss {result['train_loss']:.4f}" if "train_loss" in result else ""
-        sps = f"  {result['samples_per_s']:.1f} samples/s" if "samples_per_s" in result else ""
-        self._line(f"fold {fold}: step {result['step']}/{result['total_steps']}{loss}{sps}"
-                   f"  eta {_fmt_s(self._eta(result))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
-
-    @staticmethod
-    def _s_per_step(r: dict, window) -> float:
-        """Seconds per step over the last ``ETA_WINDOW`` reports, so one-off start-up costs (compilation, the first
-        batches) stop inflating the ETA once the window has moved past them; before that, the fold's average."""
-        if len(window) >= 2 and window[-1][1] > window[0][1]:
-            return (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
-        done = r["step"] - r.get("start_step", 0)
-        return r.get("elapsed_s", 0) / done if done > 0 else math.inf
-
-    @staticmethod
-    def _eta(r: dict) -> float:
-        return r.get("_s_per_step", math.inf) * (r["total_steps"] - r["step"])
-
-    def _overall_eta(self, trials) -> float:
-        """Longest running fold plus the not-yet-started folds in waves of ``concurrency`` (Tune creates trials lazily,
-        so they are counted from the total, not from ``trials``)."""
-        running = [self._eta(r) for r in self.state.values()]
-        not_started = max(0, self.n_folds - self.finished - len(running))
-        per_fold = [r["_s_per_step"] * r["total_steps"] for r in self.state.values()
-                    if math.isfinite(r.get("_s_per_step", math.inf))]
-        mean = sum(per_fold) / len(per_fold) if per_fold else 0.0
-        return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"fold {trial.config.get('fold')}: FAILED (details in {trial.local_path or 'the Ray logs'})")
-
-    def _line(self, text: str) -> None:
-        print(f"[{_fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)
-
-
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def state_api_available() -> bool:

@@ -148,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, steps: int, resumable: bool) -> int:
     # Ray is imported only once the config, space and data are known to be good.
     from orchestrator import leaderboard as lb
-    from orchestrator import ray_folds, ray_sweep
+    from orchestrator import ray_folds, ray_sweep, schedule
     from orchestrator.sweep_space import to_param_space
 
     total = n_trials(space, args.num_samples) if args.search == "random" else args.num_samples
     try:
         resources = ray_folds.init_ray(base.cluster.address, base.cluster.num_cpus)
-        concurrency = ray_folds.plan_concurrency(trial_base, resources, total)
-    except ray_folds.ClusterError as e:
+        concurrency = schedule.plan_concurrency(trial_base, resources, total)
+    except schedule.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     print(f"{'resuming' if resumable else 'starting'} sweep of {total} trials x folds {folds} on Ray "

@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator.ray_folds import ClusterError, plan_concurrency, plan_phases
+from orchestrator.schedule import ClusterError, plan_concurrency, plan_phases
 from trainer_core.config import Config
 
 
@@ -40,7 +40,7 @@ def test_concurrency_is_bounded_by_gpus_cpus_and_config():
 
 
 def test_cpu_folds_pack_the_last_wave_onto_more_threads():
-    from orchestrator.ray_folds import plan_fold_phases
+    from orchestrator.schedule import plan_fold_phases
 
     cfg = Config()  # CPU folds, 1 worker x 1 CPU
     phases = plan_fold_phases(cfg, [0, 1, 2, 3, 4], {"CPU": 2})
@@ -54,7 +54,7 @@ def test_cpu_folds_pack_the_last_wave_onto_more_threads():
 
 @pytest.mark.parametrize("n_folds,slots", [(5, 4), (5, 2), (5, 3), (7, 4), (3, 2)])
 def test_rotation_keeps_every_slot_busy_and_runs_each_fold_once_in_order(n_folds, slots):
-    from orchestrator.ray_folds import plan_rotation
+    from orchestrator.schedule import plan_rotation
 
     folds = list(range(10, 10 + n_folds))
     phases = plan_rotation(folds, slots)
@@ -69,7 +69,7 @@ def test_rotation_keeps_every_slot_busy_and_runs_each_fold_once_in_order(n_folds
 
 
 def test_rotation_is_only_used_when_folds_do_not_divide_evenly():
-    from orchestrator.ray_folds import plan_fold_phases, plan_rotation
+    from orchestrator.schedule import plan_fold_phases, plan_rotation
 
     assert plan_rotation([0, 1, 2, 3], 2) == [([0, 1, 2, 3], {})]
     assert plan_rotation([0, 1], 4) == [([0, 1], {})]

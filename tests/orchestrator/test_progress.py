@@ -5,7 +5,7 @@ import io
 import math
 from types import SimpleNamespace
 
-from orchestrator.ray_folds import ETA_WINDOW, Progress
+from orchestrator.progress import ETA_WINDOW, Progress
 
 
 def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 1000, start: int = 0) -> dict:

@@ -1,0 +1,103 @@
+"""How folds are placed on a Ray cluster: how many train at once, and in which phases (waves, a packed last wave, or
+round-robin pieces). Pure functions of the config and the cluster's resources; no Ray calls."""
+
+from __future__ import annotations
+
+import copy
+
+from trainer_core.config import Config
+
+TRIAL_DRIVER_CPU = 0.0  # a trial only waits on its TorchTrainer; its workers hold the real resources
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this config (e.g. a GPU config on a machine without GPUs)."""
+
+
+def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:
+    """How many folds can train at once on this cluster; ClusterError says why none can."""
+    c = cfg.cluster
+    if c.gpus_per_fold > 0:
+        gpus = int(resources.get("GPU", 0))
+        if gpus < c.gpus_per_fold:
+            raise ClusterError(
+                f"this config trains each fold on {c.gpus_per_fold} GPU(s) (cluster.gpus_per_fold="
+                f"{c.gpus_per_fold}), but the Ray cluster has {gpus} GPU(s). Run it on a GPU machine or join a GPU "
+                f"cluster with --address auto; a 4-bit Gemma-2 9B does not train on CPUs in any useful time.")
+        slots = gpus // c.gpus_per_fold
+        cpu_need = c.gpus_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
+    else:
+        cpu_need = c.cpu_workers_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
+        slots = int(resources.get("CPU", 0) // cpu_need)
+        if slots < 1:
+            raise ClusterError(f"one CPU fold needs {cpu_need:g} CPUs (cluster.cpu_workers_per_fold x "
+                               f"cluster.cpus_per_worker) but the cluster has {resources.get('CPU', 0):g}")
+    slots = min(slots, int(resources.get("CPU", 0) // cpu_need) or 1)
+    if c.max_concurrent_folds:
+        slots = min(slots, c.max_concurrent_folds)
+    return max(1, min(slots, n_folds))
+
+
+def plan_phases(folds: list[int], n_gpus: int, gpus_per_fold: int, pack: bool) -> list[tuple[list[int], int]]:
+    """[(folds, GPUs per fold), ...] run one after the other, minimising wall time on ``n_gpus`` GPUs.
+
+    Full waves run ``n_gpus // gpus_per_fold`` folds at once. The remainder (five folds on four GPUs leave one) would
+    otherwise run alone while the other GPUs idle; with ``pack`` it runs as a last phase whose folds split all the
+    GPUs between them (data-parallel inside each fold): five folds on four GPUs take about 1.25 fold-times, not 2."""
+    if gpus_per_fold == 0 or not pack:
+        return [(folds, gpus_per_fold)]
+    slots = max(1, n_gpus // gpus_per_fold)
+    if len(folds) % slots == 0:
+        return [(folds, gpus_per_fold)]
+    n_full = len(folds) - len(folds) % slots
+    rest = folds[n_full:]
+    share = max(gpus_per_fold, n_gpus // len(rest))
+    return ([(folds[:n_full], gpus_per_fold)] if n_full else []) + [(rest, share)]
+
+
+def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[int, float | None]]]:
+    """Round-robin pieces for ``folds`` on ``slots`` when they do not divide evenly: ``len(folds)`` phases, phase k
+    training the ``slots`` folds k, k+1, ... (cyclically), each for 1/slots of its steps. Every fold runs in exactly
+    ``slots`` phases, every slot is busy in every phase, so the wall time is len(folds)/slots fold-times (1.25 for five
+    on four) instead of ceil(len(folds)/slots). Returns [(phase folds, {fold: stop fraction, None = to the end})]."""
+    n = len(folds)
+    if slots >= n or n % slots == 0:
+        return [(folds, {})]
+    pieces_done = dict.fromkeys(folds, 0)
+    phases = []
+    for k in range(n):
+        members = [folds[(k + i) % n] for i in range(slots)]
+        stops: dict[int, float | None] = {}
+        for f in members:
+            pieces_done[f] += 1
+            stops[f] = None if pieces_done[f] == slots else pieces_done[f] / slots
+        phases.append((sorted(members), stops))
+    return phases
+
+
+def plan_fold_phases(cfg: Config, folds: list[int],
+                     resources: dict) -> list[tuple[list[int], Config, dict[int, float | None]]]:
+    """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
+    CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
+    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
+    c = cfg.cluster
+    if c.rotate_folds:
+        slots = (int(resources.get("GPU", 0)) // c.gpus_per_fold if c.gpus_per_fold > 0
+                 else plan_concurrency(cfg, resources, len(folds)))
+        if c.max_concurrent_folds:
+            slots = min(slots, c.max_concurrent_folds)
+        return [(f, cfg, stops) for f, stops in plan_rotation(folds, max(1, slots))]
+    if c.gpus_per_fold > 0:
+        plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
+    else:
+        slots = plan_concurrency(cfg, resources, len(folds))
+        plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
+    out = []
+    for phase_folds, units in plan:
+        phase_cfg = copy.deepcopy(cfg)
+        if c.gpus_per_fold > 0:
+            phase_cfg.cluster.gpus_per_fold = units
+        else:
+            phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
+        out.append((phase_folds, phase_cfg, {}))
+    return out
