@@ -10,7 +10,6 @@ Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -29,20 +28,18 @@ import torch.distributed as dist
 
 from trainer_core import metrics as M
 from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
-from trainer_core.config import Config, TrainConfig, to_yaml
+from trainer_core.config import Config
+from trainer_core.fold_state import load_checkpoint, save_checkpoint, write_fold_files
 from trainer_core.inference import predict_probs
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
 from trainer_core.modeling import (
     build_model,
     decoder_layer_count,
     enable_checkpointing,
-    load_trainable_state_dict,
     resolve_precision,
     trainable_parameters,
-    trainable_state_dict,
 )
-from trainer_core.optim import build_optimizer
-from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json, atomic_write_text
+from trainer_core.optim import build_optimizer, lr_at
 from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
@@ -59,19 +56,6 @@ class FoldResult:
     fold: int
     metrics: dict
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
-
-
-def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the configured decay to 0."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if t.schedule == "cosine":
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return t.lr * (1.0 - progress)
 
 
 def dist_info() -> tuple[int, int]:
@@ -100,33 +84,6 @@ def _gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -
     for idx, p in parts:
         out[idx] = p
     return out
-
-
-def _save_checkpoint(path: Path, model, optimizer, scaler, step: int, fingerprint: str, totals: dict) -> None:
-    torch.save(trainable_state_dict(model), path / "trainable.pt")
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), path / "scaler.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-               path / "rng.pt")
-    (path / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "totals": totals}))
-
-
-def _load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str) -> tuple[int, dict]:
-    """Restores model, optimizer, scaler and RNG state; returns (step, totals so far: seconds and samples spent by the
-    runs before this one)."""
-    state = json.loads((path / "state.json").read_text())
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"checkpoint {path} was written by a different config or fold; refusing to resume from it")
-    load_trainable_state_dict(model, torch.load(path / "trainable.pt", map_location="cpu"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt"))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return int(state["step"]), state.get("totals", {})
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
@@ -215,7 +172,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
 
     step, before = 0, {}
     if resume_from is not None:
-        step, before = _load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
+        step, before = load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
         log.info("fold %d: resumed at step %d/%d from %s", fold, step, total_steps, resume_from)
     telemetry = Telemetry(tb_dir if rank == 0 else None, device)
     ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{fold}-ckpt-")) if rank == 0 else None
@@ -271,7 +228,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         if do_ckpt and rank == 0:
             ckpt = ckpt_root / f"step={step:07d}"
             ckpt.mkdir()
-            _save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint, totals())
+            save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint, totals())
         if report is not None:
             report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
         if ckpt is not None:
@@ -329,17 +286,3 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     if report is not None:
         report({**result, "done": True}, None)
     return FoldResult(fold=fold, metrics=result, oof=oof)
-
-
-def write_fold_files(out_dir: Path, cfg: Config, model, tok, oof: pd.DataFrame, result: dict) -> None:
-    """Each file atomically, ``metrics.json`` last: it marks the fold as complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def save_adapter(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-
-    atomic_write_dir(out_dir / "adapter", save_adapter)
-    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    atomic_write(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
-    atomic_write_json(out_dir / "metrics.json", result)

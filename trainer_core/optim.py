@@ -1,8 +1,10 @@
-"""Optimizer: bitsandbytes' 8-bit AdamW where it runs, torch AdamW (with a logged reason) where it doesn't."""
+"""Optimizer and learning-rate schedule: bitsandbytes' 8-bit AdamW where it runs, torch AdamW (with a logged reason)
+where it doesn't; linear warmup, then linear, cosine or constant."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -26,3 +28,16 @@ def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device: to
         log.warning("train.optimizer=%s is unavailable here (%s: %s); using torch.optim.AdamW (32-bit states)",
                     t.optimizer, type(e).__name__, e)
         return torch.optim.AdamW(params, **kw)
+
+
+def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the configured decay to 0."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if t.schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr * (1.0 - progress)

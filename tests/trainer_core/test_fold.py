@@ -12,8 +12,9 @@ from tests.conftest import CONFIGS, DATA
 from trainer_core.batching import epoch_batches, padding_waste, rank_slice
 from trainer_core.config import TrainConfig, load_config, validate
 from trainer_core.data import assign_folds, load_rows
-from trainer_core.fold import lr_at, train_fold
+from trainer_core.fold import train_fold
 from trainer_core.metrics import log_loss
+from trainer_core.optim import lr_at
 
 
 @pytest.fixture(scope="module")
