@@ -69,6 +69,17 @@ def print_table(rows: list[dict], device_name: str) -> None:
               f"{r['checkpointing']}")
 
 
+def short_error(e: Exception) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for a setup recorded as failed."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def numerics_text(num: dict) -> str:
+    return (f"max |logit diff| {num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
+            f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
@@ -90,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         # fp16 autocast and loss scaling are GPU features; on the CPU both setups run fp32 (the comparison then
         # measures recomputation, frozen-layer backward and length grouping only).
         seed.precision = "fp32"
+    variant_setups = [our_setup(cfg, device, overrides, f"ours+{spec}") for spec, overrides in variants]
     plan = [] if args.no_seed else [(seed, None, not args.no_mixed)]
     plan.append((ours, None, not args.no_mixed))
-    for spec, overrides in variants:
-        plan.append((our_setup(cfg, device, overrides, f"ours+{spec}"), None, not args.no_mixed))
+    plan += [(v, None, not args.no_mixed) for v in variant_setups]
     if args.budget_gib:
         capped = our_setup(cfg, device)
         capped.name = f"ours@{args.budget_gib:g}G"
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:  # recorded; the other setups still run
             free_cuda(device)
             rows.append({"setup": setup.name, "oom": isinstance(e, torch.OutOfMemoryError), "failed": True,
-                         "budget_gib": budget, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+                         "budget_gib": budget, "error": short_error(e)})
         print(json.dumps(rows[-1]), flush=True)  # each row as soon as it exists
     ok = {r["setup"]: r for r in rows if not r.get("failed")}
     print_table(list(ok.values()), device_name)
@@ -123,23 +134,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['mixed_ratio']:.2f}")
         num = compare_numerics(cfg, seed, ours, device)
         result["numerics"] = num
-        print(f"numerics, ours vs seed setup (same weights, one batch): max |logit diff| "
-              f"{num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
-              f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%})")
-    for spec, overrides in variants:
-        name = f"ours+{spec}"
-        if "ours" not in ok or name not in ok:
+        print(f"numerics, ours vs seed setup (same weights, one batch): {numerics_text(num)}")
+    for variant in variant_setups:
+        if "ours" not in ok or variant.name not in ok:
             continue
         try:
-            num = compare_numerics(cfg, ours, our_setup(cfg, device, overrides, name), device)
+            num = compare_numerics(cfg, ours, variant, device)
         except (RuntimeError, ValueError) as e:
             free_cuda(device)
-            num = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        ok[name]["numerics_vs_ours"] = num
-        print(f"{name}: {ok[name]['samples_per_s'] / ok['ours']['samples_per_s']:.2f}x ours; numerics vs ours: "
-              + (num["error"] if "error" in num else f"max |logit diff| {num['max_abs_logit_diff']:.4g} "
-                 f"({num['rel_logit_diff']:.2%}), loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} "
-                 f"({num['rel_loss_diff']:.2%})"), flush=True)
+            num = {"error": short_error(e)}
+        ok[variant.name]["numerics_vs_ours"] = num
+        print(f"{variant.name}: {ok[variant.name]['samples_per_s'] / ok['ours']['samples_per_s']:.2f}x ours; "
+              f"numerics vs ours: {num['error'] if 'error' in num else numerics_text(num)}", flush=True)
     if args.profile:
         try:
             prof = profile_setup(cfg, ours, device)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prof["table"])
         except (RuntimeError, ValueError) as e:
             free_cuda(device)
-            print(f"profile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"profile failed: {short_error(e)}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -18,7 +18,13 @@ import torch
 from trainer_core.batching import collate, epoch_batches, padding_waste
 from trainer_core.config import Config, apply_overrides
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
-from trainer_core.modeling import build_model, decoder_layer_count, enable_checkpointing, trainable_parameters
+from trainer_core.modeling import (
+    build_model,
+    decoder_layer_count,
+    enable_checkpointing,
+    resolve_precision,
+    trainable_parameters,
+)
 from trainer_core.optim import build_optimizer
 from trainer_core.step import make_autocast, train_step
 
@@ -32,6 +38,7 @@ class Setup:
     precision: str            # resolved: bf16 / fp16 / fp32
     checkpointing: str        # reentrant / on / off / auto
     attn_implementation: str | None
+    compile: str              # off / on / dynamic
     batch_size: int
     grad_accum: int
     group_by_length: bool
@@ -42,18 +49,23 @@ class Setup:
 def seed_setup(cfg: Config) -> Setup:
     """The seed notebook: fp16, the library's default attention, peft's default (reentrant) checkpointing through
     every layer, batch 4, 8-bit AdamW, no length grouping."""
-    return Setup("seed", "fp16", "reentrant", None, 4, 1, False, "adamw_8bit")
+    return Setup("seed", "fp16", "reentrant", None, "off", 4, 1, False, "adamw_8bit")
 
 
 def our_setup(cfg: Config, device: torch.device, overrides: dict | None = None, name: str = "ours") -> Setup:
     """The project's fold training setup as ``cfg`` (plus ``overrides``, a variant to compare) configures it."""
-    from trainer_core.modeling import resolve_precision
-
     overrides = dict(overrides or {})
     c = apply_overrides(cfg, overrides)
     return Setup(name, resolve_precision(c.train.precision, device), c.model.gradient_checkpointing,
-                 c.model.attn_implementation, c.train.batch_size, c.train.grad_accum, True, c.train.optimizer,
-                 overrides)
+                 c.model.attn_implementation, c.model.compile, c.train.batch_size, c.train.grad_accum, True,
+                 c.train.optimizer, overrides)
+
+
+def setup_config(cfg: Config, setup: Setup) -> Config:
+    """``cfg`` as ``setup`` runs it: its overrides applied, its attention and compilation in the model section."""
+    out = apply_overrides(cfg, setup.overrides)
+    out.model.attn_implementation, out.model.compile = setup.attn_implementation, setup.compile
+    return out
 
 
 def arena_like_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
@@ -92,15 +104,11 @@ def _sync(device: torch.device) -> None:
 
 
 def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, budget_gib: float | None):
-    """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, the same way fold.py builds them."""
-    cfg = apply_overrides(cfg, setup.overrides)
-    mcfg = copy.deepcopy(cfg.model)
-    mcfg.attn_implementation = setup.attn_implementation
-    if setup.name == "seed":
-        mcfg.compile = "off"
+    """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, the same way fold.py builds them;
+    ``cfg`` is the setup's own (:func:`setup_config`)."""
     torch.manual_seed(cfg.train.seed)
     ckpt = "off" if setup.checkpointing == "auto" else setup.checkpointing
-    model = build_model(mcfg, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
                         seed=cfg.train.seed, checkpointing=ckpt)
     micro, accum, plan_text = setup.batch_size, setup.grad_accum, setup.checkpointing
     if setup.checkpointing == "auto":
@@ -143,7 +151,7 @@ def time_steps(model, params, optimizer, scaler, batches: list, accum: int, auto
 def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, warmup: int,
               budget_gib: float | None = None, mixed: bool = True) -> dict:
     """Benchmark one setup at full length (max_length every row) and on the arena-like length mix."""
-    cfg = apply_overrides(cfg, setup.overrides)
+    cfg = setup_config(cfg, setup)
     seq_len = cfg.data.max_length
     start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
@@ -188,7 +196,7 @@ def profile_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int
     Returns wall and device-busy seconds per step and the ``top`` operators by self device time (a table string)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = apply_overrides(cfg, setup.overrides)
+    cfg = setup_config(cfg, setup)
     model, params, optimizer, scaler, micro, accum, _ = build_for(cfg, setup, device, cfg.data.max_length, None)
     autocast = make_autocast(setup.precision, device)
     n = (steps + warmup) * accum
@@ -227,7 +235,7 @@ def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows
     out = {}
     seq_len = min(cfg.data.max_length, 256)
     for setup in (a, b):
-        model, *_ = build_for(cfg, setup, device, seq_len, None)
+        model, *_ = build_for(setup_config(cfg, setup), setup, device, seq_len, None)
         model.eval()
         batch = _synthetic_batches(arena_like_lengths(rows, seq_len, 3), rows, False, model.config.vocab_size,
                                    device, 1, 3)[0]
