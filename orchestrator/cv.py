@@ -178,8 +178,7 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
             print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
                   f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time{pieces}; run directory "
                   f"{run_dir}")
-            errors.update({k: e for k, e in ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency,
-                                                               stops).items() if errors.get(k) is None})
+            errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency, stops))
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

@@ -22,18 +22,18 @@ class Progress(ray.tune.Callback):
         self.t0 = time.time()
         self.state: dict[int, dict] = {}
         self.recent: dict[int, collections.deque] = {}  # fold -> last (elapsed_s, step) pairs
+        self.pace: dict[int, float] = {}  # fold -> seconds per step, from ``recent``
         self.last_print = 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         fold = trial.config.get("fold")
         if result.get("paused"):  # a piece of a rotated schedule ended; the fold continues in a later phase
-            self.state.pop(fold, None)
-            self.recent.pop(fold, None)
+            self._forget(fold)
             self._line(f"fold {fold}: paused at step {result['step']}/{result['total_steps']} (checkpointed; "
                        f"continues in a later phase)")
             return
         if result.get("done"):
-            self.state.pop(fold, None)
+            self._forget(fold)
             self.finished += 1
             self._line(f"fold {fold}: done  log_loss {result['log_loss']:.4f}  accuracy {result['accuracy']:.4f}  "
                        f"({result['train_seconds']:.0f}s training)")
@@ -45,14 +45,14 @@ class Progress(ray.tune.Callback):
         if window and result["step"] <= window[-1][1]:  # the fold restarted from a checkpoint
             window.clear()
         window.append((result.get("elapsed_s", 0.0), result["step"]))
-        result["_s_per_step"] = self._s_per_step(result, window)
+        self.pace[fold] = self._s_per_step(result, window)
         if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
             return
         self.last_print = time.time()
         loss = f"  loss {result['train_loss']:.4f}" if "train_loss" in result else ""
         sps = f"  {result['samples_per_s']:.1f} samples/s" if "samples_per_s" in result else ""
         self._line(f"fold {fold}: step {result['step']}/{result['total_steps']}{loss}{sps}"
-                   f"  eta {_fmt_s(self._eta(result))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
+                   f"  eta {_fmt_s(self.eta(fold))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
 
     @staticmethod
     def _s_per_step(r: dict, window) -> float:
@@ -63,17 +63,21 @@ class Progress(ray.tune.Callback):
         done = r["step"] - r.get("start_step", 0)
         return r.get("elapsed_s", 0) / done if done > 0 else math.inf
 
-    @staticmethod
-    def _eta(r: dict) -> float:
-        return r.get("_s_per_step", math.inf) * (r["total_steps"] - r["step"])
+    def eta(self, fold: int) -> float:
+        """Seconds until ``fold`` finishes at its recent pace."""
+        r = self.state[fold]
+        return self.pace[fold] * (r["total_steps"] - r["step"])
+
+    def _forget(self, fold: int) -> None:
+        for d in (self.state, self.recent, self.pace):
+            d.pop(fold, None)
 
     def _overall_eta(self, trials) -> float:
         """Longest running fold plus the not-yet-started folds in waves of ``concurrency`` (Tune creates trials lazily,
         so they are counted from the total, not from ``trials``)."""
-        running = [self._eta(r) for r in self.state.values()]
+        running = [self.eta(f) for f in self.state]
         not_started = max(0, self.n_folds - self.finished - len(running))
-        per_fold = [r["_s_per_step"] * r["total_steps"] for r in self.state.values()
-                    if math.isfinite(r.get("_s_per_step", math.inf))]
+        per_fold = [self.pace[f] * r["total_steps"] for f, r in self.state.items() if math.isfinite(self.pace[f])]
         mean = sum(per_fold) / len(per_fold) if per_fold else 0.0
         return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
 

@@ -43,7 +43,8 @@ def plan_phases(folds: list[int], n_gpus: int, gpus_per_fold: int, pack: bool) -
 
     Full waves run ``n_gpus // gpus_per_fold`` folds at once. The remainder (five folds on four GPUs leave one) would
     otherwise run alone while the other GPUs idle; with ``pack`` it runs as a last phase whose folds split all the
-    GPUs between them (data-parallel inside each fold): five folds on four GPUs take about 1.25 fold-times, not 2."""
+    GPUs between them (data-parallel inside each fold): with perfect data-parallel scaling five folds on four GPUs
+    would take 1.25 fold-times, not 2 (measured with a batch of 4: 1.91, docs/PERFORMANCE.md)."""
     if gpus_per_fold == 0 or not pack:
         return [(folds, gpus_per_fold)]
     slots = max(1, n_gpus // gpus_per_fold)
@@ -82,11 +83,7 @@ def plan_fold_phases(cfg: Config, folds: list[int],
     ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
     c = cfg.cluster
     if c.rotate_folds:
-        slots = (int(resources.get("GPU", 0)) // c.gpus_per_fold if c.gpus_per_fold > 0
-                 else plan_concurrency(cfg, resources, len(folds)))
-        if c.max_concurrent_folds:
-            slots = min(slots, c.max_concurrent_folds)
-        return [(f, cfg, stops) for f, stops in plan_rotation(folds, max(1, slots))]
+        return [(f, cfg, stops) for f, stops in plan_rotation(folds, plan_concurrency(cfg, resources, len(folds)))]
     if c.gpus_per_fold > 0:
         plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
     else:

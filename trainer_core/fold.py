@@ -260,7 +260,7 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
         "steps": step,
         "train_seconds": train_seconds,  # every run of this fold (pieces, restarts after a failure) together
         "train_samples_per_s": done["samples"] / train_seconds if train_seconds > 0 else None,
-        "fold_seconds": before.get("fold_seconds", 0.0) + time.perf_counter() - t_fold,  # load + train + predict
+        "fold_seconds": totals()["fold_seconds"],  # load + train + predict, every run of this fold
         "last_run_seconds": time.perf_counter() - t_fold,  # this run alone (a fold in pieces: its last piece)
         "last_run_train_seconds": run_train_seconds,
         "resumed_from_step": start_step,  # 0 unless this run continued from a checkpoint
