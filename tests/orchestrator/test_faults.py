@@ -1,6 +1,7 @@
 """Faults injected for real: a Ray Train worker killed by pid mid-fold, and a whole run interrupted and resumed.
 Each ends with a complete, correct OOF file."""
 
+import contextlib
 import json
 import os
 import signal
@@ -62,6 +63,25 @@ def kill_run(proc):
             pass
 
 
+@contextlib.contextmanager
+def cleaned_up(proc):
+    """Whatever happens inside, the run and its Ray processes are gone afterwards."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
+
+
+def check_fold_resumed(proc, stdout, out, fold, steps):
+    """The run ended well after a fault: exit 0, the fold trained all its steps, having resumed from a checkpoint,
+    and the OOF file holds each of its ids once."""
+    assert proc.returncode == 0, stdout[-4000:]
+    metrics = json.loads((out / f"fold={fold}" / "metrics.json").read_text())
+    assert metrics["steps"] == steps and metrics["resumed_from_step"] >= 5, stdout[-3000:]
+    check_oof(out, {fold})
+
+
 def check_oof(out, folds):
     oof = pd.read_parquet(out / "oof.parquet")
     ids = pd.read_csv(DATA, usecols=["id"]).head(60)["id"]
@@ -72,33 +92,24 @@ def check_oof(out, folds):
 def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
     out = tmp_path / "kill"
     proc = start_cv(out, "1", "train.max_steps=200")  # long enough to be killed mid-way
-    try:
+    with cleaned_up(proc):
         wait_for(lambda: checkpoints(out, 1), 240, "the first checkpoint", proc)
         victims = train_workers(proc.pid)
         assert victims, "no Ray Train worker process found"
         for v in victims:
             os.kill(v.pid, signal.SIGKILL)
         stdout, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            kill_run(proc)
-    assert proc.returncode == 0, stdout[-4000:]
-    metrics = json.loads((out / "fold=1" / "metrics.json").read_text())
-    assert metrics["steps"] == 200 and metrics["resumed_from_step"] >= 5, stdout[-3000:]
-    check_oof(out, {1})
+    check_fold_resumed(proc, stdout, out, fold=1, steps=200)
 
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "resume"
     proc = start_cv(out, "0,3")
-    try:
+    with cleaned_up(proc):
         wait_for(lambda: checkpoints(out, 0) or checkpoints(out, 3), 240, "a checkpoint", proc)
         kill_run(proc)  # driver, Ray and workers: the whole run dies at once
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            kill_run(proc)
     assert not (out / "report.json").exists()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--out",
                           str(out), "--folds", "0,3", *SLOW_FOLD], cwd=REPO, capture_output=True, text=True,

@@ -6,7 +6,6 @@ must end with exit code 0, a complete OOF file and a fold that resumed from its 
 The cluster is this test's own: a temporary ``--temp-dir``, ports picked free for every process, and a marker in the
 environment of every process it starts, so teardown kills exactly those processes and nothing else."""
 
-import json
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ import psutil
 import pytest
 from ray.util.state import list_actors, list_nodes
 
-from tests.orchestrator.test_faults import check_oof, checkpoints, kill_run, start_cv, wait_for
+from tests.orchestrator.test_faults import check_fold_resumed, checkpoints, cleaned_up, start_cv, wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))
 MARK = "ORCHESTRATOR_TEST_RAY_CLUSTER"  # set in every process of the test cluster (inherited by raylets' workers)
@@ -158,7 +157,7 @@ def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, clust
 
     out = tmp_path / "multinode"
     proc = start_cv(out, "1", "--address", cluster.address, "train.max_steps=200")
-    try:
+    with cleaned_up(proc):
         wait_for(lambda: checkpoints(out, 1), 240, "fold 1's first checkpoint", proc)
         # The fold's Train worker is on node b (the only node with CPUs), its trial driver and Train controller on
         # the head (ray_folds.TRIAL_RESOURCES), and the worker's pid is one of node b's processes.
@@ -176,13 +175,7 @@ def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, clust
 
         cluster.add_worker_node("b2")  # the same resources come back on a new node
         stdout, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            kill_run(proc)
-    assert proc.returncode == 0, stdout[-4000:]
-    metrics = json.loads((out / "fold=1" / "metrics.json").read_text())
-    assert metrics["steps"] == 200 and metrics["resumed_from_step"] >= 5, stdout[-3000:]
-    check_oof(out, {1})
+    check_fold_resumed(proc, stdout, out, fold=1, steps=200)
     # the restarted worker ran on the replacement node
     nodes_now = {n.node_id for n in cluster.alive_nodes()} - {head}
     assert {w.node_id for w in actors(cluster, class_name="RayTrainWorker")} & nodes_now, stdout[-3000:]
