@@ -18,6 +18,7 @@ from trainer_core.paths import resolve_model_path
 SEGMENT_PREFIXES = ("<prompt>: ", "\n\n<response_a>: ", "\n\n<response_b>: ")
 CUT_MARGIN_TOKENS = 16  # tokens past the budget tokenized before a cut text is trusted (see tokenize_bounded)
 FIRST_CUT_CHARS_PER_TOKEN = 8  # first character bound per token needed; doubled for rows where it was too few
+TOKENIZE_CHUNK = 64  # texts per tokenizer call: a fast tokenizer keeps offsets and token strings for every token
 
 
 def format_text(prompt: str, response_a: str, response_b: str) -> str:
@@ -96,23 +97,26 @@ def part_budgets(lengths: list[int], budget: int, prompt_share: float | None = N
 
 
 def tokenize_bounded(tok, texts: list[str], need: int, from_end: bool = False) -> list[list[int]]:
-    """Token ids of each text whose first ``need`` tokens (last, with ``from_end``) are those of tokenizing the whole
-    text, without tokenizing a huge text whole: a text is cut to a character bound first (at whitespace, so no word is
-    cut in two), and the bound doubles for the rows whose cut gave fewer than ``need + CUT_MARGIN_TOKENS`` tokens. The
-    margin keeps the kept tokens clear of the cut, where a tokenizer may still merge differently (a run of spaces, a
-    word longer than the window). A list may hold more than ``need`` tokens."""
-    out: list[list[int] | None] = [None] * len(texts)
+    """The first ``need`` token ids of each text (the last, with ``from_end``; all of them when it has fewer) - the
+    same as tokenizing the whole text and cutting - without tokenizing a huge text whole: a text is cut to a character
+    bound first (at whitespace, so no word is cut in two), and the bound doubles for the rows whose cut gave fewer
+    than ``need + CUT_MARGIN_TOKENS`` tokens. The margin keeps the kept tokens clear of the cut, where a tokenizer may
+    still merge differently (a run of spaces, a word longer than the window). Texts go through the tokenizer
+    TOKENIZE_CHUNK at a time, so memory holds one chunk's full token lists, not every row's."""
+    out: list[list[int]] = [[] for _ in texts]
     todo, chars = list(range(len(texts))), (need + CUT_MARGIN_TOKENS) * FIRST_CUT_CHARS_PER_TOKEN
     while todo:
-        cut = [_cut_at_whitespace(texts[i], chars, from_end) for i in todo]
-        ids = tok(cut, add_special_tokens=False)["input_ids"] if cut else []
         retry = []
-        for i, piece, piece_ids in zip(todo, cut, ids):
-            whole = len(piece) == len(texts[i])
-            if whole or len(piece_ids) >= need + CUT_MARGIN_TOKENS:
-                out[i] = piece_ids
-            else:
-                retry.append(i)
+        for start in range(0, len(todo), TOKENIZE_CHUNK):
+            chunk = todo[start:start + TOKENIZE_CHUNK]
+            cut = [_cut_at_whitespace(texts[i], chars, from_end) for i in chunk]
+            ids = tok(cut, add_special_tokens=False, return_attention_mask=False,
+                      return_token_type_ids=False)["input_ids"]
+            for i, piece, piece_ids in zip(chunk, cut, ids):
+                if len(piece) == len(texts[i]) or len(piece_ids) >= need + CUT_MARGIN_TOKENS:
+                    out[i] = piece_ids[-need:] if from_end else piece_ids[:need]
+                else:
+                    retry.append(i)
         todo, chars = retry, chars * 2
     return out
 
@@ -142,9 +146,10 @@ def encode_rows(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> l
     if data_cfg.truncation in ("end", "left"):
         texts = [format_text(p, a, b) for p, a, b in zip(df["prompt"], df["response_a"], df["response_b"])]
         left = data_cfg.truncation == "left"
-        content = [ids[-budget:] if left else ids[:budget] for ids in tokenize_bounded(tok, texts, budget, left)]
+        content = tokenize_bounded(tok, texts, budget, left)
     else:
-        # each part is cut at the whole budget (the most it can get), so the shares match those of the whole parts
+        # A part can get at most the whole budget, and lengths past it do not change the shares (part_budgets), so
+        # each part is tokenized only that far.
         parts = [
             tokenize_bounded(tok, [pre + t for t in df[col]], budget)
             for pre, col in zip(SEGMENT_PREFIXES, ("prompt", "response_a", "response_b"))
