@@ -18,6 +18,7 @@ from trainer_core.paths import resolve_model_path
 SEGMENT_PREFIXES = ("<prompt>: ", "\n\n<response_a>: ", "\n\n<response_b>: ")
 CUT_MARGIN_TOKENS = 16  # tokens past the budget tokenized before a cut text is trusted (see tokenize_bounded)
 FIRST_CUT_CHARS_PER_TOKEN = 8  # first character bound per token needed; doubled for rows where it was too few
+ENCODE_BLOCK = 1024  # rows formatted at a time
 TOKENIZE_CHUNK = 64  # texts per tokenizer call: a fast tokenizer keeps offsets and token strings for every token
 
 
@@ -137,28 +138,33 @@ def _cut_at_whitespace(text: str, chars: int, from_end: bool) -> str:
 
 def encode_rows(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> list[list[int]]:
     """Token ids for every row of ``df`` (columns prompt/response_a/response_b), at most ``max_length`` each; the
-    same ids as tokenizing each text whole and truncating, without tokenizing more than the budget needs."""
+    same ids as tokenizing each text whole and truncating, without tokenizing more than the budget needs. Rows go
+    ENCODE_BLOCK at a time, so the formatted texts exist for one block, not for the whole file."""
     prefix, suffix = _special_wrap(tok)
     eos = [tok.eos_token_id] if add_eos and tok.eos_token_id is not None and suffix[-1:] != [tok.eos_token_id] else []
     budget = data_cfg.max_length - len(prefix) - len(suffix) - len(eos)
     if budget < 3:
         raise ValueError(f"data.max_length={data_cfg.max_length} leaves no room for text after special tokens")
+    out = []
+    for start in range(0, len(df), ENCODE_BLOCK):
+        block = df.iloc[start:start + ENCODE_BLOCK]
+        out += [prefix + c + suffix + eos for c in _encode_content(block, tok, data_cfg, budget)]
+    return out
+
+
+def _encode_content(df: pd.DataFrame, tok, data_cfg: DataConfig, budget: int) -> list[list[int]]:
     if data_cfg.truncation in ("end", "left"):
         texts = [format_text(p, a, b) for p, a, b in zip(df["prompt"], df["response_a"], df["response_b"])]
-        left = data_cfg.truncation == "left"
-        content = tokenize_bounded(tok, texts, budget, left)
-    else:
-        # A part can get at most the whole budget, and lengths past it do not change the shares (part_budgets), so
-        # each part is tokenized only that far.
-        parts = [
-            tokenize_bounded(tok, [pre + t for t in df[col]], budget)
-            for pre, col in zip(SEGMENT_PREFIXES, ("prompt", "response_a", "response_b"))
-        ]
-        content = []
-        for segs in zip(*parts):
-            take = part_budgets([len(s) for s in segs], budget, data_cfg.prompt_share)
-            content.append([t for s, n in zip(segs, take) for t in s[:n]])
-    return [prefix + c + suffix + eos for c in content]
+        return tokenize_bounded(tok, texts, budget, from_end=data_cfg.truncation == "left")
+    # A part can get at most the whole budget, and lengths past it do not change the shares (part_budgets), so each
+    # part is tokenized only that far.
+    parts = [tokenize_bounded(tok, [pre + t for t in df[col]], budget)
+             for pre, col in zip(SEGMENT_PREFIXES, ("prompt", "response_a", "response_b"))]
+    content = []
+    for segs in zip(*parts):
+        take = part_budgets([len(s) for s in segs], budget, data_cfg.prompt_share)
+        content.append([t for s, n in zip(segs, take) for t in s[:n]])
+    return content
 
 
 def save_tokenizer(tok, out_dir: str | Path) -> None:
