@@ -10,7 +10,8 @@ Example::
 
 The tokenizer defaults to the built-in byte tokenizer (one token per UTF-8 byte: the most tokens per character, so
 the most work per row); ``--tokenizer`` takes any local tokenizer folder or ``pkg:`` path (Gemma's needs its weights'
-download). ``--whole`` also times the old way - every text tokenized whole, then truncated - for comparison.
+download). ``--whole`` also times the old way - every text tokenized whole, then truncated - for comparison (in
+chunks: in one call, as the old code did, it needs tens of GiB on the full file).
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def timed(label: str, fn, figures: list):
     return out
 
 
-def tokenize_whole(rows, tok, max_length: int) -> list[list[int]]:
-    """The old end truncation: each joined text tokenized whole, then cut."""
-    texts = [format_text(p, a, b) for p, a, b in zip(rows["prompt"], rows["response_a"], rows["response_b"])]
-    return [ids[:max_length] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+def tokenize_whole(rows, tok, max_length: int, chunk: int = 64) -> list[list[int]]:
+    """The old end truncation - each joined text tokenized whole, then cut - but 64 texts per call: the old code's one
+    call for every row was killed by the OOM killer at 22 GiB on the 57,477-row file (docs/PERFORMANCE.md)."""
+    out = []
+    for start in range(0, len(rows), chunk):
+        part = rows.iloc[start:start + chunk]
+        texts = [format_text(p, a, b) for p, a, b in zip(part["prompt"], part["response_a"], part["response_b"])]
+        out += [ids[:max_length] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="config whose data.* section (max_length, truncation, n_folds) is used "
                         "(default configs/gemma2_9b_qlora.yaml: 1,024 tokens, end truncation)")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a tokenizer folder / pkg: path")
-    p.add_argument("--whole", action="store_true", help="also time tokenizing every text whole (the old way)")
+    p.add_argument("--whole", action="store_true",
+                   help="also time tokenizing every text whole, then cutting (the old way, in chunks of 64 texts)")
+    p.add_argument("--max-rows", type=int, default=None, help="use only the first N rows")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.truncation=balanced")
     args = p.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, f"model.tokenizer={args.tokenizer}"])
@@ -67,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
           f"truncation={cfg.data.truncation}, tokenizer {args.tokenizer}; {platform.processor() or platform.machine()},"
           f" python {platform.python_version()}")
     figures: list = []
-    data = timed("load + validate (read, JSON, ids, labels, UTF-8)", lambda: load_dataset(args.data), figures)
+    data = timed("load + validate (read, JSON, ids, labels, UTF-8)",
+                 lambda: load_dataset(args.data, max_rows=args.max_rows), figures)
     rows = data.rows
     print(f"  {len(rows):,} rows; {len(data.repaired_ids)} repaired (U+FFFD); "
           f"{rows['prompt'].duplicated().sum():,} rows repeat an earlier prompt")
