@@ -36,6 +36,7 @@ from trainer_core.batching import planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
 from trainer_core.paths import atomic_write, atomic_write_json
+from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         base = resolve_config(args)
+        check_weights(base.model)  # model and tokenizer found (or downloaded) before anything is written
         space = load_space(args.space, base, args.search)
         folds = parse_folds(args.folds, base.data.n_folds)
         rows = assign_folds(load_rows(base.data.path, max_rows=base.data.max_rows), base.data.n_folds)
-    except (ConfigError, SpaceError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SpaceError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -123,7 +123,8 @@ def _from_hub(name: str, what: set[str], key: str) -> Located:
     if constants.HF_HUB_OFFLINE:
         raise WeightsError(f"{key}: {name} {gap} ({cache}) and HF_HUB_OFFLINE is set: download it first with {get} "
                            f"(or point {key} at a local folder)")
-    log.info("%s: downloading %s from the Hugging Face Hub into %s (once; later runs use the cache)", key, name, cache)
+    log.info("%s: %s %s: fetching it from the Hugging Face Hub into %s (once; later runs use the cache)", key, name,
+             gap, cache)
     try:
         snap = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # noqa: BLE001 - every failure becomes one line that says what to do

@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, DATA
-from tests.tiny_gemma import save_prequantized_gemma2
 from trainer_core.config import ModelConfig, load_config, validate
 from trainer_core.data import assign_folds, load_rows
 from trainer_core.weights import WeightsError, check_weights
 
 
-@pytest.fixture(scope="module")
-def nf4_dir(tmp_path_factory):
-    return save_prequantized_gemma2(tmp_path_factory.mktemp("gemma2-tiny-bnb-4bit"))
+@pytest.fixture
+def nf4_dir(nf4_gemma2_dir):
+    return nf4_gemma2_dir
 
 
 @pytest.fixture
