@@ -32,7 +32,7 @@ from pathlib import Path
 
 from orchestrator.cv import REPO_ROOT, file_sha256, resolve_config
 from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fingerprint
-from trainer_core.batching import planned_steps
+from trainer_core.batching import per_rank_batch, planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
 from trainer_core.paths import atomic_write, atomic_write_json
@@ -73,7 +73,7 @@ def auto_eval_every(cfg, rows, folds: list[int]) -> tuple[int, int]:
     world = c.gpus_per_fold if c.gpus_per_fold > 0 else c.cpu_workers_per_fold
     n_train = min(int((rows["fold"] != k).sum()) for k in folds)
     t = cfg.train
-    steps = planned_steps(n_train, t.batch_size, world, t.epochs, t.grad_accum, t.max_steps)[1]
+    steps = planned_steps(n_train, per_rank_batch(t.batch_size, world), world, t.epochs, t.grad_accum, t.max_steps)[1]
     return steps, max(1, math.ceil(steps / EVALS_PER_FOLD))
 
 
