@@ -229,13 +229,17 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Only the trained tensors (adapters and head): a few MB where the full model is many GB."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
+    """Only the trained tensors (adapters and head): a few MB where the full model is many GB. Read from the parameters,
+    not ``model.state_dict()``: that would serialise every quantized layer, and bitsandbytes' state-dict hook on the
+    CPU rewrites a 4-bit weight's layout in place, so the rank that saves a checkpoint would predict differently."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"checkpoint has tensors the model lacks: {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params or not params[k].requires_grad]
+    if unknown:
+        raise ValueError(f"checkpoint has tensors the model does not train: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
