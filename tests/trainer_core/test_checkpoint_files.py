@@ -80,3 +80,39 @@ def test_every_rng_round_trips_through_json(device):
     assert draws(device) != first
     set_rng_state(saved, device)
     assert draws(device) == first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_a_gpu_matches_an_uninterrupted_run(tmp_path):
+    """Dropout on a GPU draws from the CUDA generator: its state travels in the checkpoint, so a fold resumed on a GPU
+    ends where an uninterrupted one does; resumed without it (as before), the masks and the model differ."""
+    import shutil
+
+    from tests.conftest import CONFIGS, DATA
+    from trainer_core.config import load_config
+    from trainer_core.data import assign_folds, load_rows
+    from trainer_core.fold import train_fold
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [
+        "data.max_rows=60", "data.max_length=64", "model.quantization=none", "train.optimizer=adamw",
+        "train.precision=fp32", "lora.dropout=0.3", "train.max_steps=4", "train.checkpoint_every=2",
+        "train.log_every=100"])
+    rows = assign_folds(load_rows(DATA, max_rows=60), 5)
+    gpu, saved = torch.device("cuda", 0), {}
+
+    def keep(m, ckpt):
+        if ckpt is not None:
+            saved[m["step"]] = shutil.copytree(ckpt, tmp_path / f"ckpt{m['step']}")
+
+    def probs(result):
+        return result.oof[["p_a", "p_b", "p_tie"]].to_numpy()
+
+    full = train_fold(cfg, 0, rows, tmp_path / "a", report=keep, device=gpu)
+    resumed = train_fold(cfg, 0, rows, tmp_path / "b", resume_from=saved[2], device=gpu)
+    np.testing.assert_allclose(probs(resumed), probs(full), rtol=1e-5, atol=1e-6)
+    rng = json.loads((saved[2] / "rng.json").read_text())
+    del rng["ranks"][0]["cuda"]
+    (saved[2] / "rng.json").write_text(json.dumps(rng))
+    without_cuda_rng = train_fold(cfg, 0, rows, tmp_path / "c", resume_from=saved[2], device=gpu)
+    assert np.abs(probs(without_cuda_rng) - probs(full)).max() > 1e-4
