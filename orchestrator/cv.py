@@ -26,6 +26,7 @@ from orchestrator.run_data import load_run_data, write_data_parquet
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json, atomic_write_text
+from trainer_core.weights import WeightsError, check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = (args.out or Path("runs") / cfg.experiment).resolve()
     try:
+        check_weights(cfg.model)  # model and tokenizer found (or downloaded) before anything is written
         rows = prepare_run_dir(cfg, run_dir, folds, args.restart, argv)
-    except (DataError, RunDirError) as e:
+    except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_cv(cfg, rows, folds, run_dir)
