@@ -36,6 +36,7 @@ from trainer_core.config import ConfigError, load_config
 from trainer_core.data import DataError, load_rows, parse_folds
 from trainer_core.paths import atomic_write
 from trainer_core.tta import swap_responses, tta_average
+from trainer_core.weights import WeightsError, check_weights
 
 SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise PredictError(str(e)) from None
             rows = load_rows(args.data, require_labels=False)
             temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
-    except (PredictError, DataError, ConfigError) as e:
+            run_cfg = load_config(run_dir / "config.yaml")
+            if run_cfg.lora.enabled:  # adapters load onto the base model; the tokenizer is saved beside them
+                check_weights(run_cfg.model, tokenizer=False)
+    except (PredictError, DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.data is not None:

@@ -48,7 +48,6 @@ WORKER_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
     "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
     "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # variable-length batches fragment the cache
 }
 
@@ -126,7 +125,7 @@ def fold_worker(config: dict) -> dict:
     finally:
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    return {"paused": True} if result is None else result.metrics
+    return {"paused": True} if result is None else result.metrics.to_dict()
 
 
 def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | None = None,

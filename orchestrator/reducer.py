@@ -98,10 +98,10 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     report = summarise(oof, rows, folds, fold_metrics)
     report["run_dir"] = str(run_dir.resolve())
     run_meta = run_dir / "run.json"
-    if run_meta.exists():
-        meta = json.loads(run_meta.read_text())
-        report["experiment"] = meta.get("experiment")
-        report["fingerprint"] = meta.get("fingerprint")
+    meta = json.loads(run_meta.read_text()) if run_meta.exists() else {}
+    report["experiment"] = meta.get("experiment")
+    report["fingerprint"] = meta.get("fingerprint")
+    report["fold_by"] = meta.get("fold_by", "id")  # runs from before data.fold_by split by id
     figures = render_figures(report)
     atomic_write(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
     for name, png in figures.items():
