@@ -32,17 +32,22 @@ from trainer_core.config import load_config  # noqa: E402
 from trainer_core.data import FOLD_BY, assign_folds, load_dataset  # noqa: E402
 from trainer_core.tokenization import build_tokenizer, encode_rows, format_text  # noqa: E402
 
+LOAD = "load + validate (read, JSON, ids, labels, UTF-8)"
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def timed(label: str, fn, figures: list):
-    t0 = time.perf_counter()
+    """Run ``fn``, print its wall and CPU seconds (CPU: all threads of this process; on a shared machine it moves
+    less with other users' load than the wall time does) and the peak RSS so far."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    seconds = time.perf_counter() - t0
-    figures.append((label, seconds))
-    print(f"{label:<44} {seconds:8.2f} s   peak RSS so far {peak_rss_mib():7.0f} MiB", flush=True)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    figures.append((label, seconds, cpu))
+    print(f"{label:<48} {seconds:8.2f} s wall {cpu:8.2f} s CPU   peak RSS so far {peak_rss_mib():7.0f} MiB",
+          flush=True)
     return out
 
 
@@ -75,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"truncation={cfg.data.truncation}, tokenizer {args.tokenizer}; {platform.processor() or platform.machine()},"
           f" python {platform.python_version()}")
     figures: list = []
-    data = timed("load + validate (read, JSON, ids, labels, UTF-8)",
-                 lambda: load_dataset(args.data, max_rows=args.max_rows), figures)
+    data = timed(LOAD, lambda: load_dataset(args.data, max_rows=args.max_rows), figures)
     rows = data.rows
     print(f"  {len(rows):,} rows; {len(data.repaired_ids)} repaired (U+FFFD); "
           f"{rows['prompt'].duplicated().sum():,} rows repeat an earlier prompt")
@@ -93,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.whole:
         timed("tokenize all rows whole, then cut (old way)", lambda: tokenize_whole(rows, tok, cfg.data.max_length),
               figures)
-    first = sum(s for label, s in figures if label in ("load + validate (read, JSON, ids, labels, UTF-8)",
-                                                       f"folds, data.fold_by={cfg.data.fold_by}",
-                                                       f"tokenize all rows ({cfg.data.truncation}, bounded)"))
-    print(f"\nload + validate + folds ({cfg.data.fold_by}) + tokenization: {first:.1f} s; "
+    path = {LOAD, f"folds, data.fold_by={cfg.data.fold_by}", f"tokenize all rows ({cfg.data.truncation}, bounded)"}
+    wall, cpu = (sum(f[i] for f in figures if f[0] in path) for i in (1, 2))
+    print(f"\nload + validate + folds ({cfg.data.fold_by}) + tokenization: {wall:.1f} s wall, {cpu:.1f} s CPU; "
           f"peak RSS {peak_rss_mib():.0f} MiB")
     return 0
 
