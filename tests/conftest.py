@@ -12,8 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "arena_sample.csv"
 CONFIGS = REPO / "configs"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def pytest_configure(config):
+    """Before any test runs (not at import): the suite is offline, and tokenizers stay single-threaded in the
+    processes tests start. A value set in the environment wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def arena_row(i: int, winner: str = "a", prompt=None, a=None, b=None) -> dict:

@@ -67,10 +67,14 @@ def _save_random_model(spec: dict, pad_token_id: int, seed: int, dtype: torch.dt
 
     model_type = spec.pop("model_type", "gemma2")
     cfg = AutoConfig.for_model(model_type, **spec, num_labels=NUM_LABELS, pad_token_id=pad_token_id)
-    torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
-        model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+    # Weight init draws from the global RNG; seeding it here would move it for whatever the caller builds next (the
+    # LoRA adapters), so a model's adapters would depend on whether this cache was warm. fork_rng restores it.
+    cuda_devices = list(range(torch.cuda.device_count())) if device == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
     atomic_write_dir(out, lambda tmp, m=model: m.save_pretrained(str(tmp)))
     del model
     if device == "cuda":

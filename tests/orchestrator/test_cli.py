@@ -34,6 +34,9 @@ def test_print_config_resolves_defaults_yaml_and_overrides():
 def test_help_config_lists_keys():
     res = run("orchestrator.cv", "--help-config")
     assert "train.lr = 0.0002" in res.stdout and "lora.freeze_layers" in res.stdout
+    text = " ".join(res.stdout.split())
+    assert 'data.fold_by = "id"' in text and "StratifiedGroupKFold" in text
+    assert "data.prompt_share = null" in text and "'left' keeps its end" in text
 
 
 def test_bad_override_is_one_clear_error():
