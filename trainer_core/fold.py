@@ -27,7 +27,6 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from trainer_core.config import Config
 from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
@@ -43,6 +42,7 @@ from trainer_core.memory import apply_budget
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
 from trainer_core.optim import build_optimizer, lr_at
+from trainer_core.ranks import dist_info, gather_objects, gather_rows, rank_seed
 from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
@@ -61,12 +61,6 @@ class FoldResult:
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
 
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -75,30 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for each rank, derived from the fold's seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def gather_objects(obj, world: int) -> list:
-    """``obj`` of every rank, in rank order, on every rank (a collective: every rank calls it)."""
-    if world == 1:
-        return [obj]
-    parts: list = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
-    """Rank-sharded predictions back into one (n, 3) array on every rank."""
-    if world == 1:
-        return local
-    out = np.zeros((n, 3))
-    for idx, p in gather_objects((local_idx, local), world):
-        out[idx] = p
-    return out
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,

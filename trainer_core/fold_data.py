@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from trainer_core.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice
 from trainer_core.config import Config
 from trainer_core.memory import free_device_bytes, plan_memory
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
+from trainer_core.ranks import min_over_ranks
 from trainer_core.tokenization import encode_rows
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,3 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
                          group_by_length=t.group_by_length, micro_per_epoch=micro_per_epoch,
                          total_steps=total_steps, total_micro=total_micro)
 
-
-def min_over_ranks(value: float, device: torch.device, world: int) -> float:
-    """The smallest ``value`` of all ranks (a collective: every rank calls it); ``value`` itself with one rank."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return float(t.item())
