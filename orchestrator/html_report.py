@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import html
 
-from orchestrator.markdown_report import CLASS_NAMES, fmt, fold_columns, summary_rows, title, verdict
+from orchestrator.markdown_report import CLASS_NAMES, error_bar, fmt, fold_columns, summary_rows, title, verdict
 from orchestrator.plots import COLORS
 
 CSS = """
@@ -60,8 +60,14 @@ def _cards(report: dict) -> str:
     beats, delta = verdict(report)
     badge = (f'<span class="badge {"good" if beats else "bad"}">{"beats" if beats else "does not beat"} the prior '
              f'by {fmt(abs(delta))}</span>')
+    if error_bar(report):
+        badge += f"<br>{html.escape(error_bar(report))}"
     cards = [_card("OOF log loss", fmt(report["cv_log_loss"]), badge, COLORS["plain"], hero=True),
              _card("class prior", fmt(report["prior_log_loss"]), "the baseline to beat", COLORS["prior"])]
+    if report.get("length_baseline_log_loss") is not None:
+        cards.append(_card("length-only baseline", fmt(report["length_baseline_log_loss"]),
+                           "logistic regression on response lengths &middot; "
+                           f"{_vs_prior(report, report['length_baseline_log_loss'])}", COLORS["length"]))
     cards.append(_card("temperature-scaled", fmt(report["cv_log_loss_calibrated"]),
                        f"T = {report['temperature']:.3f}, cross-fitted &middot; "
                        f"{_vs_prior(report, report['cv_log_loss_calibrated'])}", COLORS["calibrated"]))
@@ -97,6 +103,7 @@ def _fold_table(report: dict) -> str:
     cv = {"log_loss": report["cv_log_loss"], "log_loss_calibrated": report["cv_log_loss_calibrated"],
           "log_loss_tta": report.get("cv_log_loss_tta"),
           "log_loss_tta_calibrated": report.get("cv_log_loss_tta_calibrated"),
+          "length_baseline_log_loss": report.get("length_baseline_log_loss"),
           "prior_log_loss": report["prior_log_loss"], "accuracy": report["cv_accuracy"], "temperature": None}
     total = "".join(f"<td>{fmt(cv[k], 4)}</td>" if cv[k] is not None else "<td></td>" for k, _ in cols)
     body += f'<tr class="total"><td>CV</td><td>{report["n_rows"]}</td>{total}<td></td><td></td></tr>'

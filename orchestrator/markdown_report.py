@@ -36,9 +36,22 @@ def summary_rows(report: dict) -> list[tuple[str, str, float, float | None, str]
                   "mean of the row and the row with responses a/b swapped (swapped back)"),
                  ("tta_calibrated", "TTA + temperature", report["cv_log_loss_tta_calibrated"],
                   report["cv_accuracy_tta"], f"as above, global T = {report['temperature_tta']:.3f}")]
+    if report.get("length_baseline_log_loss") is not None:
+        rows.append(("length", "length-only baseline", report["length_baseline_log_loss"], None,
+                     "logistic regression on response lengths, fitted per fold on its training rows: the model "
+                     "should beat it"))
     rows.append(("prior", "class prior", report["prior_log_loss"], None,
                  "every row gets its training folds' class frequencies: the bar to beat"))
     return rows
+
+
+def error_bar(report: dict) -> str:
+    """'95% CI [lo, hi] over rows, fold std s' for the OOF log loss (empty for a report written before they existed)."""
+    if "cv_log_loss_ci95" not in report:
+        return ""
+    lo, hi = report["cv_log_loss_ci95"]
+    return (f"95% CI [{fmt(lo)}, {fmt(hi)}] (bootstrap over rows), std over folds "
+            f"{fmt(report.get('cv_log_loss_fold_std'))}")
 
 
 def fold_columns(report: dict) -> list[tuple[str, str]]:
@@ -46,6 +59,8 @@ def fold_columns(report: dict) -> list[tuple[str, str]]:
     cols = [("log_loss", "log loss"), ("log_loss_calibrated", "temperature-scaled")]
     if "cv_log_loss_tta" in report:
         cols += [("log_loss_tta", "TTA"), ("log_loss_tta_calibrated", "TTA + temperature")]
+    if "length_baseline_log_loss" in report:
+        cols.append(("length_baseline_log_loss", "length baseline"))
     return cols + [("prior_log_loss", "class prior"), ("accuracy", "accuracy"),
                    ("temperature", "T (fitted on other folds)")]
 
@@ -58,6 +73,7 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     out = [f"# {title(report)}", "",
            f"**OOF log loss {fmt(report['cv_log_loss'])}** vs class prior {fmt(report['prior_log_loss'])}: "
            f"{'beats' if beats else 'does NOT beat'} the prior by {fmt(abs(delta))}.", "",
+           *([f"- OOF log loss {error_bar(report)}"] if error_bar(report) else []),
            f"- rows: {report['n_rows']} over {report['n_folds']} folds; "
            f"labels a/b/tie: {lc['a']}/{lc['b']}/{lc['tie']}",
            f"- probabilities clipped to [{report['clip']:g}, 1 - {report['clip']:g}] and renormalised (as Kaggle)",
