@@ -8,7 +8,8 @@ from __future__ import annotations
 import base64
 import html
 
-from orchestrator.markdown_report import CLASS_NAMES, error_bar, fmt, fold_columns, summary_rows, title, verdict
+from orchestrator import markdown_report as md
+from orchestrator.markdown_report import CLASS_NAMES, fmt, fold_columns, summary_rows, title, verdict
 from orchestrator.plots import COLORS
 
 CSS = """
@@ -60,8 +61,8 @@ def _cards(report: dict) -> str:
     beats, delta = verdict(report)
     badge = (f'<span class="badge {"good" if beats else "bad"}">{"beats" if beats else "does not beat"} the prior '
              f'by {fmt(abs(delta))}</span>')
-    if error_bar(report):
-        badge += f"<br>{html.escape(error_bar(report))}"
+    if md.error_bar(report):
+        badge += f"<br>{html.escape(md.error_bar(report))}"
     cards = [_card("OOF log loss", fmt(report["cv_log_loss"]), badge, COLORS["plain"], hero=True),
              _card("class prior", fmt(report["prior_log_loss"]), "the baseline to beat", COLORS["prior"])]
     if report.get("length_baseline_log_loss") is not None:
@@ -126,6 +127,19 @@ def _confusion_table(report: dict) -> str:
             f"{body}</table>")
 
 
+def _ensemble_html(report: dict) -> str:
+    if "ensemble" not in report:
+        return ""
+    tables = ""
+    for table in md.ensemble_tables(report):
+        head = "".join(f'<th class="l">{html.escape(c)}</th>' for c in table[0])
+        body = "".join("<tr>" + "".join(f'<td class="l">{html.escape(c)}</td>' for c in r) + "</tr>" for r in table[1:])
+        tables += f'<table style="margin-bottom:12px"><tr>{head}</tr>{body}</table>'
+    ens = report["ensemble"]
+    return (f"<h2>Ensemble</h2><p class=\"note\">Method <code>{html.escape(ens['method'])}</code>; "
+            f"{html.escape(ens['note'])}.</p>{tables}")
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """The whole page; ``figures`` are the PNGs of :func:`orchestrator.plots.render_figures`."""
     lc = report["label_counts"]
@@ -148,6 +162,7 @@ fitted only on the other folds' OOF rows, so no row's label picks its own temper
 <h2>Per fold</h2>
 {_fold_table(report)}
 <figure style="margin-top:14px">{_img(figures['folds'], 'log loss per fold')}</figure>
+{_ensemble_html(report)}
 <h2>Calibration and errors</h2>
 <div class="grid">
 <figure>{_img(figures['reliability'], 'reliability diagram')}<figcaption>Expected calibration error

@@ -90,6 +90,7 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     cv = [fmt(report.get(f"cv_{k}", report.get(k))) if k != "temperature" else "" for k, _ in cols]
     out.append(f"| **CV** | {report['n_rows']} | " + " | ".join(cv) + " | | |")
     out += _image(plots, "folds", "per-fold log loss")
+    out += _ensemble_section(report)
     out += ["", "## Calibration", "",
             f"Expected calibration error (top-label, 10 bins): {fmt(report['ece'])} as predicted, "
             f"{fmt(report['ece_calibrated'])} after temperature scaling."]
@@ -104,6 +105,32 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             f"{fmt(b['prior_log_loss'])} | {fmt(b['accuracy'])} |" for b in report["length_buckets"]]
     out += _image(plots, "length", "log loss by input length")
     return "\n".join(out) + "\n"
+
+
+def member_name(member: dict) -> str:
+    return member.get("experiment") or Path(member["run_dir"]).name
+
+
+def ensemble_tables(report: dict) -> tuple[list[list[str]], list[list[str]]]:
+    """(members table, per-fold table) of an ensemble report as rows of cells, header first; used by both pages."""
+    ens = report["ensemble"]
+    members = [["member", "run directory", "OOF log loss", "weight for new rows"]]
+    members += [[member_name(m), m["run_dir"], fmt(m["cv_log_loss"]), f"{w:.3f}"]
+                for m, w in zip(ens["members"], ens["weights"])]
+    folds = [["fold", "ensemble", *(member_name(m) for m in ens["members"]), "weights (fitted on the other folds)"]]
+    folds += [[str(f["fold"]), fmt(f["log_loss"]), *(fmt(x) for x in f["member_log_losses"]),
+               ", ".join(f"{w:.3f}" for w in f["weights"])] for f in report["folds"]]
+    return members, folds
+
+
+def _ensemble_section(report: dict) -> list[str]:
+    if "ensemble" not in report:
+        return []
+    out = ["", "## Ensemble", "", f"Method: `{report['ensemble']['method']}`; {report['ensemble']['note']}."]
+    for table in ensemble_tables(report):
+        out += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        out += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    return out
 
 
 def _image(plots: dict[str, str], name: str, alt: str) -> list[str]:

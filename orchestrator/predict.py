@@ -7,11 +7,15 @@ Examples::
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv --tta
     python -m orchestrator.predict --run runs/g9b --soft-labels soft_labels.parquet
     python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
+    python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv   # an orchestrator.ensemble dir
 
 Submission: ``id,winner_model_a,winner_model_b,winner_tie``, one row per input row, in input order. Each fold's model
 scores every row (``--tta``: also with responses a and b swapped, averaged back); each fold's probabilities are
 temperature-scaled with the run's global T (report.json; ``--no-temperature`` skips it), then the folds are averaged.
 T is applied per fold because it was fitted on single-model OOF probabilities, which is what each fold produces.
+For an ensemble directory (``orchestrator.ensemble``) fold k's prediction is every member's fold-k model's
+prediction (each member without its own temperature), combined with the ensemble's weights fitted on all OOF rows,
+then scaled by the ensemble's own T: the same path its OOF rows took.
 
 Soft labels (``--soft-labels``), one row per training row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted),
 p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted temperature scaling: T fitted on the other folds), plus with
@@ -85,29 +89,51 @@ def temperature_for(report: dict | None, tta: bool) -> tuple[float, str]:
 
 def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, temperature: float,
                        device: str = "auto", batch_size: int | None = None, log=print) -> np.ndarray:
-    """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order."""
+    """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order.
+
+    Each fold's probabilities are temperature-scaled before averaging (T was fitted on single-fold OOF rows)."""
     import torch
 
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    total = np.zeros((len(rows), 3))
+    for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=dev, batch_size=batch_size, log=log):
+        total += C.apply_temperature(p, temperature)
+    return M.clip_probs(total / len(folds))
+
+
+def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, device, batch_size=None,
+                     log=print):
+    """Yield (k, (N, 3) probabilities of fold k's model) for each fold, no temperature applied. For an ensemble
+    directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights: the same
+    combination its OOF rows were scored with."""
+    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
+    from orchestrator.ensemble_weights import combine
+
+    if is_ensemble(run_dir):
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        members = [fold_predictions(Path(m), rows, folds, tta=tta, device=device, batch_size=batch_size, log=log)
+                   for m in spec["members"]]
+        for k in folds:
+            yield k, combine([next(m)[1] for m in members], spec["weights"], spec["method"])
+        return
     from trainer_core.inference import load_fold_model, predict_probs
     from trainer_core.step import make_autocast
     from trainer_core.tokenization import encode_rows
 
     cfg = load_config(run_dir / "config.yaml")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     bs = batch_size or cfg.train.eval_batch_size
-    total = np.zeros((len(rows), 3))
     for k in folds:
-        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
-        autocast = make_autocast(precision, dev)
+        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
+        autocast = make_autocast(precision, device)
         ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
-        p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
+        p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast))
         if tta:
             swapped = encode_rows(swap_responses(rows), tok, cfg.data, cfg.model.add_eos_token)
-            p = M.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
-        total += C.apply_temperature(p, temperature)
-        log(f"fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {dev} ({precision})")
+            p = M.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast)))
+        log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
+            f"({precision})")
         del model
-    return M.clip_probs(total / len(folds))
+        yield k, p
 
 
 def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
@@ -130,7 +156,17 @@ def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
 
 
 def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
-    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's."""
+    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's. For an
+    ensemble, every member must have those folds' models."""
+    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
+
+    if is_ensemble(run_dir):
+        ens = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        folds = parse_folds(spec, max(ens["folds"]) + 1) if spec else list(ens["folds"])
+        for member in ens["members"]:
+            _check_run_dir(Path(member))
+            _run_folds(Path(member), ",".join(map(str, folds)), None)
+        return folds
     meta = json.loads((run_dir / "run.json").read_text())
     if spec:
         folds = parse_folds(spec, int(meta["n_folds"]))
@@ -142,6 +178,16 @@ def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int
         raise PredictError(f"{run_dir}: fold{'s' if len(missing) > 1 else ''} {missing} not finished (no "
                            f"metrics.json or adapter/); finish them with orchestrator.cv or pass --folds")
     return folds
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    from orchestrator.ensemble import is_ensemble
+
+    if is_ensemble(run_dir):
+        if not (run_dir / "report.json").exists():
+            raise PredictError(f"{run_dir}: ensemble without report.json; rebuild it with orchestrator.ensemble")
+    elif not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
+        raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run
     # Everything is checked and computed before anything is written: a bad input leaves no half-made output.
     try:
-        if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
-            raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
+        _check_run_dir(run_dir)
         needs_report = args.soft_labels is not None or not args.no_temperature
         report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
         soft = soft_labels(run_dir, report) if args.soft_labels is not None else None
