@@ -26,6 +26,7 @@ from pathlib import Path
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
+from trainer_core.soft_labels import check_soft_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
@@ -79,10 +80,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str) -> dict:
-    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file."""
-    return {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
+    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file, and
+    the kind of soft labels a student learns from (checked here, before Ray: DataError on any problem)."""
+    meta = {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
             "n_folds": cfg.data.n_folds, "data_sha256": data_sha256, "n_rows": int(len(rows)), "folds": folds,
             "command": command}
+    if cfg.train.soft_labels:
+        kind = check_soft_labels(cfg.train.soft_labels, rows, folds, cfg.data.n_folds)
+        meta["soft_labels"] = {"path": cfg.train.soft_labels, "kind": kind,
+                               "sha256": file_sha256(cfg.train.soft_labels),
+                               "distill_weight": cfg.train.distill_weight}
+    return meta
 
 
 def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:

@@ -68,7 +68,8 @@ def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.
         "weights_by_fold": {str(k): w for k, w in fold_weights.items()},
         "note": ("weights applied to fold k's rows were fitted on the other folds' OOF rows only (cross-fitted); "
                  "'weights' (fitted on all OOF rows) is what predict applies to new rows")})
-    spec = {"method": method, "members": [m["run_dir"] for m in members], "weights": weights, "folds": folds}
+    spec = {"method": method, "members": [m["run_dir"] for m in members], "weights": weights, "folds": folds,
+            "weights_by_fold": report["ensemble"]["weights_by_fold"]}
     return oof, rows, report, spec
 
 

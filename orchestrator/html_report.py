@@ -127,6 +127,15 @@ def _confusion_table(report: dict) -> str:
             f"{body}</table>")
 
 
+def _distillation_html(report: dict) -> str:
+    d = report.get("distillation")
+    if not d:
+        return ""
+    style = "background:#fee2e2;color:#991b1b" if d["optimistic"] else "background:#dcfce7;color:#166534"
+    return (f'<p style="{style};padding:8px 12px;border-radius:8px;margin-top:14px"><b>'
+            f'{"Optimistic CV" if d["optimistic"] else "Distillation"}:</b> {html.escape(d["note"])}</p>')
+
+
 def _ensemble_html(report: dict) -> str:
     if "ensemble" not in report:
         return ""
@@ -154,6 +163,7 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
 <h1>{html.escape(title(report))}</h1>
 <div class="sub">{sub}</div>
 {_cards(report)}
+{_distillation_html(report)}
 <h2>Figures of merit</h2>
 {_summary_table(report)}
 <p class="note">Log loss as Kaggle scores it: probabilities clipped to [{report['clip']:g}, 1 &minus;

@@ -74,6 +74,8 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
            f"**OOF log loss {fmt(report['cv_log_loss'])}** vs class prior {fmt(report['prior_log_loss'])}: "
            f"{'beats' if beats else 'does NOT beat'} the prior by {fmt(abs(delta))}.", "",
            *([f"- OOF log loss {error_bar(report)}"] if error_bar(report) else []),
+           *([f"- **{'Optimistic CV' if report['distillation']['optimistic'] else 'Distillation'}:** "
+              f"{report['distillation']['note']}"] if report.get("distillation") else []),
            f"- rows: {report['n_rows']} over {report['n_folds']} folds; "
            f"labels a/b/tie: {lc['a']}/{lc['b']}/{lc['tie']}",
            f"- probabilities clipped to [{report['clip']:g}, 1 - {report['clip']:g}] and renormalised (as Kaggle)",

@@ -6,6 +6,7 @@ Examples::
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv --tta
     python -m orchestrator.predict --run runs/g9b --soft-labels soft_labels.parquet
+    python -m orchestrator.predict --run runs/g9b --soft-labels in_fold.parquet --in-fold   # for train.soft_labels
     python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
     python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv   # an orchestrator.ensemble dir
 
@@ -17,10 +18,15 @@ For an ensemble directory (``orchestrator.ensemble``) fold k's prediction is eve
 prediction (each member without its own temperature), combined with the ensemble's weights fitted on all OOF rows,
 then scaled by the ensemble's own T: the same path its OOF rows took.
 
-Soft labels (``--soft-labels``), one row per training row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted),
-p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted temperature scaling: T fitted on the other folds), plus with
-``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta, p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal,
-temperature_tta.
+In-fold soft labels (``--soft-labels PATH --in-fold``), for distillation with an honest CV: for every fold k, fold
+k's model predicts fold k's own training rows (every row whose fold != k; no TTA, no temperature), written as id,
+fold (= k), label, p_a, p_b, p_tie. A student run with the same data and folds given ``train.soft_labels=PATH``
+uses in its fold k exactly the rows with fold == k: no model that saw fold k's labels produced them.
+
+OOF soft labels (``--soft-labels`` alone; a student learning from them has an optimistic CV), one row per training
+row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted), p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted
+temperature scaling: T fitted on the other folds), plus with ``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta,
+p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal, temperature_tta.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import calibration as C
-from orchestrator.reducer import PROB_COLUMNS, TTA_COLUMNS
+from orchestrator.soft_label_export import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from trainer_core import metrics as M
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data import DataError, load_rows, parse_folds
@@ -65,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto' (a GPU if present, else CPU), 'cpu', 'cuda' or 'cuda:1'")
     p.add_argument("--soft-labels", type=Path, default=None, metavar="PARQUET",
                    help="write the run's OOF probabilities (plain and temperature-scaled) as soft labels")
+    p.add_argument("--in-fold", action="store_true",
+                   help="with --soft-labels: instead write, for every fold k, fold k's model's predictions on fold k's "
+                        "own training rows (id, fold=k, p_a, p_b, p_tie): soft labels a student can use in fold k "
+                        "without seeing fold k's labels (train.soft_labels); one forward pass per fold")
     return p
 
 
@@ -92,29 +102,34 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
     """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order.
 
     Each fold's probabilities are temperature-scaled before averaging (T was fitted on single-fold OOF rows)."""
-    import torch
-
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     total = np.zeros((len(rows), 3))
-    for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=dev, batch_size=batch_size, log=log):
+    for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=_device(device), batch_size=batch_size,
+                                 log=log):
         total += C.apply_temperature(p, temperature)
     return M.clip_probs(total / len(folds))
 
 
+def _device(name: str):
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, device, batch_size=None,
-                     log=print):
+                     log=print, cross_fitted: bool = False):
     """Yield (k, (N, 3) probabilities of fold k's model) for each fold, no temperature applied. For an ensemble
-    directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights: the same
-    combination its OOF rows were scored with."""
+    directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights (fitted on
+    all OOF rows; ``cross_fitted``: fold k's own weights, fitted without fold k's labels, for in-fold soft labels)."""
     from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
     from orchestrator.ensemble_weights import combine
 
     if is_ensemble(run_dir):
         spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
-        members = [fold_predictions(Path(m), rows, folds, tta=tta, device=device, batch_size=batch_size, log=log)
-                   for m in spec["members"]]
+        members = [fold_predictions(Path(m), rows, folds, tta=tta, device=device, batch_size=batch_size, log=log,
+                                    cross_fitted=cross_fitted) for m in spec["members"]]
         for k in folds:
-            yield k, combine([next(m)[1] for m in members], spec["weights"], spec["method"])
+            weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
+            yield k, combine([next(m)[1] for m in members], weights, spec["method"])
         return
     from trainer_core.inference import load_fold_model, predict_probs
     from trainer_core.step import make_autocast
@@ -134,25 +149,6 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             f"({precision})")
         del model
         yield k, p
-
-
-def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
-    """The run's OOF probabilities with their cross-fitted temperature-scaled versions (columns: module docstring)."""
-    oof = pd.read_parquet(run_dir / "oof.parquet")
-    if len(oof) != report["n_rows"]:
-        raise PredictError(f"{run_dir}: oof.parquet has {len(oof)} rows but report.json {report['n_rows']}; rebuild "
-                           f"both with `python -m orchestrator.report {run_dir}`")
-    out = oof[["id", "fold", "label", *PROB_COLUMNS]].copy()
-    variants = [("", PROB_COLUMNS, "temperatures_by_fold", "temperature")]
-    if set(TTA_COLUMNS) <= set(oof.columns) and "temperatures_tta_by_fold" in report:
-        out[TTA_COLUMNS] = oof[TTA_COLUMNS]
-        variants.append(("_tta", TTA_COLUMNS, "temperatures_tta_by_fold", "temperature_tta"))
-    for suffix, cols, key, t_col in variants:
-        temps = report[key]
-        cal = C.calibrate_by_fold(oof[cols].to_numpy(), oof["fold"].to_numpy(), temps)
-        out[[f"p_a{suffix}_cal", f"p_b{suffix}_cal", f"p_tie{suffix}_cal"]] = cal
-        out[t_col] = oof["fold"].astype(str).map(temps).astype(float)
-    return out
 
 
 def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
@@ -197,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data and --out go together")
     if args.data is None and args.soft_labels is None:
         parser.error("nothing to do: give --data and --out, and/or --soft-labels")
+    if args.in_fold and args.soft_labels is None:
+        parser.error("--in-fold goes with --soft-labels PATH")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     run_dir = args.run
@@ -205,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_run_dir(run_dir)
         needs_report = args.soft_labels is not None or not args.no_temperature
         report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
-        soft = soft_labels(run_dir, report) if args.soft_labels is not None else None
+        soft = oof_soft_labels(run_dir, report) if args.soft_labels is not None and not args.in_fold else None
+        if args.in_fold:
+            try:
+                in_fold = _run_folds(run_dir, args.folds, report)
+            except ValueError as e:
+                raise PredictError(str(e)) from None
         if args.data is not None:
             try:
                 folds = _run_folds(run_dir, args.folds, report)
@@ -213,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise PredictError(str(e)) from None
             rows = load_rows(args.data, require_labels=False)
             temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
-    except (PredictError, DataError, ConfigError) as e:
+    except (PredictError, SoftLabelExportError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.in_fold:
+        soft = in_fold_soft_labels(run_dir, in_fold, fold_predictions, device=_device(args.device),
+                                   batch_size=args.batch_size)
     if args.data is not None:
         print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "
               f"({source})")
@@ -225,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                             "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
     if soft is not None:
         atomic_write(args.soft_labels, lambda p: soft.to_parquet(p, index=False))
-        print(f"wrote {len(soft)} soft labels to {args.soft_labels}")
+        kind = "in-fold soft labels (id, fold) for folds " + str(in_fold) if args.in_fold else "OOF soft labels"
+        print(f"wrote {len(soft)} {kind} to {args.soft_labels}")
     if args.data is not None:
         atomic_write(args.out, lambda p: sub.to_csv(p, index=False))
         print(f"wrote {len(sub)} rows to {args.out}")

@@ -36,6 +36,7 @@ from trainer_core.batching import planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
 from trainer_core.paths import atomic_write, atomic_write_json
+from trainer_core.soft_labels import check_soft_labels
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(args.space, base, args.search)
         folds = parse_folds(args.folds, base.data.n_folds)
         rows = assign_folds(load_rows(base.data.path, max_rows=base.data.max_rows), base.data.n_folds)
+        if base.train.soft_labels:  # refused here, before Ray, rather than in every trial
+            check_soft_labels(base.train.soft_labels, rows, folds, base.data.n_folds)
     except (ConfigError, SpaceError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,3 +94,18 @@ def test_members_over_other_folds_are_refused_and_nothing_is_written(members, tm
     assert ensemble_main([str(members["strong"]), str(members["weak"]), "--out", str(members["weak"])]) == 2
     assert "not an ensemble directory" in capsys.readouterr().err
     assert (members["weak"] / "fold=0" / "oof.parquet").exists()  # the run it would have overwritten is intact
+
+
+@pytest.mark.parametrize("kind, words", [("oof", "optimistic"), ("in_fold", "stays honest")])
+def test_a_students_report_says_whether_its_cv_is_optimistic(tmp_path, kind, words):
+    from orchestrator.reducer import format_table, reduce_run
+
+    rows = bundled_rows(60)
+    run = make_run(tmp_path / "student", rows, noisy_probs(rows["label"].to_numpy(), 1.0, seed=3))
+    meta = json.loads((run / "run.json").read_text())
+    meta["soft_labels"] = {"path": "soft.parquet", "kind": kind, "sha256": "0", "distill_weight": 0.5}
+    (run / "run.json").write_text(json.dumps(meta))
+    rep = reduce_run(run, [0, 1, 2, 3, 4])
+    assert rep["distillation"]["optimistic"] == (kind == "oof")
+    for text in ((run / "report.md").read_text(), (run / "report.html").read_text(), format_table(rep)):
+        assert words in text

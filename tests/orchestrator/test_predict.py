@@ -157,3 +157,27 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
     assert not np.allclose(p_a, p_b, atol=1e-3)  # the members really differ
     expected = apply_temperature(combine([p_a, p_b], ens["weights"], "logit"), report["temperature"])
     assert np.allclose(sub[SUB_COLUMNS[1:]].to_numpy(), expected, atol=1e-5)
+
+
+def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_training_rows(run_dir, tmp_path):
+    from trainer_core.soft_labels import IN_FOLD, check_soft_labels
+
+    res = predict("--run", run_dir, "--soft-labels", tmp_path / "in_fold.parquet", "--in-fold", "--folds", "0,2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    soft = pd.read_parquet(tmp_path / "in_fold.parquet")
+    rows = pd.read_parquet(run_dir / "data.parquet")
+    assert list(soft.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie"]
+    for k in (0, 2):
+        part = soft[soft["fold"] == k]
+        train = rows[rows["fold"] != k].sort_values("id")
+        assert part["id"].tolist() == train["id"].tolist()  # fold k's training rows, none of its held-out rows
+        expected = predict_submission(run_dir, train, [k], tta=False, temperature=1.0, device="cpu",
+                                      log=lambda *_: None)
+        assert np.allclose(part[["p_a", "p_b", "p_tie"]].to_numpy(), expected, atol=1e-6)
+    # a student with the same folds accepts them for folds 0 and 2, and refuses fold 1 (no rows for it) in one line
+    assert check_soft_labels(tmp_path / "in_fold.parquet", rows, [0, 2], 5) == IN_FOLD
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", "configs/smoke.yaml", "--folds", "0-1",
+                          f"data.max_rows={N_ROWS}", f"train.soft_labels={tmp_path / 'in_fold.parquet'}",
+                          "--out", str(tmp_path / "student")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no soft label for fold 1's training ids" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "student").exists()

@@ -104,8 +104,13 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     d = cfg.to_dict()
     d.pop("cluster")
     d["model"].pop("compile")
+    for key in ("soft_labels", "distill_weight", "distill_temperature"):  # distillation (issue 13), also later
+        d["train"].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
+    assert cfg.fingerprint() != Config().fingerprint()
+    cfg = Config()
+    cfg.train.soft_labels = "soft.parquet"
     assert cfg.fingerprint() != Config().fingerprint()
 
 
