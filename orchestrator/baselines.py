@@ -14,6 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from trainer_core import metrics as M
+
 FEATURE_NAMES = ("log_chars_prompt", "log_chars_a", "log_chars_b", "chars_a_minus_b", "log_ratio_a_b",
                  "abs_log_ratio_a_b")
 FEATURE_DOC = ("characters of prompt, response a and response b (log1p), a - b, log((1+a)/(1+b)) and its "
@@ -37,7 +39,14 @@ def fit_predict(train: pd.DataFrame, held: pd.DataFrame) -> np.ndarray:
     y = train["label"].to_numpy()
     model.fit(length_features(train), y)
     probs = np.zeros((len(held), 3))
-    probs[:, model.classes_] = model.predict_proba(length_features(held))  # a class absent from training gets 0
+    probs[:, model.classes_] = model.predict_proba(length_features(held))
+    # A class absent from the training rows (ties in a small sample) would get probability 0, and one held-out row of
+    # it a clipped loss of 34.5; it gets its add-one smoothed frequency instead, as the class-prior baseline does.
+    absent = np.setdiff1d(np.arange(3), model.classes_)
+    if len(absent):
+        prior = M.class_prior(y)
+        probs *= 1.0 - prior[absent].sum()
+        probs[:, absent] = prior[absent]
     return probs
 
 

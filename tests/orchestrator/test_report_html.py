@@ -183,3 +183,13 @@ def test_regenerating_gives_the_same_report(run_dir):
     before = (run_dir / "report.json").read_text()
     assert report_main([str(run_dir)]) == 0
     assert (run_dir / "report.json").read_text() == before
+
+
+def test_length_baseline_gives_a_class_missing_from_training_its_smoothed_prior():
+    from orchestrator.baselines import fit_predict
+    from trainer_core.metrics import class_prior
+
+    rows = load_rows(DATA, max_rows=N_ROWS)
+    train, held = rows[rows["label"] != 2], rows[rows["label"] == 2]  # no tie to learn from, ties held out
+    p = fit_predict(train, held)
+    assert np.allclose(p.sum(1), 1.0) and np.allclose(p[:, 2], class_prior(train["label"].to_numpy())[2])
