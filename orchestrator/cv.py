@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.run_data import load_run_data, write_data_parquet
+from orchestrator.run_data import file_sha256, load_run_data, write_data_parquet
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json, atomic_write_text
+from trainer_core.soft_labels import check_soft_labels
 from trainer_core.weights import WeightsError, check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +74,17 @@ def resolve_config(args: argparse.Namespace):
 
 def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str, data_notes: dict | None = None) -> dict:
     """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file, how
-    rows were split (``fold_by``) and what loading repaired (``data_notes`` of orchestrator.run_data)."""
-    return {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
+    rows were split (``fold_by``), what loading repaired (``data_notes`` of orchestrator.run_data) and the kind of soft
+    labels a student learns from (checked here, before Ray: DataError on any problem)."""
+    meta = {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
             "n_folds": cfg.data.n_folds, "fold_by": cfg.data.fold_by, "data_sha256": data_sha256,
             "n_rows": int(len(rows)), "folds": folds, "command": command, **(data_notes or {})}
+    if cfg.train.soft_labels:
+        kind = check_soft_labels(cfg.train.soft_labels, rows, folds, cfg.data.n_folds)
+        meta["soft_labels"] = {"path": cfg.train.soft_labels, "kind": kind,
+                               "sha256": file_sha256(cfg.train.soft_labels),
+                               "distill_weight": cfg.train.distill_weight}
+    return meta
 
 
 def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:

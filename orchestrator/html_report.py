@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 
+from orchestrator import markdown_report
 from orchestrator.markdown_report import CLASS_NAMES, fmt, fold_columns, folds_text, summary_rows, title, verdict
 from orchestrator.plots import COLORS
 
@@ -60,8 +61,14 @@ def _cards(report: dict) -> str:
     beats, delta = verdict(report)
     badge = (f'<span class="badge {"good" if beats else "bad"}">{"beats" if beats else "does not beat"} the prior '
              f'by {fmt(abs(delta))}</span>')
+    if markdown_report.error_bar(report):
+        badge += f"<br>{html.escape(markdown_report.error_bar(report))}"
     cards = [_card("OOF log loss", fmt(report["cv_log_loss"]), badge, COLORS["plain"], hero=True),
              _card("class prior", fmt(report["prior_log_loss"]), "the baseline to beat", COLORS["prior"])]
+    if report.get("length_baseline_log_loss") is not None:
+        cards.append(_card("length-only baseline", fmt(report["length_baseline_log_loss"]),
+                           "logistic regression on response lengths &middot; "
+                           f"{_vs_prior(report, report['length_baseline_log_loss'])}", COLORS["length"]))
     cards.append(_card("temperature-scaled", fmt(report["cv_log_loss_calibrated"]),
                        f"T = {report['temperature']:.3f}, cross-fitted &middot; "
                        f"{_vs_prior(report, report['cv_log_loss_calibrated'])}", COLORS["calibrated"]))
@@ -97,6 +104,7 @@ def _fold_table(report: dict) -> str:
     cv = {"log_loss": report["cv_log_loss"], "log_loss_calibrated": report["cv_log_loss_calibrated"],
           "log_loss_tta": report.get("cv_log_loss_tta"),
           "log_loss_tta_calibrated": report.get("cv_log_loss_tta_calibrated"),
+          "length_baseline_log_loss": report.get("length_baseline_log_loss"),
           "prior_log_loss": report["prior_log_loss"], "accuracy": report["cv_accuracy"], "temperature": None}
     total = "".join(f"<td>{fmt(cv[k], 4)}</td>" if cv[k] is not None else "<td></td>" for k, _ in cols)
     body += f'<tr class="total"><td>CV</td><td>{report["n_rows"]}</td>{total}<td></td><td></td></tr>'
@@ -119,6 +127,28 @@ def _confusion_table(report: dict) -> str:
             f"{body}</table>")
 
 
+def _distillation_html(report: dict) -> str:
+    d = report.get("distillation")
+    if not d:
+        return ""
+    style = "background:#fee2e2;color:#991b1b" if d["optimistic"] else "background:#dcfce7;color:#166534"
+    return (f'<p style="{style};padding:8px 12px;border-radius:8px;margin-top:14px"><b>'
+            f'{"Optimistic CV" if d["optimistic"] else "Distillation"}:</b> {html.escape(d["note"])}</p>')
+
+
+def _ensemble_html(report: dict) -> str:
+    if "ensemble" not in report:
+        return ""
+    tables = ""
+    for table in markdown_report.ensemble_tables(report):
+        head = "".join(f'<th class="l">{html.escape(c)}</th>' for c in table[0])
+        body = "".join("<tr>" + "".join(f'<td class="l">{html.escape(c)}</td>' for c in r) + "</tr>" for r in table[1:])
+        tables += f'<table style="margin-bottom:12px"><tr>{head}</tr>{body}</table>'
+    ens = report["ensemble"]
+    return (f"<h2>Ensemble</h2><p class=\"note\">Method <code>{html.escape(ens['method'])}</code>; "
+            f"{html.escape(ens['note'])}.</p>{tables}")
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """The whole page; ``figures`` are the PNGs of :func:`orchestrator.plots.render_figures`."""
     lc = report["label_counts"]
@@ -134,6 +164,7 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
 <h1>{html.escape(title(report))}</h1>
 <div class="sub">{sub}</div>
 {_cards(report)}
+{_distillation_html(report)}
 <h2>Figures of merit</h2>
 {_summary_table(report)}
 <p class="note">Log loss as Kaggle scores it: probabilities clipped to [{report['clip']:g}, 1 &minus;
@@ -142,6 +173,7 @@ fitted only on the other folds' OOF rows, so no row's label picks its own temper
 <h2>Per fold</h2>
 {_fold_table(report)}
 <figure style="margin-top:14px">{_img(figures['folds'], 'log loss per fold')}</figure>
+{_ensemble_html(report)}
 <h2>Calibration and errors</h2>
 <div class="grid">
 <figure>{_img(figures['reliability'], 'reliability diagram')}<figcaption>Expected calibration error

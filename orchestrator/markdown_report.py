@@ -36,6 +36,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, float, float | None, str]
                   "mean of the row and the row with responses a/b swapped (swapped back)"),
                  ("tta_calibrated", "TTA + temperature", report["cv_log_loss_tta_calibrated"],
                   report["cv_accuracy_tta"], f"as above, global T = {report['temperature_tta']:.3f}")]
+    if report.get("length_baseline_log_loss") is not None:
+        rows.append(("length", "length-only baseline", report["length_baseline_log_loss"], None,
+                     "logistic regression on response lengths, fitted per fold on its training rows: the model "
+                     "should beat it"))
     rows.append(("prior", "class prior", report["prior_log_loss"], None,
                  "every row gets its training folds' class frequencies: the bar to beat"))
     return rows
@@ -57,11 +61,22 @@ def folds_text(report: dict) -> str:
     return FOLD_BY_TEXT[report.get("fold_by", "id")]
 
 
+def error_bar(report: dict) -> str:
+    """'95% CI [lo, hi] over rows, fold std s' for the OOF log loss (empty for a report written before they existed)."""
+    if "cv_log_loss_ci95" not in report:
+        return ""
+    lo, hi = report["cv_log_loss_ci95"]
+    return (f"95% CI [{fmt(lo)}, {fmt(hi)}] (bootstrap over rows), std over folds "
+            f"{fmt(report.get('cv_log_loss_fold_std'))}")
+
+
 def fold_columns(report: dict) -> list[tuple[str, str]]:
     """(per-fold key, column title) of the per-fold table."""
     cols = [("log_loss", "log loss"), ("log_loss_calibrated", "temperature-scaled")]
     if "cv_log_loss_tta" in report:
         cols += [("log_loss_tta", "TTA"), ("log_loss_tta_calibrated", "TTA + temperature")]
+    if "length_baseline_log_loss" in report:
+        cols.append(("length_baseline_log_loss", "length baseline"))
     return cols + [("prior_log_loss", "class prior"), ("accuracy", "accuracy"),
                    ("temperature", "T (fitted on other folds)")]
 
@@ -74,6 +89,9 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     out = [f"# {title(report)}", "",
            f"**OOF log loss {fmt(report['cv_log_loss'])}** vs class prior {fmt(report['prior_log_loss'])}: "
            f"{'beats' if beats else 'does NOT beat'} the prior by {fmt(abs(delta))}.", "",
+           *([f"- OOF log loss {error_bar(report)}"] if error_bar(report) else []),
+           *([f"- **{'Optimistic CV' if report['distillation']['optimistic'] else 'Distillation'}:** "
+              f"{report['distillation']['note']}"] if report.get("distillation") else []),
            f"- rows: {report['n_rows']} over {report['n_folds']} folds; "
            f"labels a/b/tie: {lc['a']}/{lc['b']}/{lc['tie']}",
            f"- folds: {folds_text(report)}",
@@ -91,6 +109,7 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     cv = [fmt(report.get(f"cv_{k}", report.get(k))) if k != "temperature" else "" for k, _ in cols]
     out.append(f"| **CV** | {report['n_rows']} | " + " | ".join(cv) + " | | |")
     out += _image(plots, "folds", "per-fold log loss")
+    out += _ensemble_section(report)
     out += ["", "## Calibration", "",
             f"Expected calibration error (top-label, 10 bins): {fmt(report['ece'])} as predicted, "
             f"{fmt(report['ece_calibrated'])} after temperature scaling."]
@@ -105,6 +124,32 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             f"{fmt(b['prior_log_loss'])} | {fmt(b['accuracy'])} |" for b in report["length_buckets"]]
     out += _image(plots, "length", "log loss by input length")
     return "\n".join(out) + "\n"
+
+
+def member_name(member: dict) -> str:
+    return member.get("experiment") or Path(member["run_dir"]).name
+
+
+def ensemble_tables(report: dict) -> tuple[list[list[str]], list[list[str]]]:
+    """(members table, per-fold table) of an ensemble report as rows of cells, header first; used by both pages."""
+    ens = report["ensemble"]
+    members = [["member", "run directory", "OOF log loss", "weight for new rows"]]
+    members += [[member_name(m), m["run_dir"], fmt(m["cv_log_loss"]), f"{w:.3f}"]
+                for m, w in zip(ens["members"], ens["weights"])]
+    folds = [["fold", "ensemble", *(member_name(m) for m in ens["members"]), "weights (fitted on the other folds)"]]
+    folds += [[str(f["fold"]), fmt(f["log_loss"]), *(fmt(x) for x in f["member_log_losses"]),
+               ", ".join(f"{w:.3f}" for w in f["weights"])] for f in report["folds"]]
+    return members, folds
+
+
+def _ensemble_section(report: dict) -> list[str]:
+    if "ensemble" not in report:
+        return []
+    out = ["", "## Ensemble", "", f"Method: `{report['ensemble']['method']}`; {report['ensemble']['note']}."]
+    for table in ensemble_tables(report):
+        out += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        out += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    return out
 
 
 def _image(plots: dict[str, str], name: str, alt: str) -> list[str]:

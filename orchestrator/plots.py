@@ -14,9 +14,10 @@ from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backe
 
 # One colour per figure of merit, the same in every plot and in the HTML tables.
 COLORS = {"plain": "#3b6fb6", "calibrated": "#2f9e6e", "tta": "#8a5cc2", "tta_calibrated": "#c2587a",
-          "prior": "#9aa0a6"}
+          "prior": "#9aa0a6", "length": "#d08a2e"}
 LABELS = {"plain": "model", "calibrated": "temperature-scaled", "tta": "A/B-swap TTA",
-          "tta_calibrated": "TTA + temperature", "prior": "class prior"}
+          "tta_calibrated": "TTA + temperature", "prior": "class prior",
+          "length": "length baseline"}
 CLASS_NAMES = ("a wins", "b wins", "tie")
 DPI = 120
 
@@ -42,15 +43,20 @@ def series(report: dict) -> list[str]:
     keys = ["plain", "calibrated"]
     if "cv_log_loss_tta" in report:
         keys += ["tta", "tta_calibrated"]
+    if "length_baseline_log_loss" in report:
+        keys.append("length")
     return keys + ["prior"]
 
 
+BASELINE_KEYS = {"prior": "prior_log_loss", "length": "length_baseline_log_loss"}  # same key per fold and for CV
+
+
 def _fold_value(f: dict, key: str) -> float:
-    return f[{"plain": "log_loss", "prior": "prior_log_loss"}.get(key, f"log_loss_{key}")]
+    return f[{"plain": "log_loss", **BASELINE_KEYS}.get(key, f"log_loss_{key}")]
 
 
 def _cv_value(report: dict, key: str) -> float:
-    return report[{"plain": "cv_log_loss", "prior": "prior_log_loss"}.get(key, f"cv_log_loss_{key}")]
+    return report[{"plain": "cv_log_loss", **BASELINE_KEYS}.get(key, f"cv_log_loss_{key}")]
 
 
 def folds_figure(report: dict) -> bytes:

@@ -6,17 +6,27 @@ Examples::
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv --tta
     python -m orchestrator.predict --run runs/g9b --soft-labels soft_labels.parquet
+    python -m orchestrator.predict --run runs/g9b --soft-labels in_fold.parquet --in-fold   # for train.soft_labels
     python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
+    python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv   # an orchestrator.ensemble dir
 
 Submission: ``id,winner_model_a,winner_model_b,winner_tie``, one row per input row, in input order. Each fold's model
 scores every row (``--tta``: also with responses a and b swapped, averaged back); each fold's probabilities are
 temperature-scaled with the run's global T (report.json; ``--no-temperature`` skips it), then the folds are averaged.
 T is applied per fold because it was fitted on single-model OOF probabilities, which is what each fold produces.
+For an ensemble directory (``orchestrator.ensemble``) fold k's prediction is every member's fold-k model's
+prediction (each member without its own temperature), combined with the ensemble's weights fitted on all OOF rows,
+then scaled by the ensemble's own T: the same path its OOF rows took.
 
-Soft labels (``--soft-labels``), one row per training row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted),
-p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted temperature scaling: T fitted on the other folds), plus with
-``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta, p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal,
-temperature_tta.
+In-fold soft labels (``--soft-labels PATH --in-fold``), for distillation with an honest CV: for every fold k, fold
+k's model predicts fold k's own training rows (every row whose fold != k; no TTA, no temperature), written as id,
+fold (= k), label, p_a, p_b, p_tie. A student run with the same data and folds given ``train.soft_labels=PATH``
+uses in its fold k exactly the rows with fold == k: no model that saw fold k's labels produced them.
+
+OOF soft labels (``--soft-labels`` alone; a student learning from them has an optimistic CV), one row per training
+row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted), p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted
+temperature scaling: T fitted on the other folds), plus with ``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta,
+p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal, temperature_tta.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import calibration
-from orchestrator.reducer import PROB_COLUMNS, TTA_COLUMNS
+from orchestrator.soft_label_export import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data import DataError, load_rows, parse_folds
@@ -62,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto' (a GPU if present, else CPU), 'cpu', 'cuda' or 'cuda:1'")
     p.add_argument("--soft-labels", type=Path, default=None, metavar="PARQUET",
                    help="write the run's OOF probabilities (plain and temperature-scaled) as soft labels")
+    p.add_argument("--in-fold", action="store_true",
+                   help="with --soft-labels: instead write, for every fold k, fold k's model's predictions on fold k's "
+                        "own training rows (id, fold=k, p_a, p_b, p_tie): soft labels a student can use in fold k "
+                        "without seeing fold k's labels (train.soft_labels); one forward pass per fold")
     return p
 
 
@@ -86,52 +100,71 @@ def temperature_for(report: dict | None, tta: bool) -> tuple[float, str]:
 
 def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, temperature: float,
                        device: str = "auto", batch_size: int | None = None, log=print) -> np.ndarray:
-    """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order."""
+    """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order.
+
+    Each fold's probabilities are temperature-scaled before averaging (T was fitted on single-fold OOF rows)."""
+    total = np.zeros((len(rows), 3))
+    for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=_device(device), batch_size=batch_size,
+                                 log=log):
+        total += calibration.apply_temperature(p, temperature)
+    return metrics.clip_probs(total / len(folds))
+
+
+def _device(name: str):
     import torch
 
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, device, batch_size=None,
+                     log=print, cross_fitted: bool = False):
+    """Yield (k, (N, 3) probabilities of fold k's model) for each fold, no temperature applied. For an ensemble
+    directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights (fitted on
+    all OOF rows; ``cross_fitted``: fold k's own weights, fitted without fold k's labels, for in-fold soft labels)."""
+    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
+    from orchestrator.ensemble_weights import combine
+
+    if is_ensemble(run_dir):
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        members = [fold_predictions(Path(m), rows, folds, tta=tta, device=device, batch_size=batch_size, log=log,
+                                    cross_fitted=cross_fitted) for m in spec["members"]]
+        for k in folds:
+            weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
+            yield k, combine([next(m)[1] for m in members], weights, spec["method"])
+        return
     from trainer_core.inference import load_fold_model, predict_probs
     from trainer_core.step import make_autocast
     from trainer_core.tokenization import encode_rows
 
     cfg = load_config(run_dir / "config.yaml")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     bs = batch_size or cfg.train.eval_batch_size
-    total = np.zeros((len(rows), 3))
     for k in folds:
-        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
-        autocast = make_autocast(precision, dev)
+        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
+        autocast = make_autocast(precision, device)
         ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
-        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
+        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast))
         if tta:
             swapped = encode_rows(swap_responses(rows), tok, cfg.data, cfg.model.add_eos_token)
-            p = metrics.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
-        total += calibration.apply_temperature(p, temperature)
-        log(f"fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {dev} ({precision})")
+            p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast)
+            p = metrics.clip_probs(tta_average(p, p_swapped))
+        log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
+            f"({precision})")
         del model
-    return metrics.clip_probs(total / len(folds))
-
-
-def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
-    """The run's OOF probabilities with their cross-fitted temperature-scaled versions (columns: module docstring)."""
-    oof = pd.read_parquet(run_dir / "oof.parquet")
-    if len(oof) != report["n_rows"]:
-        raise PredictError(f"{run_dir}: oof.parquet has {len(oof)} rows but report.json {report['n_rows']}; rebuild "
-                           f"both with `python -m orchestrator.report {run_dir}`")
-    out = oof[["id", "fold", "label", *PROB_COLUMNS]].copy()
-    variants = [("", PROB_COLUMNS, "temperatures_by_fold", "temperature")]
-    if set(TTA_COLUMNS) <= set(oof.columns) and "temperatures_tta_by_fold" in report:
-        out[TTA_COLUMNS] = oof[TTA_COLUMNS]
-        variants.append(("_tta", TTA_COLUMNS, "temperatures_tta_by_fold", "temperature_tta"))
-    for suffix, cols, key, t_col in variants:
-        temps = report[key]
-        cal = calibration.calibrate_by_fold(oof[cols].to_numpy(), oof["fold"].to_numpy(), temps)
-        out[[f"p_a{suffix}_cal", f"p_b{suffix}_cal", f"p_tie{suffix}_cal"]] = cal
-        out[t_col] = oof["fold"].astype(str).map(temps).astype(float)
-    return out
+        yield k, p
 
 
 def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
-    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's."""
+    """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's. For an
+    ensemble, every member must have those folds' models."""
+    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
+
+    if is_ensemble(run_dir):
+        ens = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        folds = parse_folds(spec, max(ens["folds"]) + 1) if spec else list(ens["folds"])
+        for member in ens["members"]:
+            _check_run_dir(Path(member))
+            _run_folds(Path(member), ",".join(map(str, folds)), None)
+        return folds
     meta = json.loads((run_dir / "run.json").read_text())
     if spec:
         folds = parse_folds(spec, int(meta["n_folds"]))
@@ -145,6 +178,16 @@ def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int
     return folds
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    from orchestrator.ensemble import is_ensemble
+
+    if is_ensemble(run_dir):
+        if not (run_dir / "report.json").exists():
+            raise PredictError(f"{run_dir}: ensemble without report.json; rebuild it with orchestrator.ensemble")
+    elif not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
+        raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -152,16 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data and --out go together")
     if args.data is None and args.soft_labels is None:
         parser.error("nothing to do: give --data and --out, and/or --soft-labels")
+    if args.in_fold and args.soft_labels is None:
+        parser.error("--in-fold goes with --soft-labels PATH")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     run_dir = args.run
     # Everything is checked and computed before anything is written: a bad input leaves no half-made output.
     try:
-        if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
-            raise PredictError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
+        _check_run_dir(run_dir)
         needs_report = args.soft_labels is not None or not args.no_temperature
         report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
-        soft = soft_labels(run_dir, report) if args.soft_labels is not None else None
+        soft = oof_soft_labels(run_dir, report) if args.soft_labels is not None and not args.in_fold else None
+        if args.in_fold:
+            try:
+                in_fold = _run_folds(run_dir, args.folds, report)
+            except ValueError as e:
+                raise PredictError(str(e)) from None
         if args.data is not None:
             try:
                 folds = _run_folds(run_dir, args.folds, report)
@@ -172,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             run_cfg = load_config(run_dir / "config.yaml")
             if run_cfg.lora.enabled:  # adapters load onto the base model; the tokenizer is saved beside them
                 check_weights(run_cfg.model, tokenizer=False)
-    except (PredictError, DataError, ConfigError, WeightsError) as e:
+    except (PredictError, SoftLabelExportError, DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.in_fold:
+        soft = in_fold_soft_labels(run_dir, in_fold, fold_predictions, device=_device(args.device),
+                                   batch_size=args.batch_size)
     if args.data is not None:
         print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "
               f"({source})")
@@ -184,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                             "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
     if soft is not None:
         atomic_write(args.soft_labels, lambda p: soft.to_parquet(p, index=False))
-        print(f"wrote {len(soft)} soft labels to {args.soft_labels}")
+        kind = "in-fold soft labels (id, fold) for folds " + str(in_fold) if args.in_fold else "OOF soft labels"
+        print(f"wrote {len(soft)} {kind} to {args.soft_labels}")
     if args.data is not None:
         atomic_write(args.out, lambda p: sub.to_csv(p, index=False))
         print(f"wrote {len(sub)} rows to {args.out}")

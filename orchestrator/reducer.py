@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import calibration, diagnostics
+from orchestrator import baselines, bootstrap, calibration, diagnostics
 from orchestrator.html_report import render_html
 from orchestrator.markdown_report import render_markdown
 from orchestrator.plots import render_figures
@@ -102,6 +102,15 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     report["experiment"] = meta.get("experiment")
     report["fingerprint"] = meta.get("fingerprint")
     report["fold_by"] = meta.get("fold_by", "id")  # runs from before data.fold_by split by id
+    if meta.get("soft_labels"):
+        report["distillation"] = distillation_note(meta["soft_labels"])
+    write_reports(run_dir, oof, report)
+    return report
+
+
+def write_reports(run_dir: Path, oof: pd.DataFrame, report: dict) -> None:
+    """Write ``oof.parquet``, the figures, ``report.md``, ``report.html`` and ``report.json`` (last: its presence
+    means the rest is there). Shared by runs and by ``orchestrator.ensemble``."""
     figures = render_figures(report)
     atomic_write(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
     for name, png in figures.items():
@@ -109,7 +118,18 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     atomic_write_text(run_dir / "report.md", render_markdown(report, {n: f"{PLOTS_DIR}/{n}.png" for n in figures}))
     atomic_write_text(run_dir / "report.html", render_html(report, figures))
     atomic_write_json(run_dir / "report.json", report)
-    return report
+
+
+def distillation_note(soft: dict) -> dict:
+    """How a student run's soft labels bear on its CV figure, in plain words (run.json's ``soft_labels``)."""
+    optimistic = soft["kind"] != "in_fold"
+    note = ("This run learned from plain OOF soft labels: each fold's training targets were predicted by teacher "
+            "models that trained on that fold's held-out labels, so its CV log loss is optimistic (too good) and not "
+            "comparable with honest runs. For an honest CV use in-fold soft labels "
+            "(predict --soft-labels PATH --in-fold)." if optimistic else
+            "This run learned from in-fold soft labels: fold k's targets came only from the teacher's fold-k model, "
+            "which never saw fold k's labels, so its CV log loss stays honest.")
+    return {**soft, "optimistic": optimistic, "note": note}
 
 
 def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metrics: list[dict]) -> dict:
@@ -121,12 +141,17 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
     prior = np.zeros_like(probs)
     for k in folds:
         prior[fold_of == k] = metrics.class_prior(rows.loc[rows["fold"] != k, "label"].to_numpy())
+    # Second baseline: a logistic regression on response lengths, fitted per fold on that fold's training rows.
+    length = baselines.cross_fitted(oof, rows, folds)
     calibrated, temps = calibration.cross_fit(labels, probs, fold_of)
     variants = {"": probs, "_calibrated": calibrated}
     report = {
         "cv_log_loss": metrics.log_loss(labels, probs),
+        "cv_log_loss_ci95": bootstrap.log_loss_ci95(labels, probs),
         "cv_accuracy": metrics.accuracy(labels, probs),
         "prior_log_loss": metrics.log_loss(labels, prior),
+        "length_baseline_log_loss": metrics.log_loss(labels, length),
+        "length_baseline_features": baselines.FEATURE_DOC,
         "cv_log_loss_calibrated": metrics.log_loss(labels, calibrated),
         "temperature": calibration.fit_temperature(labels, probs),
         "temperatures_by_fold": {str(k): t for k, t in temps.items()},
@@ -148,7 +173,8 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
         sel = fold_of == k
         y, m = labels[sel], by_fold[k]
         entry = {"fold": k, "n_rows": int(sel.sum()), "log_loss": metrics.log_loss(y, probs[sel]),
-                 "accuracy": metrics.accuracy(y, probs[sel]), "prior_log_loss": metrics.log_loss(y, prior[sel])}
+                 "accuracy": metrics.accuracy(y, probs[sel]), "prior_log_loss": metrics.log_loss(y, prior[sel]),
+                 "length_baseline_log_loss": metrics.log_loss(y, length[sel])}
         for suffix, p in variants.items():
             if suffix:
                 entry[f"log_loss{suffix}"] = metrics.log_loss(y, p[sel])
@@ -159,6 +185,7 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
            (("", probs), ("calibrated", calibrated))}
     data = oof[["id"]].merge(rows, on="id", how="left", validate="one_to_one")
     report.update({
+        "cv_log_loss_fold_std": bootstrap.fold_std([f["log_loss"] for f in per_fold]),
         "n_rows": int(len(oof)),
         "n_folds": len(folds),
         "label_counts": {name: int((labels == i).sum()) for i, name in enumerate(("a", "b", "tie"))},
@@ -176,17 +203,25 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
 
 def format_table(report: dict) -> str:
     """The plain-text table printed at the end of a run."""
-    lines = [f"{'fold':>6} {'rows':>6} {'log_loss':>9} {'accuracy':>9} {'prior_ll':>9}"]
+    def num(x) -> str:
+        return f"{x:.4f}" if x is not None else "-"
+
+    lines = [f"{'fold':>6} {'rows':>6} {'log_loss':>9} {'accuracy':>9} {'prior_ll':>9} {'length_ll':>9}"]
     for f in report["folds"]:
-        prior = f"{f['prior_log_loss']:.4f}" if f.get("prior_log_loss") is not None else "-"
-        lines.append(f"{f['fold']:>6} {f['n_rows']:>6} {f['log_loss']:>9.4f} {f['accuracy']:>9.4f} {prior:>9}")
+        lines.append(f"{f['fold']:>6} {f['n_rows']:>6} {f['log_loss']:>9.4f} {f['accuracy']:>9.4f} "
+                     f"{num(f.get('prior_log_loss')):>9} {num(f.get('length_baseline_log_loss')):>9}")
     lines.append(f"{'CV':>6} {report['n_rows']:>6} {report['cv_log_loss']:>9.4f} {report['cv_accuracy']:>9.4f} "
-                 f"{report['prior_log_loss']:>9.4f}")
-    verdict = "beats" if report["cv_log_loss"] < report["prior_log_loss"] else "does NOT beat"
-    lines.append(f"OOF log loss {report['cv_log_loss']:.4f} {verdict} the class-prior log loss "
-                 f"{report['prior_log_loss']:.4f}")
+                 f"{report['prior_log_loss']:>9.4f} {num(report.get('length_baseline_log_loss')):>9}")
+    lo, hi = report["cv_log_loss_ci95"]
+    lines.append(f"OOF log loss {report['cv_log_loss']:.4f} (95% CI {lo:.4f}-{hi:.4f} over rows; fold std "
+                 f"{num(report.get('cv_log_loss_fold_std'))})")
+    for name, key in (("class-prior", "prior_log_loss"), ("length-only baseline", "length_baseline_log_loss")):
+        verdict = "beats" if report["cv_log_loss"] < report[key] else "does NOT beat"
+        lines.append(f"  {verdict} the {name} log loss {report[key]:.4f}")
     lines.append(f"temperature-scaled (T={report['temperature']:.3f}, cross-fitted per fold): "
                  f"{report['cv_log_loss_calibrated']:.4f}")
+    if report.get("distillation"):
+        lines.append(("WARNING: " if report["distillation"]["optimistic"] else "") + report["distillation"]["note"])
     if "cv_log_loss_tta" in report:
         lines.append(f"A/B-swap TTA: {report['cv_log_loss_tta']:.4f}, temperature-scaled "
                      f"{report['cv_log_loss_tta_calibrated']:.4f}")

@@ -40,6 +40,7 @@ from trainer_core.batching import per_rank_batch, planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json
+from trainer_core.soft_labels import check_soft_labels
 from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search space: {args.space}")
         folds = parse_folds(args.folds, base.data.n_folds)
         data = load_run_data(base)
+        if base.train.soft_labels:  # refused here, before Ray, rather than in every trial
+            check_soft_labels(base.train.soft_labels, data.rows, folds, base.data.n_folds)
     except (ConfigError, SpaceError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -131,11 +131,12 @@ def nest(dotted: dict) -> dict:
 
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
-        p = Path(data["path"]).expanduser()
-        if not p.is_absolute():
-            data["path"] = str((base / p).resolve())
+    for section, key in (("data", "path"), ("train", "soft_labels")):
+        part = raw.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str) and part[key]:
+            p = Path(part[key]).expanduser()
+            if not p.is_absolute():
+                part[key] = str((base / p).resolve())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -242,6 +243,10 @@ def validate(cfg: Config) -> None:
         errs.append(f"train.eval_every: must be >= 1 or null, got {t.eval_every}")
     if t.interim_eval_rows < 1:
         errs.append(f"train.interim_eval_rows: must be >= 1, got {t.interim_eval_rows}")
+    if not 0 <= t.distill_weight <= 1:
+        errs.append(f"train.distill_weight: must be in [0, 1], got {t.distill_weight}")
+    if t.distill_temperature <= 0:
+        errs.append(f"train.distill_temperature: must be > 0, got {t.distill_temperature}")
     if t.checkpoint_every is not None and t.checkpoint_every < 1:
         errs.append(f"train.checkpoint_every: must be >= 1 or null, got {t.checkpoint_every}")
     if c.gpus_per_fold < 0:

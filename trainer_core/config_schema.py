@@ -100,6 +100,14 @@ class TrainConfig:
     eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
     interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
     eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
+    soft_labels: Optional[str] = _f(
+        None, "distil from a teacher: parquet/CSV with id, p_a, p_b, p_tie [, fold]; in-fold files (predict "
+        "--soft-labels PATH --in-fold) keep CV honest, plain OOF ones make it optimistic (the report says so)",
+        added=True)
+    distill_weight: float = _f(0.5, "with train.soft_labels: loss = (1 - w) * CE(label) + w * KL(teacher || student), "
+                               "w in [0, 1]", added=True)
+    distill_temperature: float = _f(1.0, "with train.soft_labels: T softening teacher and student in the KL term "
+                                    "(scaled by T^2)", added=True)
 
 
 @dataclass

@@ -14,6 +14,7 @@ The story, as in a torchtune recipe: ``FoldRun.setup`` (data, model, optimizer, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import shutil
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 
 from trainer_core.config import Config
+from trainer_core.distill import distill_loss
 from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
 from trainer_core.fold_state import (
     FoldMetrics,
@@ -156,7 +158,8 @@ class FoldRun:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = train_step(self.ddp_model, self.micro_batches(self.step), self.optimizer, self.scaler,
-                                         self.params, self.autocast, t.max_grad_norm, ddp=self.world > 1)
+                                         self.params, self.autocast, t.max_grad_norm, ddp=self.world > 1,
+                                         loss_fn=self.loss_fn())
             window_loss, window_n, self.step = window_loss + loss, window_n + 1, self.step + 1
 
             pause = self.step == stop < total
@@ -178,12 +181,19 @@ class FoldRun:
             self.send(logs, checkpoint=do_ckpt)
         return self.step == total
 
+    def loss_fn(self):
+        """Cross-entropy, or with soft labels the distillation loss (trainer_core.distill)."""
+        if self.data.train_soft is None:
+            return None
+        t = self.cfg.train
+        return functools.partial(distill_loss, weight=t.distill_weight, temperature=t.distill_temperature)
+
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), labels (B,))]."""
+        """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), targets)]."""
         out = []
         for idx in self.batches.step_rows(step, self.rank):
             input_ids, mask = self.data.collate_train(idx, self.tok.pad_token_id, self.device)
-            out.append((input_ids, mask, self.data.train_labels[idx].to(self.device, non_blocking=True)))
+            out.append((input_ids, mask, self.data.targets(idx, self.device)))
             self.samples += len(idx) * self.world
             self.tokens += int(self.data.lengths[idx].sum()) * self.world
         return out

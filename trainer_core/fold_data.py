@@ -16,6 +16,7 @@ from trainer_core.config import Config
 from trainer_core.memory import free_device_bytes, plan_memory
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
 from trainer_core.ranks import min_over_ranks
+from trainer_core.soft_labels import fold_targets
 from trainer_core.tokenization import encode_rows
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class FoldData:
     train_labels: torch.Tensor  # (N_train,) int64
     val_labels: np.ndarray  # (N_val,) int64
     lengths: np.ndarray  # (N_train,) tokens per training row
+    train_soft: torch.Tensor | None = None  # (N_train, 3) teacher probabilities with train.soft_labels, else None
 
     @classmethod
     def build(cls, cfg: Config, fold: int, rows: pd.DataFrame, tok) -> FoldData:
@@ -42,9 +44,19 @@ class FoldData:
                              "need both")
         train_ids = encode_rows(train_rows, tok, cfg.data, cfg.model.add_eos_token)
         val_ids = encode_rows(val_rows, tok, cfg.data, cfg.model.add_eos_token)
+        soft = None
+        if cfg.train.soft_labels:  # in-fold soft labels: only the file's rows for this fold (trainer_core.soft_labels)
+            soft = torch.tensor(fold_targets(cfg.train.soft_labels, fold, rows, train_rows["id"].to_numpy()),
+                                dtype=torch.float32)
         return cls(train_rows=train_rows, val_rows=val_rows, train_ids=train_ids, val_ids=val_ids,
                    train_labels=torch.tensor(train_rows["label"].values, dtype=torch.long),
-                   val_labels=val_rows["label"].to_numpy(), lengths=np.array([len(x) for x in train_ids]))
+                   val_labels=val_rows["label"].to_numpy(), lengths=np.array([len(x) for x in train_ids]),
+                   train_soft=soft)
+
+    def targets(self, idx: np.ndarray, device: torch.device):
+        """What the loss compares the logits with: labels (B,), or (labels, teacher probabilities (B, 3))."""
+        labels = self.train_labels[idx].to(device, non_blocking=True)
+        return labels if self.train_soft is None else (labels, self.train_soft[idx].to(device, non_blocking=True))
 
     def collate_train(self, idx: np.ndarray, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (B, T) input ids and attention mask of the training rows ``idx``."""

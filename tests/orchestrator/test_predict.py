@@ -18,7 +18,7 @@ from orchestrator.cv import prepare_run_dir
 from orchestrator.predict import predict_submission
 from orchestrator.reducer import reduce_run
 from tests.conftest import CONFIGS, DATA, REPO
-from trainer_core.config import load_config, validate
+from trainer_core.config import load_config, to_yaml, validate
 from trainer_core.data import load_rows
 from trainer_core.fold import train_fold
 from trainer_core.tta import swap_probs, swap_responses
@@ -126,3 +126,60 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(run_dir, tmp_path):
     assert not (tmp_path / "sub.csv").exists() and not (tmp_path / "soft.parquet").exists()
     res = predict("--run", tmp_path, "--data", tmp_path / "bad.csv", "--out", tmp_path / "sub.csv", timeout=120)
     assert res.returncode == 2 and "not a run directory" in res.stderr
+
+
+def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_dir, tmp_path):
+    # Member B: a copy of the run whose fold 1 is retrained with another seed and learning rate, so the two members'
+    # fold-1 models differ; the ensemble is then scored on unseen rows with fold 1 only.
+    import shutil
+
+    from orchestrator.ensemble import main as ensemble_main
+    from orchestrator.ensemble_weights import combine
+    from orchestrator.predict import fold_predictions
+
+    member_b = tmp_path / "b"
+    shutil.copytree(run_dir, member_b, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
+    shutil.rmtree(member_b / "fold=1")
+    cfg = load_config(member_b / "config.yaml", ["train.seed=7", "train.lr=5e-3"])
+    (member_b / "config.yaml").write_text(to_yaml(cfg))
+    train_fold(cfg, 1, pd.read_parquet(member_b / "data.parquet"), member_b / "fold=1")
+    reduce_run(member_b, [0, 1, 2, 3, 4])
+    assert ensemble_main([str(run_dir), str(member_b), "--out", str(tmp_path / "ens"), "--method", "logit"]) == 0
+    unseen = raw_rows(N_ROWS, N_ROWS + 12, labels=False)
+    unseen.to_csv(tmp_path / "test.csv", index=False)
+    res = predict("--run", tmp_path / "ens", "--data", tmp_path / "test.csv", "--out", tmp_path / "sub.csv",
+                  "--folds", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    ens = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    report = json.loads((tmp_path / "ens" / "report.json").read_text())
+    rows = load_rows(tmp_path / "test.csv", require_labels=False)
+    quiet = dict(tta=False, device="cpu", log=lambda *_: None)
+    (_, p_a), (_, p_b) = (next(fold_predictions(d, rows, [1], **quiet)) for d in (run_dir, member_b))
+    assert not np.allclose(p_a, p_b, atol=1e-3)  # the members really differ
+    expected = apply_temperature(combine([p_a, p_b], ens["weights"], "logit"), report["temperature"])
+    assert np.allclose(sub[SUB_COLUMNS[1:]].to_numpy(), expected, atol=1e-5)
+
+
+def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_training_rows(run_dir, tmp_path):
+    from trainer_core.soft_labels import IN_FOLD, check_soft_labels
+
+    res = predict("--run", run_dir, "--soft-labels", tmp_path / "in_fold.parquet", "--in-fold", "--folds", "0,2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    soft = pd.read_parquet(tmp_path / "in_fold.parquet")
+    rows = pd.read_parquet(run_dir / "data.parquet")
+    assert list(soft.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie"]
+    for k in (0, 2):
+        part = soft[soft["fold"] == k]
+        train = rows[rows["fold"] != k].sort_values("id")
+        assert part["id"].tolist() == train["id"].tolist()  # fold k's training rows, none of its held-out rows
+        expected = predict_submission(run_dir, train, [k], tta=False, temperature=1.0, device="cpu",
+                                      log=lambda *_: None)
+        assert np.allclose(part[["p_a", "p_b", "p_tie"]].to_numpy(), expected, atol=1e-6)
+    # a student with the same folds accepts them for folds 0 and 2, and refuses fold 1 (no rows for it) in one line
+    assert check_soft_labels(tmp_path / "in_fold.parquet", rows, [0, 2], 5) == IN_FOLD
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", "configs/smoke.yaml", "--folds", "0-1",
+                          f"data.max_rows={N_ROWS}", f"train.soft_labels={tmp_path / 'in_fold.parquet'}",
+                          "--out", str(tmp_path / "student")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no soft label for fold 1's training ids" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "student").exists()

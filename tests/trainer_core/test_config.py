@@ -113,12 +113,16 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share")):
+    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share"), ("train", "soft_labels"),
+                         ("train", "distill_weight"), ("train", "distill_temperature")):  # keys added later
         d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
     assert cfg.fingerprint() != Config().fingerprint()
     assert Config(data=DataConfig(fold_by="prompt")).fingerprint() != Config().fingerprint()  # other folds, other run
+    cfg = Config()
+    cfg.train.soft_labels = "soft.parquet"
+    assert cfg.fingerprint() != Config().fingerprint()
 
 
 def test_parse_override_reads_yaml_values():

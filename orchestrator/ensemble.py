@@ -1,0 +1,115 @@
+"""Combine finished runs over the same rows into an ensemble, written as a run-like directory. No Ray, no model: it
+reads the members' OOF rows (``oof.parquet``) and writes ``report.json``, ``oof.parquet``, ``report.md``,
+``report.html`` (the reducer's writers) and ``ensemble.json`` (members and weights, what predict reads).
+
+Examples::
+
+    python -m orchestrator.ensemble runs/minilm runs/gemma --out runs/ens
+    python -m orchestrator.ensemble runs/a runs/b runs/c --out runs/ens_logit --method logit
+    python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv
+
+Methods (``--method``, default ``weights``): ``mean`` averages the members' probabilities; ``weights`` fits a
+weighted average (weights >= 0 summing to 1); ``logit`` fits ``softmax(sum_m w_m log p_m)`` (w_m >= 0). Fitted weights
+are cross-fitted, so the ensemble's OOF log loss stays honest: fold k's rows are combined with weights fitted on the
+other folds' OOF rows only. Members must cover the same ids with the same folds and labels (refused otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator import ensemble_weights
+from orchestrator.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise, write_reports
+from orchestrator.runs import RunMismatch, check_aligned, load_oof, read_report
+from trainer_core import metrics
+from trainer_core.paths import atomic_write, atomic_write_json
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def is_ensemble(run_dir: Path) -> bool:
+    return (Path(run_dir) / ENSEMBLE_FILE).exists()
+
+
+def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """(ensemble OOF rows, the data rows, report dict, ensemble.json dict), computed without writing anything."""
+    if len(run_dirs) < 2:
+        raise RunMismatch("an ensemble needs at least two run directories")
+    if len({d.resolve() for d in run_dirs}) < len(run_dirs):
+        raise RunMismatch("the same run directory is given twice")
+    oofs = [load_oof(d) for d in run_dirs]
+    check_aligned([(str(d), o) for d, o in zip(run_dirs, oofs)])
+    labels, fold_of = oofs[0]["label"].to_numpy(), oofs[0]["fold"].to_numpy()
+    probs = [o[PROB_COLUMNS].to_numpy() for o in oofs]
+    combined, fold_weights = ensemble_weights.cross_fit(labels, probs, fold_of, method)
+    weights = [float(x) for x in ensemble_weights.fit_weights(labels, probs, method)]
+    folds = sorted(int(k) for k in np.unique(fold_of))
+    oof = oofs[0][["id", "fold", "label"]].copy()
+    oof[PROB_COLUMNS] = combined
+    rows = pd.read_parquet(run_dirs[0] / "data.parquet")
+    report = summarise(oof[OOF_COLUMNS], rows, folds, [{"fold": k} for k in folds])
+    members = []
+    for d, p in zip(run_dirs, probs):
+        members.append({"run_dir": str(d.resolve()), "experiment": read_report(d).get("experiment"),
+                        "cv_log_loss": metrics.log_loss(labels, p),
+                        "log_loss_by_fold": {str(k): metrics.log_loss(labels[fold_of == k], p[fold_of == k])
+                                             for k in folds}})
+    for f in report["folds"]:
+        f["member_log_losses"] = [m["log_loss_by_fold"][str(f["fold"])] for m in members]
+        f["weights"] = fold_weights[f["fold"]]
+    names = ", ".join(m["experiment"] or Path(m["run_dir"]).name for m in members)
+    report.update(experiment=f"ensemble ({method}) of {names}", fingerprint=None, ensemble={
+        "method": method, "members": members, "weights": weights,
+        "weights_by_fold": {str(k): w for k, w in fold_weights.items()},
+        "note": ("weights applied to fold k's rows were fitted on the other folds' OOF rows only (cross-fitted); "
+                 "'weights' (fitted on all OOF rows) is what predict applies to new rows")})
+    spec = {"method": method, "members": [m["run_dir"] for m in members], "weights": weights, "folds": folds,
+            "weights_by_fold": report["ensemble"]["weights_by_fold"]}
+    return oof, rows, report, spec
+
+
+def write_ensemble(out: Path, oof: pd.DataFrame, rows: pd.DataFrame, report: dict, spec: dict) -> None:
+    """Write the ensemble directory (replacing an earlier ensemble there, never a run)."""
+    if out.exists() and any(out.iterdir()) and not is_ensemble(out):
+        raise RunMismatch(f"{out}: exists and is not an ensemble directory; choose another --out")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    report["run_dir"] = str(out.resolve())
+    atomic_write(out / "data.parquet", lambda p: rows.to_parquet(p, index=False))
+    atomic_write_json(out / ENSEMBLE_FILE, spec)
+    write_reports(out, oof, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.ensemble", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="finished runs (or ensembles), two or more")
+    p.add_argument("--out", type=Path, required=True, help="the ensemble directory to write")
+    p.add_argument("--method", choices=ensemble_weights.METHODS, default="weights",
+                   help="mean: average; weights: fitted weighted average (default); logit: fitted weighted log-average")
+    args = p.parse_args(argv)
+    try:
+        oof, rows, report, spec = build_ensemble(args.run_dirs, args.method)
+        write_ensemble(args.out, oof, rows, report, spec)
+    except RunMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = [f"{'member':<40} {'cv_log_loss':>11} {'weight':>8}"]
+    lines += [f"{m['run_dir'][-40:]:<40} {m['cv_log_loss']:>11.4f} {w:>8.3f}"
+              for m, w in zip(report["ensemble"]["members"], spec["weights"])]
+    lines.append(f"{'ensemble (' + args.method + ', cross-fitted)':<40} {report['cv_log_loss']:>11.4f}")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out / 'report.html'}, report.md, report.json, oof.parquet, {ENSEMBLE_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

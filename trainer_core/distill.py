@@ -1,0 +1,21 @@
+"""The distillation loss: ``(1 - w) * CE(label) + w * T^2 * KL(teacher_T || student_T)``.
+
+``teacher_T`` is the teacher's probabilities re-tempered as ``softmax(log p / T)`` and ``student_T`` is
+``softmax(logits / T)``; the ``T^2`` factor keeps the soft term's gradients on the scale of the hard term's whatever T
+is (Hinton et al., 2015). ``w = 0`` is plain cross-entropy, ``w = 1`` learns from the teacher alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distill_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], weight: float,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean loss over the batch; ``targets`` = (labels (B,) int64, teacher probabilities (B, 3))."""
+    labels, teacher = targets
+    ce = F.cross_entropy(logits, labels)
+    teacher_t = torch.softmax(torch.log(teacher.clamp_min(1e-12)) / temperature, dim=-1)
+    kl = F.kl_div(torch.log_softmax(logits / temperature, dim=-1), teacher_t, reduction="batchmean")
+    return (1.0 - weight) * ce + weight * temperature ** 2 * kl
