@@ -120,6 +120,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         # peft's default would turn on reentrant checkpointing plus input grads, which sends the backward pass through
         # every frozen layer; checkpointing is chosen separately (enable_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # ...and it upcasts the embedding table to fp32 (3.7 GB for Gemma-2 9B): stored back in its load dtype, with
+        # fp32 rows handed out, it gives the same numbers (trainer_core.dequant_cache.keep_embedding_dtype)
+        from trainer_core.dequant_cache import keep_embedding_dtype
+
+        keep_embedding_dtype(model, dtype)
     if checkpointing in ("on", "reentrant"):
         enable_checkpointing(model, reentrant=checkpointing == "reentrant")
 
