@@ -17,7 +17,7 @@ import torch
 
 from trainer_core.batching import collate, epoch_batches, padding_waste
 from trainer_core.config import Config, apply_overrides
-from trainer_core.dequant_cache import apply_dequant_cache
+from trainer_core.dequant_cache import cache_for_training
 from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
 from trainer_core.modeling import (
     build_model,
@@ -112,19 +112,20 @@ def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, bud
     model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
                         seed=cfg.train.seed, checkpointing=ckpt)
     micro, accum, plan_text = setup.batch_size, setup.grad_accum, setup.checkpointing
-    plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
-                       seq_len=seq_len, batch_size=micro, grad_accum=accum,
-                       free_bytes=free_device_bytes(device, budget_gib))
     if setup.checkpointing == "auto":
         if device.type == "cuda":
+            plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
+                               seq_len=seq_len, batch_size=micro, grad_accum=accum,
+                               free_bytes=free_device_bytes(device, budget_gib))
             if plan.checkpointing:
                 enable_checkpointing(model)
             micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
         else:
             plan_text = "auto: off on CPU"
     if cfg.model.quantization == "nf4":
-        note = apply_dequant_cache(model, cfg.model.dequant_cache, DTYPES[setup.precision],
-                                   free_device_bytes(device, budget_gib), plan.need_gib * 2**30)
+        note = cache_for_training(model, cfg.model.dequant_cache, DTYPES[setup.precision], device,
+                                  freeze_layers=cfg.lora.freeze_layers, seq_len=seq_len, micro_batch=micro,
+                                  budget_gib=budget_gib)
         plan_text += f"; {note}" if note else ""
     model.train()  # recomputation and dropout act only in training mode, as in fold.py
     params = trainable_parameters(model)

@@ -18,7 +18,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from trainer_core.modeling import decoder_layers
+from trainer_core.memory import SAFETY, activation_bytes_per_token, free_device_bytes
+from trainer_core.modeling import decoder_layer_count, decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,16 @@ def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float,
     note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
     log.info(note)
     return note
+
+
+def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.device, *, freeze_layers: int,
+                       seq_len: int, micro_batch: int, budget_gib: float | None) -> str:
+    """:func:`apply_dequant_cache` after the memory plan: the room is the free memory minus the activations of a
+    ``micro_batch`` x ``seq_len`` step as the model now trains (with or without recomputation)."""
+    if mode == "off":
+        return ""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    recompute = bool(getattr(base, "is_gradient_checkpointing", False))
+    n_trained = decoder_layer_count(model) - freeze_layers
+    need = activation_bytes_per_token(model.config, n_trained, seq_len, recompute) * micro_batch * seq_len * SAFETY
+    return apply_dequant_cache(model, mode, dtype, free_device_bytes(device, budget_gib), need)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_core.config import Config
+from trainer_core.dequant_cache import cache_for_training
 from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
 from trainer_core.fold_state import FoldMetrics, load_checkpoint, save_checkpoint, write_fold_files
 from trainer_core.inference import predict_probs
@@ -37,7 +38,7 @@ from trainer_core.memory import apply_budget
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
 from trainer_core.optim import build_optimizer, lr_at
-from trainer_core.step import make_autocast, train_step
+from trainer_core.step import DTYPES, make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
 from trainer_core.tta import swap_responses, tta_average
@@ -134,6 +135,10 @@ class FoldRun:
                                  device=self.device, seed=t.seed)
         self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.model, self.data.lengths, self.device,
                                                    self.world)
+        if cfg.model.quantization == "nf4":  # after the memory plan: the cache takes only what activations leave
+            cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
+                               freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
+                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
