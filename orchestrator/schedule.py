@@ -98,3 +98,34 @@ def plan_fold_phases(cfg: Config, folds: list[int],
             phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
         out.append((phase_folds, phase_cfg, {}))
     return out
+
+
+def schedule_seconds(n_folds: int, slots: int, train_s: float, phase_overhead_s: float, piece_overhead_s: float,
+                     ddp_speedup: float) -> tuple[float, float]:
+    """(packed, rotated) wall seconds for ``n_folds`` folds of ``train_s`` training seconds each on ``slots`` one-GPU
+    slots. Packing: full waves, then the remaining folds split the GPUs, training ``ddp_speedup`` times faster than on
+    one. Rotation: ``n_folds`` phases, each training 1/slots of its folds. Every phase (packed) or piece (rotated) pays
+    its overhead once: trial and worker start, model load, compilation, and the prediction of the folds it ends."""
+    waves, rest = divmod(n_folds, slots)
+    packed = waves * (phase_overhead_s + train_s) + (phase_overhead_s + train_s / ddp_speedup if rest else 0.0)
+    rotated = n_folds * (piece_overhead_s + train_s / slots) if rest else packed
+    return packed, rotated
+
+
+def rotation_crossover_s(n_folds: int, slots: int, phase_overhead_s: float, piece_overhead_s: float,
+                         ddp_speedup: float) -> float | None:
+    """Training seconds per fold above which rotation beats packing (from :func:`schedule_seconds`); None when it
+    never does (the folds divide evenly over the slots, or data-parallel scaling is good enough)."""
+    waves, rest = divmod(n_folds, slots)
+    saved_per_s = waves + 1.0 / ddp_speedup - n_folds / slots  # packed minus rotated, per training second
+    if rest == 0 or saved_per_s <= 0:
+        return None
+    extra = n_folds * piece_overhead_s - (waves + 1) * phase_overhead_s  # rotation's extra fixed cost
+    return max(0.0, extra / saved_per_s)
+
+
+def prefer_rotation(n_folds: int, slots: int, train_s: float, phase_overhead_s: float, piece_overhead_s: float,
+                    ddp_speedup: float) -> bool:
+    """Whether rotation finishes ``n_folds`` folds of ``train_s`` training seconds sooner than packing."""
+    crossover = rotation_crossover_s(n_folds, slots, phase_overhead_s, piece_overhead_s, ddp_speedup)
+    return crossover is not None and train_s > crossover

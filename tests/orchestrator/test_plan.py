@@ -78,3 +78,20 @@ def test_rotation_is_only_used_when_folds_do_not_divide_evenly():
     phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
     assert len(phases) == 5 and all(c.cluster.gpus_per_fold == 1 and len(fs) == 4 for fs, c, _ in phases)
     assert plan_fold_phases(gpu, [0, 1, 2, 3], {"CPU": 64, "GPU": 4}) == [([0, 1, 2, 3], gpu, {})]
+
+
+def test_rotation_pays_only_past_the_crossover_computed_from_overheads():
+    from orchestrator.schedule import prefer_rotation, rotation_crossover_s, schedule_seconds
+
+    # five folds on four GPUs, 100 s of overhead per phase or piece, data-parallel 1.1x faster over four GPUs
+    cross = rotation_crossover_s(5, 4, 100.0, 100.0, 1.1)
+    # packed: 2 phases, 1 + 1/1.1 fold-times; rotated: 5 pieces, 1.25 fold-times -> 300 / (1 + 1/1.1 - 1.25)
+    assert cross == pytest.approx(300.0 / (1 + 1 / 1.1 - 1.25))
+    packed, rotated = schedule_seconds(5, 4, cross, 100.0, 100.0, 1.1)
+    assert packed == pytest.approx(rotated)  # the crossover is where both take the same wall time
+    assert not prefer_rotation(5, 4, 0.9 * cross, 100.0, 100.0, 1.1)
+    assert prefer_rotation(5, 4, 1.1 * cross, 100.0, 100.0, 1.1)
+    assert rotation_crossover_s(4, 4, 100.0, 100.0, 1.1) is None        # folds divide evenly: nothing to rotate
+    assert rotation_crossover_s(5, 4, 100.0, 100.0, 4.0) is None        # perfect data-parallel scaling: never
+    assert not prefer_rotation(5, 4, 1e9, 100.0, 100.0, 4.0)
+    assert rotation_crossover_s(3, 2, 50.0, 10.0, 1.0) == 0.0            # cheaper pieces than phases: always
