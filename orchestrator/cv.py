@@ -165,7 +165,8 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         errors = {}
-        for phase_folds, phase_cfg, stops in schedule.plan_fold_phases(cfg, todo, resources):
+        train_rows = int(len(rows) * (cfg.data.n_folds - 1) / cfg.data.n_folds)  # per fold, for rotate_folds=null
+        for phase_folds, phase_cfg, stops in schedule.plan_fold_phases(cfg, todo, resources, train_rows):
             phase_folds = [k for k in phase_folds if errors.get(k) is None]  # a fold that failed stays failed
             if not phase_folds:
                 continue

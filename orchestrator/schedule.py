@@ -76,13 +76,19 @@ def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[in
     return phases
 
 
-def plan_fold_phases(cfg: Config, folds: list[int],
-                     resources: dict) -> list[tuple[list[int], Config, dict[int, float | None]]]:
+def plan_fold_phases(cfg: Config, folds: list[int], resources: dict,
+                     train_rows_per_fold: int | None = None) -> list[tuple[list[int], Config, dict[int, float | None]]]:
     """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
     CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
-    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
+    ``cluster.rotate_folds`` (or, left null, when :func:`rotation_is_faster` says so for GPU folds of
+    ``train_rows_per_fold`` rows), :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop
+    fraction})]."""
     c = cfg.cluster
-    if c.rotate_folds:
+    rotate = c.rotate_folds
+    if rotate is None:
+        rotate = c.gpus_per_fold > 0 and train_rows_per_fold is not None and rotation_is_faster(
+            cfg, len(folds), plan_concurrency(cfg, resources, len(folds)), train_rows_per_fold)
+    if rotate:
         return [(f, cfg, stops) for f, stops in plan_rotation(folds, plan_concurrency(cfg, resources, len(folds)))]
     if c.gpus_per_fold > 0:
         plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
@@ -129,3 +135,29 @@ def prefer_rotation(n_folds: int, slots: int, train_s: float, phase_overhead_s: 
     """Whether rotation finishes ``n_folds`` folds of ``train_s`` training seconds sooner than packing."""
     crossover = rotation_crossover_s(n_folds, slots, phase_overhead_s, piece_overhead_s, ddp_speedup)
     return crossover is not None and train_s > crossover
+
+
+# Measured on 2 x H200, compiled fast config (docs/PERFORMANCE.md, "Packing against rotation"): a phase or a piece
+# costs about 40 s to start (Tune trial, Ray Train workers, imports, model load), about 20 s of compilation with the
+# inductor cache of an earlier phase, and about 10 s of prediction and files. A full-length step of the fast config
+# takes 0.233 s on an H200 (orchestrator.bench, same session).
+PHASE_OVERHEAD_S = 70.0
+STEP_S = 0.233
+# A fold split over GPUs runs its batch of 4 at 1 row per GPU on 4 GPUs: 1.1x one GPU (measured, 4 x H200); over 2
+# GPUs 2 rows each: about 1.37x, from the one-row and four-row step times (0.280 s, 0.480 s; not measured as DDP).
+DDP_SPEEDUP = {2: 1.37}
+DDP_SPEEDUP_MANY = 1.1
+
+
+def rotation_is_faster(cfg: Config, n_folds: int, slots: int, train_rows_per_fold: int) -> bool:
+    """Whether rotation beats packing for ``n_folds`` GPU folds of ``train_rows_per_fold`` rows on ``slots``
+    one-fold slots, from the measured overheads above (:func:`prefer_rotation`). Training time per fold is estimated
+    at full-length steps, so short rows make it an upper bound."""
+    t = cfg.train
+    steps = t.max_steps or -(-train_rows_per_fold // (t.batch_size * t.grad_accum)) * t.epochs
+    rest = n_folds % slots
+    if rest == 0 or slots >= n_folds:
+        return False  # nothing left over to pack or rotate
+    share = slots // rest  # slots each packed fold would train on
+    speedup = DDP_SPEEDUP.get(share, DDP_SPEEDUP_MANY) if share > 1 else 1.0
+    return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PHASE_OVERHEAD_S, speedup)

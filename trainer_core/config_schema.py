@@ -104,9 +104,11 @@ class ClusterConfig:
     max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
     pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
                               "instead of leaving GPUs idle")
-    rotate_folds: bool = _f(False, "when folds do not divide evenly over the slots (5 folds, 4 GPUs), train every fold "
-                            "in pieces that take turns, resuming from checkpoints: 5 folds on 4 GPUs take 1.25 "
-                            "fold-times plus a restart per piece, with no data-parallel split (overrides pack_folds)")
+    rotate_folds: Optional[bool] = _f(
+        None, "when folds do not divide evenly over the slots (5 folds, 4 GPUs), train every fold in pieces that take "
+        "turns, resuming from checkpoints: 1.25 fold-times for 5 folds on 4 GPUs plus a restart per piece, no "
+        "data-parallel split (overrides pack_folds); null = GPU folds rotate when their estimated training time is "
+        "past the crossover measured against packing (orchestrator.schedule), CPU folds do not")
     max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
 

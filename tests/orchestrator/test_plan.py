@@ -95,3 +95,24 @@ def test_rotation_pays_only_past_the_crossover_computed_from_overheads():
     assert rotation_crossover_s(5, 4, 100.0, 100.0, 4.0) is None        # perfect data-parallel scaling: never
     assert not prefer_rotation(5, 4, 1e9, 100.0, 100.0, 4.0)
     assert rotation_crossover_s(3, 2, 50.0, 10.0, 1.0) == 0.0            # cheaper pieces than phases: always
+
+
+def test_rotate_folds_null_rotates_gpu_folds_only_past_the_measured_crossover():
+    from orchestrator.schedule import plan_fold_phases, rotation_is_faster
+
+    gpu = Config()
+    gpu.cluster.gpus_per_fold = 1
+    assert gpu.cluster.rotate_folds is None  # the default: chosen from the fold's length
+    resources = {"CPU": 64, "GPU": 4}
+    # the bundled 2,000-row sample: 1,600 training rows a fold, 400 steps (~93 s): packing
+    assert not rotation_is_faster(gpu, 5, 4, 1_600)
+    assert [fs for fs, _, _ in plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 1_600)] == [[0, 1, 2, 3], [4]]
+    # the Kaggle training set: ~46,000 training rows a fold (~45 minutes): rotation, five phases of four pieces
+    assert rotation_is_faster(gpu, 5, 4, 46_000)
+    phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)
+    assert len(phases) == 5 and all(len(fs) == 4 for fs, _, _ in phases)
+    assert not rotation_is_faster(gpu, 4, 4, 46_000)  # folds divide evenly
+    gpu.cluster.rotate_folds = False  # an explicit choice wins
+    assert len(plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)) == 2
+    cpu = Config()  # CPU folds never rotate unless asked
+    assert len(plan_fold_phases(cpu, [0, 1, 2, 3, 4], {"CPU": 2}, 46_000)) == 2

@@ -95,8 +95,9 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """model.compile arrived after run directories existed: at its default ('off', the old behaviour) the fingerprint
-    is the one computed without the key, so those runs still resume; turning it on changes the fingerprint."""
+    """model.compile and model.dequant_cache arrived after run directories existed: at their defaults ('off', the old
+    behaviour) the fingerprint is the one computed without the keys, so those runs still resume; turning compilation on
+    changes the fingerprint."""
     import hashlib
     import json
 
@@ -104,6 +105,7 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     d = cfg.to_dict()
     d.pop("cluster")
     d["model"].pop("compile")
+    d["model"].pop("dequant_cache")
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
     assert cfg.fingerprint() != Config().fingerprint()
