@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from trainer_core.config import Config
 from trainer_core.dequant_cache import cache_for_training
-from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
+from trainer_core.fold_data import BatchSchedule, FoldData, fill_batch, plan_batches
 from trainer_core.fold_state import FoldMetrics, load_checkpoint, save_checkpoint, write_fold_files
 from trainer_core.inference import predict_probs
 from trainer_core.memory import apply_budget
@@ -196,10 +196,13 @@ class FoldRun:
         """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), labels (B,))]."""
         out = []
         for idx in self.batches.step_rows(step, self.rank):
-            input_ids, mask = self.data.collate_train(idx, self.tok.pad_token_id, self.device)
-            out.append((input_ids, mask, self.data.train_labels[idx].to(self.device, non_blocking=True)))
             self.samples += len(idx) * self.world
             self.tokens += int(self.data.lengths[idx].sum()) * self.world
+            labels = self.data.train_labels[idx]
+            if self.cfg.model.compile != "off":  # a new batch size would recompile every compiled layer
+                idx, labels = fill_batch(idx, labels, self.batches.micro_batch)
+            input_ids, mask = self.data.collate_train(idx, self.tok.pad_token_id, self.device)
+            out.append((input_ids, mask, labels.to(self.device, non_blocking=True)))
         return out
 
     def throughput(self) -> dict:

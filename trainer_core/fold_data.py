@@ -13,7 +13,7 @@ import torch
 
 from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
 from trainer_core.config import Config
-from trainer_core.memory import free_device_bytes, plan_memory
+from trainer_core.memory import free_device_bytes, plan_memory, recomputed_layers
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
 from trainer_core.tokenization import encode_rows
 
@@ -97,7 +97,7 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
                            seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum,
                            free_bytes=free_device_bytes(device, t.memory_budget_gib))
         if plan.checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, only=recomputed_layers(cfg, plan))
         micro_bs, accum = plan.micro_batch, plan.grad_accum
         log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
                  plan.free_gib)
@@ -107,3 +107,17 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
     return BatchSchedule(lengths=lengths, micro_batch=micro_bs, grad_accum=accum, world=world, seed=t.seed + fold,
                          group_by_length=t.group_by_length, micro_per_epoch=micro_per_epoch,
                          total_steps=total_steps, total_micro=total_micro)
+
+
+IGNORED_LABEL = -100  # F.cross_entropy's default ignore_index
+
+
+def fill_batch(idx: np.ndarray, labels: torch.Tensor, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """A short (last) micro-batch filled up to ``size`` rows by repeating its first row with an ignored label: the
+    loss (a mean over the rows whose label is not ignored) and its gradients are those of the real rows, while the
+    batch keeps the shape the compiled layers were built for (a new batch size recompiles them: ~30 s on an H200)."""
+    short = size - len(idx)
+    if short <= 0:
+        return idx, labels
+    return (np.concatenate([idx, np.repeat(idx[:1], short)]),
+            torch.cat([labels, torch.full((short,), IGNORED_LABEL, dtype=labels.dtype)]))

@@ -108,3 +108,71 @@ def test_embedding_table_kept_in_load_dtype_gives_the_same_logits(monkeypatch):
     l_fp32, loss_fp32, _ = grads_and_loss("off", "bf16")
     assert loss_kept == loss_fp32
     torch.testing.assert_close(l_kept, l_fp32, rtol=0, atol=0)
+
+
+def test_a_short_batch_filled_with_ignored_rows_gives_the_same_loss_and_gradients():
+    """Compiled folds fill the epoch's last, short micro-batch up to the batch size with a repeated row whose label
+    is ignored: the loss and every gradient equal those of the short batch alone (fp32, tolerance 1e-5)."""
+    import numpy as np
+
+    from trainer_core.fold_data import fill_batch
+    from trainer_core.step import train_step
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", "model.gradient_checkpointing=off"])
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17)]
+    labels = torch.tensor([0, 2, 1])
+    results = []
+    for size in (3, 4):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        model.train()
+        idx, lab = fill_batch(np.arange(3), labels, size)
+        assert len(idx) == size and (lab[3:] == -100).all()
+        input_ids, mask = collate([ids[i] for i in idx], 0, torch.device("cpu"))
+        params = trainable_parameters(model)
+        opt = torch.optim.SGD(params, lr=0.0)  # the step leaves the weights; only loss and gradients are compared
+        grads = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, n=n, out=grads: out.__setitem__(n, g.clone()))
+        loss, _ = train_step(model, [(input_ids, mask, lab)], opt, None, params, make_autocast("fp32", torch.device(
+            "cpu")), None)
+        results.append((float(loss), grads))
+    (loss3, g3), (loss4, g4) = results
+    assert loss4 == pytest.approx(loss3, rel=1e-6)
+    assert g3.keys() == g4.keys() and len(g3) > 0
+    for k in g3:
+        torch.testing.assert_close(g4[k], g3[k], rtol=1e-5, atol=1e-7)
+
+
+def test_partial_recomputation_changes_no_gradient():
+    """Recomputing only some trained layers (a card that almost fits) gives the gradients of no recomputation."""
+    from trainer_core.modeling import decoder_layers, enable_checkpointing
+
+    l_off, loss_off, g_off = grads_and_loss("off")
+    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
+                        checkpointing="off")
+    enable_checkpointing(model, only=range(2, 3))
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [False, False, True, False]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33)]
+    input_ids, mask = collate(ids, 0, torch.device("cpu"))
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits.float(),
+                                             torch.tensor([0, 1, 2, 1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_off, rel=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g_off[n], rtol=1e-4, atol=1e-6)
