@@ -18,7 +18,7 @@ import torch
 from trainer_core.batching import collate, epoch_batches, padding_waste
 from trainer_core.config import Config, apply_overrides
 from trainer_core.dequant_cache import cache_for_training
-from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
+from trainer_core.memory import apply_budget, free_device_bytes, plan_memory, recomputed_layers
 from trainer_core.modeling import (
     build_model,
     decoder_layer_count,
@@ -118,7 +118,7 @@ def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, bud
                                seq_len=seq_len, batch_size=micro, grad_accum=accum,
                                free_bytes=free_device_bytes(device, budget_gib))
             if plan.checkpointing:
-                enable_checkpointing(model)
+                enable_checkpointing(model, only=recomputed_layers(cfg, plan))
             micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
         else:
             plan_text = "auto: off on CPU"

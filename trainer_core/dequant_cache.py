@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer_core.memory import SAFETY, activation_bytes_per_token, free_device_bytes
-from trainer_core.modeling import decoder_layer_count, decoder_layers
+from trainer_core.modeling import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.devic
     ``micro_batch`` x ``seq_len`` step as the model now trains (with or without recomputation)."""
     if mode == "off":
         return ""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    recompute = bool(getattr(base, "is_gradient_checkpointing", False))
-    n_trained = decoder_layer_count(model) - freeze_layers
-    need = activation_bytes_per_token(model.config, n_trained, seq_len, recompute) * micro_batch * seq_len * SAFETY
+    trained = list(decoder_layers(model))[freeze_layers:]
+    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in trained)
+    need = activation_bytes_per_token(model.config, len(trained), seq_len, recomputed > 0,
+                                      recomputed) * micro_batch * seq_len * SAFETY
     return apply_dequant_cache(model, mode, dtype, free_device_bytes(device, budget_gib), need)

@@ -173,8 +173,9 @@ def compile_layers(model, dynamic: bool | None = None) -> None:
         layer.compile(dynamic=dynamic)
 
 
-def enable_checkpointing(model, reentrant: bool = False) -> None:
-    """Recompute each decoder layer's activations in backward.
+def enable_checkpointing(model, reentrant: bool = False, only: range | None = None) -> None:
+    """Recompute each decoder layer's activations in backward (``only``: just the layers of that index range; the
+    others keep their activations - partial recomputation for a card that almost fits).
 
     Non-reentrant (ours) needs no grad on the embeddings, so backward stops below the lowest trained layer. Reentrant
     (the seed, via peft's default) needs input grads, which carries the backward pass through every frozen layer."""
@@ -189,6 +190,10 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
         base.enable_input_require_grads()
     else:
         base.disable_input_require_grads()
+    if only is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            if i not in only:
+                layer.gradient_checkpointing = False  # read per call by transformers' GradientCheckpointingLayer
 
 
 def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:
