@@ -45,8 +45,8 @@ class ModelConfig:
     double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
     attn_implementation: Optional[str] = _f("eager", "attention kernel; eager keeps Gemma-2 logit soft-capping exactly")
     gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
-        "auto", "recompute activations in backward: on/off, auto = only if the GPU's free memory demands it, "
-        "reentrant = the seed's way (backward through every layer)")
+        "auto", "recompute activations in backward: on/off, auto = only as many trained layers as the GPU's free "
+        "memory demands, reentrant = the seed's way (backward through every layer)")
     compile: Literal["off", "on", "dynamic"] = _f(
         "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
         "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
