@@ -1,9 +1,11 @@
 """Benchmark fold training: the seed notebook's setup against this project's, same process, same batches.
 
 Builds the config's architecture with random weights (``model.random_config``; nothing is downloaded) and times
-(a) the seed's setup - fp16, the library's default attention, reentrant checkpointing through every layer, batch 4,
-8-bit AdamW - and (b) the project's fold training step as configured (bf16 where the card has it, no backward through
-frozen layers, recomputation only if free memory demands it), on full-length rows and on an arena-like length mix.
+(0) the seed notebook's exact path (``seed-hf``: Hugging Face Trainer with the notebook's TrainingArguments,
+full-length rows), (a) the seed's setup - fp16, the library's default attention, reentrant checkpointing through every
+layer, batch 4, 8-bit AdamW - and (b) the project's fold training step as configured (bf16 where the card has it, no
+backward through frozen layers, recomputation only if free memory demands it), on full-length rows and on an arena-like
+length mix.
 Optionally (c) the project's setup squeezed into a smaller card (``--budget-gib 24``). Prints one table, the ratio
 line, and a numerics check of (b) against (a). Not a test: figures go into docs/PERFORMANCE.md with the card.
 
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "step and the top operators by device time")
     p.add_argument("--no-mixed", action="store_true", help="skip the variable-length (arena-like) measurement")
     p.add_argument("--no-seed", action="store_true", help="skip the seed baseline (then no ratio is printed)")
+    p.add_argument("--no-seed-hf", action="store_true",
+                   help="skip the seed notebook's exact path (seed-hf: Hugging Face Trainer with the notebook's "
+                        "TrainingArguments, full-length rows only)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for orchestrator.cv")
     return p
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, profile_setup, run_setup, seed_setup
+    from trainer_core.benchmark_hf import run_seed_hf
 
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
@@ -112,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         capped.name = f"ours@{args.budget_gib:g}G"
         plan.append((capped, args.budget_gib, False))
     rows = []
+    if not args.no_seed_hf:
+        try:
+            rows.append(run_seed_hf(cfg, device, steps=args.steps, warmup=args.warmup))
+        except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+            free_cuda(device)
+            rows.append({"setup": "seed-hf", "failed": True, "oom": isinstance(e, torch.OutOfMemoryError),
+                         "error": short_error(e)})
+        free_cuda(device)
+        print(json.dumps(rows[-1]), flush=True)
     for setup, budget, mixed in plan:
         try:
             rows.append(run_setup(cfg, setup, device, steps=args.steps, warmup=args.warmup, budget_gib=budget,
@@ -134,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             result["mixed_ratio"] = ok["ours"]["mixed_samples_per_s"] / ok["seed"]["mixed_samples_per_s"]
             print(f"samples/s ratio vs seed on the arena-like length mix (same call, {device_name}): "
                   f"{result['mixed_ratio']:.2f}")
+    if "seed-hf" in ok and "ours" in ok:
+        result["ratio_seed_hf"] = ok["ours"]["samples_per_s"] / ok["seed-hf"]["samples_per_s"]
+        print(f"samples/s ratio vs seed-hf, the notebook's Trainer path (same call, {device_name}): "
+              f"{result['ratio_seed_hf']:.2f}")
+    if "seed" in ok and "ours" in ok:
         num = compare_numerics(cfg, seed, ours, device)
         result["numerics"] = num
         print(f"numerics, ours vs seed setup (same weights, one batch): {numerics_text(num)}")

@@ -167,7 +167,8 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         errors: dict[int, str | None] = {}
-        phases = schedule.plan_fold_phases(cfg, todo, resources)
+        train_rows = int(len(rows) * (cfg.data.n_folds - 1) / cfg.data.n_folds)  # per fold, for rotate_folds=null
+        phases = schedule.plan_fold_phases(cfg, todo, resources, train_rows)
         pieces = any(p.stop_at is not None for phase in phases for p in phase.values())  # a rotated schedule
         for planned in phases:
             phase = {k: p for k, p in planned.items() if errors.get(k) is None}  # a fold that failed stays failed

@@ -5,6 +5,8 @@ Runs ``orchestrator.cv`` on the given config and folds, then reads each fold's `
 ran data-parallel over several GPUs counts as the mean one-GPU fold time; a fold trained in pieces
 (``cluster.rotate_folds``) counts its training plus one model load and prediction. Wall time is the whole command,
 Ray start and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
+Also prints where each run of a fold spent its wall time (start, compile, train, prediction and files:
+:mod:`orchestrator.fold_timeline`), the figures a choice between packing and rotation rests on.
 
 Example::
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
 from trainer_core.config import load_config
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         random_weights_dir(cfg.model, pad, cfg.train.seed,
                            torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16)
     n_gpus = torch.cuda.device_count()
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(args.config), "--folds",
                           args.folds, "--out", str(args.out), "--restart", *args.overrides])
     wall = time.perf_counter() - t0
@@ -68,9 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     eff = one_gpu_total / (gpus * wall)
     print(f"wall {wall:.1f}s on {gpus} GPU(s); sum of one-GPU fold times {one_gpu_total:.1f}s; "
           f"parallel efficiency {eff:.3f}")
+    runs = breakdown(read_run_logs(args.out), t0_wall)
+    overheads = mean_overheads(runs)
+    print("where the wall time went, per run of a fold (start: trial, workers, model load; after: prediction and "
+          "files):")
+    print(format_breakdown(runs))
+    print("mean per run: " + ", ".join(f"{k} {v:.1f}" for k, v in overheads.items() if v is not None))
     (args.out / "efficiency.json").write_text(json.dumps({"wall_s": wall, "gpus": gpus, "efficiency": eff,
-                                                          "one_gpu_total_s": one_gpu_total, "folds": metrics},
-                                                         indent=2))
+                                                          "one_gpu_total_s": one_gpu_total, "folds": metrics,
+                                                          "runs": runs, "mean_overheads": overheads}, indent=2))
     return 0
 
 

@@ -114,12 +114,19 @@ def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[in
     return phases
 
 
-def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[Phase]:
+def plan_fold_phases(cfg: Config, folds: list[int], resources: dict,
+                     train_rows_per_fold: int | None = None) -> list[Phase]:
     """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
     CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
-    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns the phases in order, each {fold: placement}."""
+    ``cluster.rotate_folds`` (or, left null, when :func:`rotation_is_faster` says so for GPU folds of
+    ``train_rows_per_fold`` rows), :func:`plan_rotation` instead. Returns the phases in order, each {fold:
+    placement}."""
     c, base = cfg.cluster, base_placement(cfg)
-    if c.rotate_folds:
+    rotate = c.rotate_folds
+    if rotate is None:
+        rotate = base.use_gpu and train_rows_per_fold is not None and rotation_is_faster(
+            cfg, len(folds), plan_concurrency(cfg, resources, len(folds)), train_rows_per_fold)
+    if rotate:
         slots = plan_concurrency(cfg, resources, len(folds))
         return [{f: replace(base, stop_at=stops.get(f)) for f in phase_folds}
                 for phase_folds, stops in plan_rotation(folds, slots)]
@@ -130,3 +137,60 @@ def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[Pha
     plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
     return [{f: replace(base, cpus_per_worker=base.cpus_per_worker * units) for f in phase_folds}
             for phase_folds, units in plan]
+
+
+def schedule_seconds(n_folds: int, slots: int, train_s: float, phase_overhead_s: float, piece_overhead_s: float,
+                     ddp_speedup: float) -> tuple[float, float]:
+    """(packed, rotated) wall seconds for ``n_folds`` folds of ``train_s`` training seconds each on ``slots`` one-GPU
+    slots. Packing: full waves, then the remaining folds split the GPUs, training ``ddp_speedup`` times faster than on
+    one. Rotation: ``n_folds`` phases, each training 1/slots of its folds. Every phase (packed) or piece (rotated) pays
+    its overhead once: trial and worker start, model load, compilation, and the prediction of the folds it ends."""
+    waves, rest = divmod(n_folds, slots)
+    packed = waves * (phase_overhead_s + train_s) + (phase_overhead_s + train_s / ddp_speedup if rest else 0.0)
+    rotated = n_folds * (piece_overhead_s + train_s / slots) if rest else packed
+    return packed, rotated
+
+
+def rotation_crossover_s(n_folds: int, slots: int, phase_overhead_s: float, piece_overhead_s: float,
+                         ddp_speedup: float) -> float | None:
+    """Training seconds per fold above which rotation beats packing (from :func:`schedule_seconds`); None when it
+    never does (the folds divide evenly over the slots, or data-parallel scaling is good enough)."""
+    waves, rest = divmod(n_folds, slots)
+    saved_per_s = waves + 1.0 / ddp_speedup - n_folds / slots  # packed minus rotated, per training second
+    if rest == 0 or saved_per_s <= 0:
+        return None
+    extra = n_folds * piece_overhead_s - (waves + 1) * phase_overhead_s  # rotation's extra fixed cost
+    return max(0.0, extra / saved_per_s)
+
+
+def prefer_rotation(n_folds: int, slots: int, train_s: float, phase_overhead_s: float, piece_overhead_s: float,
+                    ddp_speedup: float) -> bool:
+    """Whether rotation finishes ``n_folds`` folds of ``train_s`` training seconds sooner than packing."""
+    crossover = rotation_crossover_s(n_folds, slots, phase_overhead_s, piece_overhead_s, ddp_speedup)
+    return crossover is not None and train_s > crossover
+
+
+# Measured on 2 x H200, compiled fast config (docs/PERFORMANCE.md, "Packing against rotation"): a phase or a piece
+# costs about 40 s to start (Tune trial, Ray Train workers, imports, model load), about 20 s of compilation with the
+# inductor cache of an earlier phase, and about 10 s of prediction and files. A full-length step of the fast config
+# takes 0.233 s on an H200 (orchestrator.bench, same session).
+PHASE_OVERHEAD_S = 70.0
+STEP_S = 0.233
+# A fold split over GPUs runs its batch of 4 at 1 row per GPU on 4 GPUs: 1.1x one GPU (measured, 4 x H200); over 2
+# GPUs 2 rows each: about 1.37x, from the one-row and four-row step times (0.280 s, 0.480 s; not measured as DDP).
+DDP_SPEEDUP = {2: 1.37}
+DDP_SPEEDUP_MANY = 1.1
+
+
+def rotation_is_faster(cfg: Config, n_folds: int, slots: int, train_rows_per_fold: int) -> bool:
+    """Whether rotation beats packing for ``n_folds`` GPU folds of ``train_rows_per_fold`` rows on ``slots``
+    one-fold slots, from the measured overheads above (:func:`prefer_rotation`). Training time per fold is estimated
+    at full-length steps, so short rows make it an upper bound."""
+    t = cfg.train
+    steps = t.max_steps or -(-train_rows_per_fold // (t.batch_size * t.grad_accum)) * t.epochs
+    rest = n_folds % slots
+    if rest == 0 or slots >= n_folds:
+        return False  # nothing left over to pack or rotate
+    share = slots // rest  # slots each packed fold would train on
+    speedup = DDP_SPEEDUP.get(share, DDP_SPEEDUP_MANY) if share > 1 else 1.0
+    return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PHASE_OVERHEAD_S, speedup)

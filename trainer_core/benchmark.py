@@ -17,7 +17,8 @@ import torch
 
 from trainer_core.batching import collate, epoch_batches, padding_waste
 from trainer_core.config import Config, apply_overrides
-from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
+from trainer_core.dequant_cache import cache_for_training
+from trainer_core.memory import apply_budget, free_device_bytes, plan_memory, recomputed_layers
 from trainer_core.modeling import (
     build_model,
     decoder_layer_count,
@@ -26,7 +27,7 @@ from trainer_core.modeling import (
     trainable_parameters,
 )
 from trainer_core.optim import build_optimizer
-from trainer_core.step import make_autocast, train_step
+from trainer_core.step import DTYPES, make_autocast, train_step
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -48,8 +49,8 @@ class Setup:
 
 def seed_setup(cfg: Config) -> Setup:
     """The seed notebook: fp16, the library's default attention, peft's default (reentrant) checkpointing through
-    every layer, batch 4, 8-bit AdamW, no length grouping."""
-    return Setup("seed", "fp16", "reentrant", None, "off", 4, 1, False, "adamw_8bit")
+    every layer, batch 4, 8-bit AdamW, no length grouping, nf4 weights dequantized at every call."""
+    return Setup("seed", "fp16", "reentrant", None, "off", 4, 1, False, "adamw_8bit", {"model.dequant_cache": "off"})
 
 
 def our_setup(cfg: Config, device: torch.device, overrides: dict | None = None, name: str = "ours") -> Setup:
@@ -117,10 +118,15 @@ def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, bud
                                seq_len=seq_len, batch_size=micro, grad_accum=accum,
                                free_bytes=free_device_bytes(device, budget_gib))
             if plan.checkpointing:
-                enable_checkpointing(model)
+                enable_checkpointing(model, only=recomputed_layers(cfg, plan))
             micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
         else:
             plan_text = "auto: off on CPU"
+    if cfg.model.quantization == "nf4":
+        note = cache_for_training(model, cfg.model.dequant_cache, DTYPES[setup.precision], device,
+                                  freeze_layers=cfg.lora.freeze_layers, seq_len=seq_len, micro_batch=micro,
+                                  budget_gib=budget_gib)
+        plan_text += f"; {note}" if note else ""
     model.train()  # recomputation and dropout act only in training mode, as in fold.py
     params = trainable_parameters(model)
     tcfg = copy.deepcopy(cfg.train)

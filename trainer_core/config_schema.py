@@ -56,11 +56,15 @@ class ModelConfig:
     double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
     attn_implementation: Optional[str] = _f("eager", "attention kernel; eager keeps Gemma-2 logit soft-capping exactly")
     gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
-        "auto", "recompute activations in backward: on/off, auto = only if the GPU's free memory demands it, "
-        "reentrant = the seed's way (backward through every layer)")
+        "auto", "recompute activations in backward: on/off, auto = only as many trained layers as the GPU's free "
+        "memory demands, reentrant = the seed's way (backward through every layer)")
     compile: Literal["off", "on", "dynamic"] = _f(
         "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
         "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
+        added=True)
+    dequant_cache: Literal["off", "auto", "on"] = _f(
+        "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
+        "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
         added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
 
@@ -87,7 +91,7 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     eval_batch_size: int = _f(4, "rows per device when predicting the held-out fold")
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
-        "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW")
+        "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW (32-bit states, fused on GPUs)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm (null = off)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
@@ -119,9 +123,11 @@ class ClusterConfig:
     max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
     pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
                               "instead of leaving GPUs idle")
-    rotate_folds: bool = _f(False, "when folds do not divide evenly over the slots (5 folds, 4 GPUs), train every fold "
-                            "in pieces that take turns, resuming from checkpoints: 5 folds on 4 GPUs take 1.25 "
-                            "fold-times plus a restart per piece, with no data-parallel split (overrides pack_folds)")
+    rotate_folds: Optional[bool] = _f(
+        None, "when folds do not divide evenly over the slots (5 folds, 4 GPUs), train every fold in pieces that take "
+        "turns, resuming from checkpoints: 1.25 fold-times for 5 folds on 4 GPUs plus a restart per piece, no "
+        "data-parallel split (overrides pack_folds); null = GPU folds rotate when their estimated training time is "
+        "past the crossover measured against packing (orchestrator.schedule), CPU folds do not")
     max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORED_LABEL = -100  # F.cross_entropy's default ignore_index: a row that only fills a short batch
+
 
 def distill_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], weight: float,
                  temperature: float = 1.0) -> torch.Tensor:
     """Mean loss over the batch; ``targets`` = (labels (B,) int64, teacher probabilities (B, 3))."""
     labels, teacher = targets
-    ce = F.cross_entropy(logits, labels)
-    teacher_t = torch.softmax(torch.log(teacher.clamp_min(1e-12)) / temperature, dim=-1)
-    kl = F.kl_div(torch.log_softmax(logits / temperature, dim=-1), teacher_t, reduction="batchmean")
+    keep = labels != IGNORED_LABEL  # rows that only fill a short batch count in neither term
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORED_LABEL)
+    teacher_t = torch.softmax(torch.log(teacher[keep].clamp_min(1e-12)) / temperature, dim=-1)
+    kl = F.kl_div(torch.log_softmax(logits[keep] / temperature, dim=-1), teacher_t, reduction="batchmean")
     return (1.0 - weight) * ce + weight * temperature ** 2 * kl

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from trainer_core.config import Config
+from trainer_core.dequant_cache import cache_for_training
 from trainer_core.distill import distill_loss
 from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
 from trainer_core.fold_state import (
@@ -45,7 +46,7 @@ from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
 from trainer_core.optim import build_optimizer, lr_at
 from trainer_core.ranks import dist_info, gather_objects, gather_rows, rank_seed
-from trainer_core.step import make_autocast, train_step
+from trainer_core.step import DTYPES, make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode_rows
 from trainer_core.tta import swap_responses, tta_average
@@ -124,6 +125,10 @@ class FoldRun:
                                  device=self.device, seed=t.seed)
         self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.model, self.data.lengths, self.device,
                                                    self.world)
+        if cfg.model.quantization == "nf4":  # after the memory plan: the cache takes only what activations leave
+            cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
+                               freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
+                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -192,10 +197,11 @@ class FoldRun:
         """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), targets)]."""
         out = []
         for idx in self.batches.step_rows(step, self.rank):
-            input_ids, mask = self.data.collate_train(idx, self.tok.pad_token_id, self.device)
-            out.append((input_ids, mask, self.data.targets(idx, self.device)))
             self.samples += len(idx) * self.world
             self.tokens += int(self.data.lengths[idx].sum()) * self.world
+            # Compiled layers: a short last batch is filled with ignored rows (a new batch size would recompile).
+            fill_to = self.batches.micro_batch if self.cfg.model.compile != "off" else None
+            out.append(self.data.batch(idx, self.tok.pad_token_id, self.device, fill_to=fill_to))
         return out
 
     def throughput(self) -> dict:

@@ -13,7 +13,8 @@ import torch
 
 from trainer_core.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice
 from trainer_core.config import Config
-from trainer_core.memory import free_device_bytes, plan_memory
+from trainer_core.distill import IGNORED_LABEL
+from trainer_core.memory import free_device_bytes, plan_memory, recomputed_layers
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
 from trainer_core.ranks import min_over_ranks
 from trainer_core.soft_labels import fold_targets
@@ -53,14 +54,18 @@ class FoldData:
                    val_labels=val_rows["label"].to_numpy(), lengths=np.array([len(x) for x in train_ids]),
                    train_soft=soft)
 
-    def targets(self, idx: np.ndarray, device: torch.device):
-        """What the loss compares the logits with: labels (B,), or (labels, teacher probabilities (B, 3))."""
-        labels = self.train_labels[idx].to(device, non_blocking=True)
-        return labels if self.train_soft is None else (labels, self.train_soft[idx].to(device, non_blocking=True))
-
-    def collate_train(self, idx: np.ndarray, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (B, T) input ids and attention mask of the training rows ``idx``."""
-        return collate([self.train_ids[i] for i in idx], pad_id, device)
+    def batch(self, idx: np.ndarray, pad_id: int, device: torch.device, fill_to: int | None = None):
+        """(input_ids (B, T), mask (B, T), targets) of the training rows ``idx``; targets are labels (B,), or
+        (labels, teacher probabilities (B, 3)) with soft labels. ``fill_to``: a short batch is filled up to that many
+        rows with ignored ones (``fill_batch``)."""
+        labels = self.train_labels[idx]
+        if fill_to:
+            idx, labels = fill_batch(idx, labels, fill_to)
+        input_ids, mask = collate([self.train_ids[i] for i in idx], pad_id, device)
+        labels = labels.to(device, non_blocking=True)
+        if self.train_soft is None:
+            return input_ids, mask, labels
+        return input_ids, mask, (labels, self.train_soft[idx].to(device, non_blocking=True))
 
 
 @dataclass
@@ -110,7 +115,7 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
         plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
                            seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum, free_bytes=free)
         if plan.checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, only=recomputed_layers(cfg, plan))
         micro_bs, accum = plan.micro_batch, plan.grad_accum
         log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
                  plan.free_gib)
@@ -121,3 +126,15 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
                          group_by_length=t.group_by_length, micro_per_epoch=micro_per_epoch,
                          total_steps=total_steps, total_micro=total_micro)
 
+
+
+
+def fill_batch(idx: np.ndarray, labels: torch.Tensor, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """A short (last) micro-batch filled up to ``size`` rows by repeating its first row with an ignored label: the
+    loss (a mean over the rows whose label is not ignored) and its gradients are those of the real rows, while the
+    batch keeps the shape the compiled layers were built for (a new batch size recompiles them: ~30 s on an H200)."""
+    short = size - len(idx)
+    if short <= 0:
+        return idx, labels
+    return (np.concatenate([idx, np.repeat(idx[:1], short)]),
+            torch.cat([labels, torch.full((short,), IGNORED_LABEL, dtype=labels.dtype)]))

@@ -147,6 +147,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         # peft's default would turn on reentrant checkpointing plus input grads, which sends the backward pass through
         # every frozen layer; checkpointing is chosen separately (enable_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # ...and it upcasts the embedding table to fp32 (3.7 GB for Gemma-2 9B): stored back in its load dtype, with
+        # fp32 rows handed out, it gives the same numbers (trainer_core.dequant_cache.keep_embedding_dtype)
+        from trainer_core.dequant_cache import keep_embedding_dtype
+
+        keep_embedding_dtype(model, dtype)
     if checkpointing in ("on", "reentrant"):
         enable_checkpointing(model, reentrant=checkpointing == "reentrant")
 
@@ -195,8 +200,9 @@ def compile_layers(model, dynamic: bool | None = None) -> None:
         layer.compile(dynamic=dynamic)
 
 
-def enable_checkpointing(model, reentrant: bool = False) -> None:
-    """Recompute each decoder layer's activations in backward.
+def enable_checkpointing(model, reentrant: bool = False, only: range | None = None) -> None:
+    """Recompute each decoder layer's activations in backward (``only``: just the layers of that index range; the
+    others keep their activations - partial recomputation for a card that almost fits).
 
     Non-reentrant (ours) needs no grad on the embeddings, so backward stops below the lowest trained layer. Reentrant
     (the seed, via peft's default) needs input grads, which carries the backward pass through every frozen layer."""
@@ -211,6 +217,10 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
         base.enable_input_require_grads()
     else:
         base.disable_input_require_grads()
+    if only is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            if i not in only:
+                layer.gradient_checkpointing = False  # read per call by transformers' GradientCheckpointingLayer
 
 
 def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:

@@ -97,3 +97,41 @@ def test_rotation_is_only_used_when_folds_do_not_divide_evenly():
     # each fold's pieces stop where plan_rotation says
     assert [{f: p.stop_at for f, p in ph.items()} for ph in phases] == [s for _, s in plan_rotation(list(range(5)), 4)]
     assert plan_fold_phases(gpu, [0, 1, 2, 3], {"CPU": 64, "GPU": 4}) == [dict.fromkeys(range(4), base_placement(gpu))]
+
+
+def test_rotation_pays_only_past_the_crossover_computed_from_overheads():
+    from orchestrator.schedule import prefer_rotation, rotation_crossover_s, schedule_seconds
+
+    # five folds on four GPUs, 100 s of overhead per phase or piece, data-parallel 1.1x faster over four GPUs
+    cross = rotation_crossover_s(5, 4, 100.0, 100.0, 1.1)
+    # packed: 2 phases, 1 + 1/1.1 fold-times; rotated: 5 pieces, 1.25 fold-times -> 300 / (1 + 1/1.1 - 1.25)
+    assert cross == pytest.approx(300.0 / (1 + 1 / 1.1 - 1.25))
+    packed, rotated = schedule_seconds(5, 4, cross, 100.0, 100.0, 1.1)
+    assert packed == pytest.approx(rotated)  # the crossover is where both take the same wall time
+    assert not prefer_rotation(5, 4, 0.9 * cross, 100.0, 100.0, 1.1)
+    assert prefer_rotation(5, 4, 1.1 * cross, 100.0, 100.0, 1.1)
+    assert rotation_crossover_s(4, 4, 100.0, 100.0, 1.1) is None        # folds divide evenly: nothing to rotate
+    assert rotation_crossover_s(5, 4, 100.0, 100.0, 4.0) is None        # perfect data-parallel scaling: never
+    assert not prefer_rotation(5, 4, 1e9, 100.0, 100.0, 4.0)
+    assert rotation_crossover_s(3, 2, 50.0, 10.0, 1.0) == 0.0            # cheaper pieces than phases: always
+
+
+def test_rotate_folds_null_rotates_gpu_folds_only_past_the_measured_crossover():
+    from orchestrator.schedule import plan_fold_phases, rotation_is_faster
+
+    gpu = Config()
+    gpu.cluster.gpus_per_fold = 1
+    assert gpu.cluster.rotate_folds is None  # the default: chosen from the fold's length
+    resources = {"CPU": 64, "GPU": 4}
+    # the bundled 2,000-row sample: 1,600 training rows a fold, 400 steps (~93 s): packing
+    assert not rotation_is_faster(gpu, 5, 4, 1_600)
+    assert [list(ph) for ph in plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 1_600)] == [[0, 1, 2, 3], [4]]
+    # the Kaggle training set: ~46,000 training rows a fold (~45 minutes): rotation, five phases of four pieces
+    assert rotation_is_faster(gpu, 5, 4, 46_000)
+    phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)
+    assert len(phases) == 5 and all(len(ph) == 4 for ph in phases)
+    assert not rotation_is_faster(gpu, 4, 4, 46_000)  # folds divide evenly
+    gpu.cluster.rotate_folds = False  # an explicit choice wins
+    assert len(plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)) == 2
+    cpu = Config()  # CPU folds never rotate unless asked
+    assert len(plan_fold_phases(cpu, [0, 1, 2, 3, 4], {"CPU": 2}, 46_000)) == 2

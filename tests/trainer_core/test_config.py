@@ -104,17 +104,18 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """model.compile, data.fold_by and data.prompt_share arrived after run directories existed: at their defaults (the
-    old behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes
-    the fingerprint."""
+    """model.compile, model.dequant_cache, data.fold_by and data.prompt_share arrived after run directories existed:
+    at their defaults (the old behaviour) the fingerprint is the one computed without them, so those runs still
+    resume; changing one changes the fingerprint."""
     import hashlib
     import json
 
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share"), ("train", "soft_labels"),
-                         ("train", "distill_weight"), ("train", "distill_temperature")):  # keys added later
+    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("data", "fold_by"),
+                         ("data", "prompt_share"), ("train", "soft_labels"), ("train", "distill_weight"),
+                         ("train", "distill_temperature")):  # keys added later
         d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"

@@ -5,17 +5,21 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS
+from trainer_core import dequant_cache
 from trainer_core.batching import collate
 from trainer_core.config import load_config
 from trainer_core.modeling import build_model, trainable_parameters
-from trainer_core.step import make_autocast
+from trainer_core.step import DTYPES, make_autocast
 
 
-def grads_and_loss(checkpointing: str, precision: str = "fp32", compile: str = "off"):
+def grads_and_loss(checkpointing: str, precision: str = "fp32", compile: str = "off", cache: bool = False):
     cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", f"model.compile={compile}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=precision, device=torch.device("cpu"),
                         checkpointing=checkpointing)
+    if cache:
+        cached, total, _ = dequant_cache.cache_dequantized_weights(model, float("inf"), DTYPES[precision])
+        assert cached == total == 4
     with torch.no_grad():  # LoRA B starts at zero; give it values so LoRA A gets gradients too
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -65,3 +69,110 @@ def test_compiled_layers_match_eager():
     assert g_comp.keys() == g_eager.keys()
     for k in g_eager:
         torch.testing.assert_close(g_comp[k], g_eager[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dequantized_weight_cache_matches_nf4(precision):
+    """model.dequant_cache: frozen nf4 layers replaced by their dequantized weights give the nf4 path's logits, loss
+    and gradients (fp32: to 1e-5; bf16 autocast: the same bf16 matmul inputs, so to bf16 rounding of the sums)."""
+    l_nf4, loss_nf4, g_nf4 = grads_and_loss("off", precision)
+    l_c, loss_c, g_c = grads_and_loss("off", precision, cache=True)
+    tol = {"fp32": (1e-5, 1e-6), "bf16": (1e-2, 1e-3)}[precision]
+    assert loss_c == pytest.approx(loss_nf4, rel=tol[0])
+    torch.testing.assert_close(l_c, l_nf4, rtol=tol[0], atol=tol[0])
+    assert g_c.keys() == g_nf4.keys()
+    for k in g_nf4:
+        torch.testing.assert_close(g_c[k], g_nf4[k], rtol=tol[0] * 10, atol=tol[1])
+
+
+def test_dequant_cache_respects_its_byte_budget():
+    """auto: only as many whole decoder layers as fit in the room left, top layers (the adapted ones) first."""
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+    layer_bytes = 4 * (64 * 16 * 4 + 2 * 64 * 16 * 2 + 16 * 4 * 64 + 3 * 64 * 128)  # q, k+v, o, gate/up/down; fp32
+    cached, total, gib = dequant_cache.cache_dequantized_weights(model, 2.5 * layer_bytes, torch.float32)
+    assert (cached, total) == (2, 4) and gib * 2**30 == 2 * layer_bytes
+    layers = model.get_base_model().model.layers
+    assert isinstance(layers[3].mlp.down_proj, dequant_cache.DequantizedLinear)
+    assert not isinstance(layers[1].mlp.down_proj, dequant_cache.DequantizedLinear)
+
+
+def test_embedding_table_kept_in_load_dtype_gives_the_same_logits(monkeypatch):
+    """peft upcasts the embedding table to fp32; keeping it in bf16 (its load dtype) with fp32 rows out gives the
+    fp32 table's logits exactly (bf16 compute, same weights)."""
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="bf16", device=torch.device("cpu"))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    l_kept, loss_kept, _ = grads_and_loss("off", "bf16")
+    monkeypatch.setattr(dequant_cache, "keep_embedding_dtype", lambda model, dtype: False)
+    l_fp32, loss_fp32, _ = grads_and_loss("off", "bf16")
+    assert loss_kept == loss_fp32
+    torch.testing.assert_close(l_kept, l_fp32, rtol=0, atol=0)
+
+
+def test_a_short_batch_filled_with_ignored_rows_gives_the_same_loss_and_gradients():
+    """Compiled folds fill the epoch's last, short micro-batch up to the batch size with a repeated row whose label
+    is ignored: the loss and every gradient equal those of the short batch alone (fp32, tolerance 1e-5)."""
+    import numpy as np
+
+    from trainer_core.fold_data import fill_batch
+    from trainer_core.step import train_step
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", "model.gradient_checkpointing=off"])
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17)]
+    labels = torch.tensor([0, 2, 1])
+    results = []
+    for size in (3, 4):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        model.train()
+        idx, lab = fill_batch(np.arange(3), labels, size)
+        assert len(idx) == size and (lab[3:] == -100).all()
+        input_ids, mask = collate([ids[i] for i in idx], 0, torch.device("cpu"))
+        params = trainable_parameters(model)
+        opt = torch.optim.SGD(params, lr=0.0)  # the step leaves the weights; only loss and gradients are compared
+        grads = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, n=n, out=grads: out.__setitem__(n, g.clone()))
+        loss, _ = train_step(model, [(input_ids, mask, lab)], opt, None, params, make_autocast("fp32", torch.device(
+            "cpu")), None)
+        results.append((float(loss), grads))
+    (loss3, g3), (loss4, g4) = results
+    assert loss4 == pytest.approx(loss3, rel=1e-6)
+    assert g3.keys() == g4.keys() and len(g3) > 0
+    for k in g3:
+        torch.testing.assert_close(g4[k], g3[k], rtol=1e-5, atol=1e-7)
+
+
+def test_partial_recomputation_changes_no_gradient():
+    """Recomputing only some trained layers (a card that almost fits) gives the gradients of no recomputation."""
+    from trainer_core.modeling import decoder_layers, enable_checkpointing
+
+    l_off, loss_off, g_off = grads_and_loss("off")
+    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
+                        checkpointing="off")
+    enable_checkpointing(model, only=range(2, 3))
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [False, False, True, False]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33)]
+    input_ids, mask = collate(ids, 0, torch.device("cpu"))
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits.float(),
+                                             torch.tensor([0, 1, 2, 1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_off, rel=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g_off[n], rtol=1e-4, atol=1e-6)

@@ -58,3 +58,16 @@ def test_plan_picks_the_fastest_setting_that_fits(free_gib, ckpt, micro, accum):
                        free_bytes=free_gib * GIB)
     assert (plan.checkpointing, plan.micro_batch, plan.grad_accum) == (ckpt, micro, accum)
     assert plan.micro_batch * plan.grad_accum == 4
+
+
+def test_a_card_that_almost_fits_recomputes_only_as_many_layers_as_it_must():
+    """A 24 GB card (about 14 GiB free after the weights) recomputes some of the 26 trained layers, not all; more
+    room, fewer layers; the estimate for the chosen number fits in the room."""
+    plan = plan_memory(GEMMA2_9B, n_trained_layers=26, seq_len=1024, batch_size=4, grad_accum=1, free_bytes=14 * GIB)
+    assert plan.checkpointing and 0 < plan.recompute_layers < 26 and plan.micro_batch == 4
+    assert plan.need_gib <= 14
+    roomier = plan_memory(GEMMA2_9B, n_trained_layers=26, seq_len=1024, batch_size=4, grad_accum=1,
+                          free_bytes=25 * GIB)
+    assert 0 < roomier.recompute_layers < plan.recompute_layers
+    tight = plan_memory(GEMMA2_9B, n_trained_layers=26, seq_len=1024, batch_size=4, grad_accum=1, free_bytes=3 * GIB)
+    assert tight.recompute_layers is None and tight.checkpointing  # all layers (then smaller micro-batches)
