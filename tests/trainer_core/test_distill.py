@@ -47,6 +47,20 @@ def test_distill_loss_is_ce_at_w0_and_kl_at_w1():
     assert distill_loss(logits, student_as_teacher, 1.0).abs() < 1e-6  # KL of a distribution with itself
 
 
+def test_rows_that_only_fill_a_short_batch_count_in_neither_term():
+    """Compiled folds fill a short last batch with a repeated row whose label is ignored (fold_data.fill_batch): the
+    distillation loss of the filled batch equals that of the real rows alone."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 3, generator=gen)
+    teacher = torch.softmax(torch.randn(3, 3, generator=gen), dim=-1)
+    labels = torch.tensor([0, 2, 1])
+    real = distill_loss(logits, (labels, teacher), weight=0.5, temperature=2.0)
+    filled = distill_loss(torch.cat([logits, logits[:1]]), (torch.cat([labels, torch.tensor([-100])]),
+                                                            torch.cat([teacher, teacher[:1]])), weight=0.5,
+                          temperature=2.0)
+    torch.testing.assert_close(filled, real)
+
+
 def test_soft_labels_are_checked_one_line_per_problem(rows, tmp_path):
     good = in_fold_table(rows)
     good.to_parquet(tmp_path / "in_fold.parquet")
