@@ -26,6 +26,7 @@ from orchestrator.run_data import load_run_data, write_data_parquet
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json, atomic_write_text
+from trainer_core.weights import WeightsError, check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = (args.out or Path("runs") / cfg.experiment).resolve()
     try:
+        check_weights(cfg.model)  # model and tokenizer found (or downloaded) before anything is written
         rows = prepare_run_dir(cfg, run_dir, folds, args.restart, argv)
-    except (DataError, RunDirError) as e:
+    except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_cv(cfg, rows, folds, run_dir)
@@ -156,21 +158,21 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         except schedule.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-        errors = {}
-        for phase_folds, phase_cfg, stops in schedule.plan_fold_phases(cfg, todo, resources):
-            phase_folds = [k for k in phase_folds if errors.get(k) is None]  # a fold that failed stays failed
-            if not phase_folds:
+        errors: dict[int, str | None] = {}
+        phases = schedule.plan_fold_phases(cfg, todo, resources)
+        pieces = any(p.stop_at is not None for phase in phases for p in phase.values())  # a rotated schedule
+        for planned in phases:
+            phase = {k: p for k, p in planned.items() if errors.get(k) is None}  # a fold that failed stays failed
+            if not phase:
                 continue
-            concurrency = schedule.plan_concurrency(phase_cfg, resources, len(phase_folds))
-            c = phase_cfg.cluster
-            where = (f"{c.gpus_per_fold} GPU(s) each" if c.gpus_per_fold else
-                     f"{c.cpu_workers_per_fold} CPU worker(s) x {c.cpus_per_worker:g} CPUs each")
-            pieces = ("; pieces: " + ", ".join(f"fold {k} to {'the end' if stops[k] is None else f'{stops[k]:.0%}'}"
-                                               for k in phase_folds)) if stops else ""
-            print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
-                  f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time{pieces}; run directory "
-                  f"{run_dir}")
-            errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency, stops))
+            where = next(iter(phase.values()))  # the folds of a phase share their resources
+            concurrency = schedule.plan_concurrency(cfg, resources, len(phase), where)
+            stops = ("; pieces: " + ", ".join(f"fold {k} to {'the end' if p.stop_at is None else f'{p.stop_at:.0%}'}"
+                                              for k, p in phase.items())) if pieces else ""
+            print(f"training folds {list(phase)} on Ray ({resources.get('CPU', 0):g} CPUs, "
+                  f"{resources.get('GPU', 0):g} GPUs): {where.describe()}, {concurrency} at a time{stops}; run "
+                  f"directory {run_dir}")
+            errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency))
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

@@ -36,10 +36,11 @@ from pathlib import Path
 from orchestrator.cv import REPO_ROOT, resolve_config
 from orchestrator.run_data import load_run_data, write_data_parquet
 from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fingerprint
-from trainer_core.batching import planned_steps
+from trainer_core.batching import per_rank_batch, planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json
+from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given
@@ -78,7 +79,7 @@ def auto_eval_every(cfg, rows, folds: list[int]) -> tuple[int, int]:
     world = c.gpus_per_fold if c.gpus_per_fold > 0 else c.cpu_workers_per_fold
     n_train = min(int((rows["fold"] != k).sum()) for k in folds)
     t = cfg.train
-    steps = planned_steps(n_train, t.batch_size, world, t.epochs, t.grad_accum, t.max_steps)[1]
+    steps = planned_steps(n_train, per_rank_batch(t.batch_size, world), world, t.epochs, t.grad_accum, t.max_steps)[1]
     return steps, max(1, math.ceil(steps / EVALS_PER_FOLD))
 
 
@@ -124,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = resolve_config(args)
         args.space = args.space or default_space(args.config)
+        check_weights(base.model)  # model and tokenizer found (or downloaded) before anything is written
         space = load_space(args.space, base, args.search)
         print(f"search space: {args.space}")
         folds = parse_folds(args.folds, base.data.n_folds)
         data = load_run_data(base)
-    except (ConfigError, SpaceError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SpaceError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
