@@ -159,6 +159,23 @@ def test_a_space_that_does_not_fit_the_model_stops_before_ray(tmp_path):
     assert not out.exists() and "ray" not in res.stdout.lower()
 
 
+def test_tune_repairs_text_and_warns_once_like_cv(tmp_path):
+    """A lone surrogate in the sweep's data is repaired and reported once, before anything else happens (here the
+    sweep directory then turns out to hold another sweep, so it stops before Ray)."""
+    rows = pd.read_csv(CONFIGS.parent / "data" / "arena_sample.csv", dtype=str, keep_default_na=False).head(40)
+    rows.loc[3, "prompt"] = json.dumps(["broken emoji \ud83d here"])
+    data = tmp_path / "d.csv"
+    rows.to_csv(data, index=False)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": "another sweep"}))
+    res = run("orchestrator.tune", "--config", CONFIGS / "smoke.yaml", "--out", out, f"data.path={data}",
+              "data.max_rows=40")
+    assert res.returncode == 2 and "holds a sweep with a different config" in res.stderr
+    assert res.stderr.count("UTF-8 cannot encode") == 1 and f"id {rows.loc[3, 'id']}" in res.stderr
+    assert not (out / "data.parquet").exists()
+
+
 def test_optuna_without_optuna_names_the_extra(tmp_path):
     try:
         import optuna  # noqa: F401
