@@ -95,6 +95,7 @@ def test_values_take_the_keys_type(g9b):
     ("train.warmup_steps: {randint: [0.5, 10]}", "randint needs integer bounds"),
     ("model.quantization: {choice: [nf4, nf3]}", "'nf3' is not one of"),
     ("data.path: {choice: [a.csv]}", "data.path: cannot be searched"),
+    ("data.fold_by: {choice: [id, prompt]}", "data.fold_by: cannot be searched"),
     ("cluster.gpus_per_fold: {choice: [1, 2]}", "cluster.gpus_per_fold: cannot be searched"),
 ])
 def test_bad_space_entries_are_one_clear_line_each(entry, message, g9b):
