@@ -95,6 +95,7 @@ def test_values_take_the_keys_type(g9b):
     ("train.warmup_steps: {randint: [0.5, 10]}", "randint needs integer bounds"),
     ("model.quantization: {choice: [nf4, nf3]}", "'nf3' is not one of"),
     ("data.path: {choice: [a.csv]}", "data.path: cannot be searched"),
+    ("data.fold_by: {choice: [id, prompt]}", "data.fold_by: cannot be searched"),
     ("cluster.gpus_per_fold: {choice: [1, 2]}", "cluster.gpus_per_fold: cannot be searched"),
 ])
 def test_bad_space_entries_are_one_clear_line_each(entry, message, g9b):
@@ -157,6 +158,23 @@ def test_a_space_that_does_not_fit_the_model_stops_before_ray(tmp_path):
     res = run("orchestrator.tune", "--config", CONFIGS / "smoke.yaml", "--space", DEFAULT_SPACE, "--out", out)
     assert res.returncode == 2 and "lora.freeze_layers: value 8 does not fit the model" in res.stderr
     assert not out.exists() and "ray" not in res.stdout.lower()
+
+
+def test_tune_repairs_text_and_warns_once_like_cv(tmp_path):
+    """A lone surrogate in the sweep's data is repaired and reported once, before anything else happens (here the
+    sweep directory then turns out to hold another sweep, so it stops before Ray)."""
+    rows = pd.read_csv(CONFIGS.parent / "data" / "arena_sample.csv", dtype=str, keep_default_na=False).head(40)
+    rows.loc[3, "prompt"] = json.dumps(["broken emoji \ud83d here"])
+    data = tmp_path / "d.csv"
+    rows.to_csv(data, index=False)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": "another sweep"}))
+    res = run("orchestrator.tune", "--config", CONFIGS / "smoke.yaml", "--out", out, f"data.path={data}",
+              "data.max_rows=40")
+    assert res.returncode == 2 and "holds a sweep with a different config" in res.stderr
+    assert res.stderr.count("UTF-8 cannot encode") == 1 and f"id {rows.loc[3, 'id']}" in res.stderr
+    assert not (out / "data.parquet").exists()
 
 
 def test_optuna_without_optuna_names_the_extra(tmp_path):
