@@ -90,7 +90,7 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
 
     from trainer_core.inference import load_fold_model, predict_probs
     from trainer_core.step import make_autocast
-    from trainer_core.tokenization import encode_rows
+    from trainer_core.tokenization import encode
 
     cfg = load_config(run_dir / "config.yaml")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -99,10 +99,10 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
     for k in folds:
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
         autocast = make_autocast(precision, dev)
-        ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
+        ids = encode(rows, tok, cfg)
         p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
         if tta:
-            swapped = encode_rows(swap_responses(rows), tok, cfg.data, cfg.model.add_eos_token)
+            swapped = encode(swap_responses(rows), tok, cfg)
             p = M.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
         total += C.apply_temperature(p, temperature)
         log(f"fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {dev} ({precision})")

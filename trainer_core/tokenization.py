@@ -14,6 +14,7 @@ from trainer_core.config import DataConfig, ModelConfig
 from trainer_core.paths import resolve_model_path
 
 SEGMENT_PREFIXES = ("<prompt>: ", "\n\n<response_a>: ", "\n\n<response_b>: ")
+PAIR_PREFIXES = ("<prompt>: ", "\n\n<response>: ")  # model.head=pairwise: one sequence per response
 
 
 def format_text(prompt: str, response_a: str, response_b: str) -> str:
@@ -100,6 +101,35 @@ def encode_rows(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> l
             take = _balanced_budget([len(s) for s in segs], budget)
             content.append([t for s, n in zip(segs, take) for t in s[:n]])
     return [prefix + c + suffix + eos for c in content]
+
+
+def encode_pairs(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> list[tuple[list[int], list[int]]]:
+    """model.head=pairwise: for every row, the token ids of (prompt, response a) and (prompt, response b), each at most
+    ``max_length``. The prompt and the response share the budget fairly (water-filling); a cut prompt keeps its end,
+    the turn the response answers, and a cut response keeps its start."""
+    prefix, suffix = _special_wrap(tok)
+    eos = [tok.eos_token_id] if add_eos and tok.eos_token_id is not None and suffix[-1:] != [tok.eos_token_id] else []
+    budget = data_cfg.max_length - len(prefix) - len(suffix) - len(eos)
+    if budget < 3:
+        raise ValueError(f"data.max_length={data_cfg.max_length} leaves no room for text after special tokens")
+    tag = tok(PAIR_PREFIXES[0], add_special_tokens=False)["input_ids"]
+    prompts = tok(list(df["prompt"]), add_special_tokens=False)["input_ids"]
+    sides = [tok([PAIR_PREFIXES[1] + t for t in df[col]], add_special_tokens=False)["input_ids"]
+             for col in ("response_a", "response_b")]
+
+    def one(p: list[int], r: list[int]) -> list[int]:
+        p_take, r_take = _balanced_budget([len(tag) + len(p), len(r)], budget)
+        kept = p[len(p) - max(0, p_take - len(tag)):]  # the prompt's last tokens
+        return prefix + tag[:p_take] + kept + r[:r_take] + suffix + eos
+
+    return [(one(p, a), one(p, b)) for p, a, b in zip(prompts, *sides)]
+
+
+def encode(df: pd.DataFrame, tok, cfg) -> list:
+    """The rows as the configured head reads them: one id list per row (joint) or a pair of them (pairwise)."""
+    if cfg.model.head == "pairwise":
+        return encode_pairs(df, tok, cfg.data, cfg.model.add_eos_token)
+    return encode_rows(df, tok, cfg.data, cfg.model.add_eos_token)
 
 
 def save_tokenizer(tok, out_dir: str | Path) -> None:
