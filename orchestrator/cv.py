@@ -25,6 +25,7 @@ from pathlib import Path
 
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
+from trainer_core.train_rows import load_extra_rows
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: l
 
     Returns the rows with folds assigned."""
     rows = assign_folds(load_rows(cfg.data.path, max_rows=cfg.data.max_rows), cfg.data.n_folds)
+    load_extra_rows(cfg.data.extra_train_path)  # each fold reads it again; a bad file must stop the run here
     meta = run_meta(cfg, rows, folds, file_sha256(cfg.data.path), " ".join(["python -m orchestrator.cv", *argv]))
     claim_run_dir(run_dir, cfg, rows, meta, restart)
     return rows

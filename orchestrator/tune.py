@@ -35,6 +35,7 @@ from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fin
 from trainer_core.batching import planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
+from trainer_core.train_rows import load_extra_rows
 from trainer_core.paths import atomic_write, atomic_write_json
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(args.space, base, args.search)
         folds = parse_folds(args.folds, base.data.n_folds)
         rows = assign_folds(load_rows(base.data.path, max_rows=base.data.max_rows), base.data.n_folds)
+        load_extra_rows(base.data.extra_train_path)  # a bad extra file stops the sweep before Ray starts
     except (ConfigError, SpaceError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
