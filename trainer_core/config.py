@@ -132,10 +132,11 @@ def nest(dotted: dict) -> dict:
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
-        p = Path(data["path"]).expanduser()
-        if not p.is_absolute():
-            data["path"] = str((base / p).resolve())
+    for key in ("path", "extra_train_path"):
+        if isinstance(data, dict) and isinstance(data.get(key), str) and data[key]:
+            p = Path(data[key]).expanduser()
+            if not p.is_absolute():
+                data[key] = str((base / p).resolve())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -222,6 +223,9 @@ def validate(cfg: Config) -> None:
             errs.append(f"lora.freeze_layers: must be >= 0, got {lo.freeze_layers}")
     elif m.quantization != "none":
         errs.append(f"lora.enabled=false with model.quantization={m.quantization}: quantized weights cannot be trained")
+    if m.head == "pairwise" and lo.enabled:
+        errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
+                    "with this head yet)")
     if t.epochs <= 0 and t.max_steps is None:
         errs.append(f"train.epochs: must be > 0, got {t.epochs}")
     if t.max_steps is not None and t.max_steps < 1:

@@ -33,6 +33,9 @@ class DataConfig:
     truncation: Literal["end", "balanced"] = _f(
         "end", "'end' cuts the joined text at max_length (seed); 'balanced' shares the budget between prompt, a and b"
     )
+    extra_train_path: Optional[str] = _f(
+        None, "extra rows (same schema, own ids) added to every fold's training, never held out; those whose prompt "
+        "is also in the held-out fold are dropped for that fold (counted as extra_dropped_shared_prompt)", added=True)
 
 
 @dataclass
@@ -52,6 +55,10 @@ class ModelConfig:
         "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
         added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
+    head: Literal["joint", "pairwise"] = _f(
+        "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "
+        "reads (prompt, a) and (prompt, b), max_length tokens each, mean-pooled and scored, Bradley-Terry logits with "
+        "a learned tie term (swap-symmetric; needs lora.enabled=false)", added=True)
 
 
 @dataclass
@@ -88,6 +95,9 @@ class TrainConfig:
     checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
     eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
     interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    swap_augment: bool = _f(False, "also train on every training row with responses a/b swapped (labels a<->b, ties "
+                            "kept): twice the rows per epoch; a no-op for model.head=pairwise, symmetric already",
+                            added=True)
     eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
 
 
