@@ -109,7 +109,7 @@ def fold_worker(config: dict) -> dict:
     finally:
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    return {"paused": True} if result is None else result.metrics
+    return {"paused": True} if result is None else result.metrics.to_dict()
 
 
 def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None = None,

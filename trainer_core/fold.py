@@ -1,4 +1,4 @@
-"""Train one fold and predict its held-out rows: the whole loop, top to bottom.
+"""Train one fold and predict its held-out rows: setup, the training loop, evaluation, the fold's files.
 
 Runs in one process, or as one rank of a ``torch.distributed`` group (the caller sets that up; this module never
 imports Ray). Only rank 0 writes files; every rank calls ``report`` the same number of times, with the same keys.
@@ -6,12 +6,15 @@ imports Ray). Only rank 0 writes files; every rank calls ``report`` the same num
 Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (id, fold, label, p_a, p_b, p_tie),
 ``config.yaml``, ``adapter/`` (adapter or model weights plus tokenizer) and, last, ``metrics.json``: a fold whose
 ``metrics.json`` exists finished. With ``train.eval_tta`` the OOF file also holds p_a_tta, p_b_tta, p_tie_tta.
+
+The story, as in a torchtune recipe: ``FoldRun.setup`` (data, model, optimizer, a resumed checkpoint),
+``FoldRun.train`` (the loop, one optimizer step at a time, with logging, checkpoints and interim evaluations),
+``FoldRun.evaluate`` (held-out rows, sharded over ranks), ``FoldRun.finish`` (metrics and the fold's files).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import shutil
 import tempfile
@@ -26,19 +29,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from trainer_core import metrics as M
-from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
 from trainer_core.config import Config
-from trainer_core.fold_state import load_checkpoint, save_checkpoint, write_fold_files
+from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
+from trainer_core.fold_state import FoldMetrics, load_checkpoint, save_checkpoint, write_fold_files
 from trainer_core.inference import predict_probs
-from trainer_core.memory import apply_budget, free_device_bytes, plan_memory
-from trainer_core.modeling import (
-    build_model,
-    decoder_layer_count,
-    enable_checkpointing,
-    resolve_precision,
-    trainable_parameters,
-)
+from trainer_core.memory import apply_budget
+from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
+from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
 from trainer_core.optim import build_optimizer, lr_at
 from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
@@ -54,7 +51,7 @@ ReportFn = Callable[[dict, Optional[Path]], None]
 @dataclass
 class FoldResult:
     fold: int
-    metrics: dict
+    metrics: FoldMetrics
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
 
 
@@ -74,7 +71,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
+def gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
     """Rank-sharded predictions back into one (n, 3) array on every rank."""
     if world == 1:
         return local
@@ -98,191 +95,186 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     steps, and once at the end with the fold's final metrics.
     ``stop_at``: pause after this fraction of the fold's steps (a piece of a rotated schedule): report a checkpoint
     there (metrics carry ``paused: True``) and return None; a later call resumed from it continues the fold."""
-    # ---------------------------------------------------------------- setup
-    t_fold = time.perf_counter()
-    t = cfg.train
-    out_dir = Path(out_dir)
-    rank, world = dist_info()
-    device = device or default_device()
-    precision = resolve_precision(t.precision, device)
-    seed_everything(t.seed + fold)
-    fingerprint = f"{cfg.fingerprint()}:fold={fold}"
+    run = FoldRun(cfg, fold, device=device, report=report)
+    run.setup(rows, resume_from, tb_dir)
+    try:
+        if not run.train(stop_at):
+            return None  # paused: the checkpoint reported at the last step is where a later piece continues
+        metrics, oof = run.evaluate_fold()
+        run.finish(Path(out_dir), metrics, oof)
+        return FoldResult(fold=fold, metrics=metrics, oof=oof)
+    finally:
+        run.close()
 
-    tok = build_tokenizer(cfg.model)
-    train_rows = rows[rows["fold"] != fold].reset_index(drop=True)
-    val_rows = rows[rows["fold"] == fold].sort_values("id").reset_index(drop=True)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise ValueError(f"fold {fold}: {len(train_rows)} training rows and {len(val_rows)} held-out rows; need both")
-    train_ids = encode_rows(train_rows, tok, cfg.data, cfg.model.add_eos_token)
-    val_ids = encode_rows(val_rows, tok, cfg.data, cfg.model.add_eos_token)
-    train_labels = torch.tensor(train_rows["label"].values, dtype=torch.long)
-    lengths = np.array([len(x) for x in train_ids])
 
-    apply_budget(device, t.memory_budget_gib)
-    model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision=precision, device=device,
-                        seed=t.seed)
-    micro_bs, accum = t.batch_size, t.grad_accum
-    if world > 1 and t.batch_size % world == 0:
-        micro_bs = t.batch_size // world  # the optimizer batch (batch_size x grad_accum) stays the recipe's
-    elif world > 1:
-        log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
-                    fold, t.batch_size, world, world)
-    if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
-        n_layers = decoder_layer_count(model)
-        plan = plan_memory(model.config, n_trained_layers=n_layers - cfg.lora.freeze_layers,
-                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum,
-                           free_bytes=free_device_bytes(device, t.memory_budget_gib))
-        if plan.checkpointing:
-            enable_checkpointing(model)
-        micro_bs, accum = plan.micro_batch, plan.grad_accum
-        log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
-                 plan.free_gib)
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(params, t, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+class FoldRun:
+    """The state of one fold's run on this rank: what setup builds, what the loop advances."""
 
-    autocast = make_autocast(precision, device)
+    def __init__(self, cfg: Config, fold: int, *, device: torch.device | None, report: ReportFn | None):
+        self.cfg, self.fold, self.report = cfg, fold, report
+        self.rank, self.world = dist_info()
+        self.device = device or default_device()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.autocast = make_autocast(self.precision, self.device)
+        self.fingerprint = f"{cfg.fingerprint()}:fold={fold}"
+        self.t_fold = time.perf_counter()
+        self.before: dict = {}  # seconds and samples spent by earlier runs of this fold (pieces, restarts)
+        self.telemetry: Telemetry | None = None
+        self.ckpt_root: Path | None = None
 
-    micro_per_epoch, total_steps = planned_steps(len(train_ids), micro_bs, world, t.epochs, accum, t.max_steps)
-    total_micro = math.ceil(t.epochs * micro_per_epoch)
-    total_micro = min(total_micro, total_steps * accum) if not t.max_steps else total_steps * accum
-    plans: dict[int, list[np.ndarray]] = {}
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, rows: pd.DataFrame, resume_from: str | Path | None, tb_dir: str | Path | None) -> None:
+        """Tokenized rows, the model (with the memory plan), optimizer and loss scaler; then a checkpoint, if any."""
+        cfg, t = self.cfg, self.cfg.train
+        seed_everything(t.seed + self.fold)
+        self.tok = build_tokenizer(cfg.model)
+        self.data = FoldData.build(cfg, self.fold, rows, self.tok)
+        apply_budget(self.device, t.memory_budget_gib)
+        self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
+                                 device=self.device, seed=t.seed)
+        self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.model, self.data.lengths, self.device,
+                                                   self.world)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = build_optimizer(self.params, t, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False)
+        self.step = 0
+        if resume_from is not None:
+            self.step, self.before = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scaler,
+                                                     self.fingerprint)
+            log.info("fold %d: resumed at step %d/%d from %s", self.fold, self.step, self.batches.total_steps,
+                     resume_from)
+        self.telemetry = Telemetry(tb_dir if self.rank == 0 else None, self.device)
+        self.ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{self.fold}-ckpt-")) if self.rank == 0 else None
 
-    def micro_batch(m: int) -> np.ndarray:
-        epoch, pos = divmod(m, micro_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = epoch_batches(lengths, micro_bs, world, t.seed + fold, epoch, t.group_by_length)
-        return rank_slice(plans[epoch][pos], rank, world)
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self, stop_at: float | None) -> bool:
+        """Optimizer steps until the fold's last step (True) or the ``stop_at`` share of them (False: paused)."""
+        t, total = self.cfg.train, self.batches.total_steps
+        stop = total if stop_at is None else min(total, max(self.step + 1, round(total * stop_at)))
+        self.start_step, self.t_start = self.step, time.perf_counter()
+        self.samples = self.tokens = 0
+        window_loss, window_n = torch.zeros((), device=self.device), 0
+        self.ddp_model.train()
+        while self.step < stop:
+            lr = lr_at(self.step, total, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(self.ddp_model, self.micro_batches(self.step), self.optimizer, self.scaler,
+                                         self.params, self.autocast, t.max_grad_norm, ddp=self.world > 1)
+            window_loss, window_n, self.step = window_loss + loss, window_n + 1, self.step + 1
 
-    # Interim evaluation (for early stopping of sweeps): the first train.interim_eval_rows held-out rows by id.
-    interim_n = min(len(val_ids), t.interim_eval_rows)
+            pause = self.step == stop < total
+            do_log = self.step % t.log_every == 0 or self.step == total or pause
+            do_ckpt = pause or (bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+                                and self.step < total)
+            do_eval = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < total
+            if not (do_log or do_ckpt or do_eval):
+                continue
+            logs = {"fold": self.fold, "step": self.step, "total_steps": total, "start_step": self.start_step,
+                    "elapsed_s": time.perf_counter() - self.t_start, **({"paused": True} if pause else {})}
+            if do_log:
+                logs.update(self.throughput(), train_loss=float(window_loss) / window_n, lr=lr,
+                            grad_norm=float(grad_norm))
+                window_loss, window_n = torch.zeros((), device=self.device), 0
+            if do_eval:
+                logs.update(self.interim_eval())
+            self.telemetry.scalars(logs, self.step)
+            self.send(logs, checkpoint=do_ckpt)
+        return self.step == total
 
-    def interim_eval(at_step: int) -> dict:
-        idx = np.arange(rank, interim_n, world)
-        local = predict_probs(model, [val_ids[i] for i in idx], t.eval_batch_size, tok.pad_token_id, device,
-                              autocast)
-        p = M.clip_probs(_gather_rows(local, idx, interim_n, world))
-        y = val_rows["label"].values[:interim_n]
-        return {"interim_log_loss": M.log_loss(y, p), "interim_accuracy": M.accuracy(y, p), "interim_rows": interim_n}
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), labels (B,))]."""
+        out = []
+        for idx in self.batches.step_rows(step, self.rank):
+            input_ids, mask = self.data.collate_train(idx, self.tok.pad_token_id, self.device)
+            out.append((input_ids, mask, self.data.train_labels[idx].to(self.device, non_blocking=True)))
+            self.samples += len(idx) * self.world
+            self.tokens += int(self.data.lengths[idx].sum()) * self.world
+        return out
 
-    step, before = 0, {}
-    if resume_from is not None:
-        step, before = load_checkpoint(Path(resume_from), model, optimizer, scaler, fingerprint)
-        log.info("fold %d: resumed at step %d/%d from %s", fold, step, total_steps, resume_from)
-    telemetry = Telemetry(tb_dir if rank == 0 else None, device)
-    ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{fold}-ckpt-")) if rank == 0 else None
+    def throughput(self) -> dict:
+        elapsed = time.perf_counter() - self.t_start
+        return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
+                **self.telemetry.memory()}
 
-    # ---------------------------------------------------------------- fit
-    stop_step = total_steps if stop_at is None else min(total_steps, max(step + 1, round(total_steps * stop_at)))
-    ddp_model.train()
-    start_step = step
-    t_start, samples, tokens = time.perf_counter(), 0, 0
+    def interim_eval(self) -> dict:
+        """Interim held-out score (early stopping of sweeps): the first ``train.interim_eval_rows`` rows by id."""
+        n = min(len(self.data.val_ids), self.cfg.train.interim_eval_rows)
+        probs = self.evaluate(self.data.val_ids[:n])
+        labels = self.data.val_labels[:n]
+        return {"interim_log_loss": log_loss(labels, probs), "interim_accuracy": accuracy(labels, probs),
+                "interim_rows": n}
 
-    def totals() -> dict:  # seconds and samples of every run of this fold so far, this one included
-        return {"train_seconds": before.get("train_seconds", 0.0) + time.perf_counter() - t_start,
-                "fold_seconds": before.get("fold_seconds", 0.0) + time.perf_counter() - t_fold,
-                "samples": before.get("samples", 0) + samples}
-
-    window_loss, window_n = torch.zeros((), device=device), 0
-    while step < stop_step:
-        lr = lr_at(step, total_steps, t)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        n_micro = min(accum, total_micro - step * accum)
-        micro = []
-        for a in range(n_micro):
-            idx = micro_batch(step * accum + a)
-            input_ids, mask = collate([train_ids[i] for i in idx], tok.pad_token_id, device)
-            micro.append((input_ids, mask, train_labels[idx].to(device, non_blocking=True)))
-            samples += len(idx) * world
-            tokens += int(lengths[idx].sum()) * world
-        loss, grad_norm = train_step(ddp_model, micro, optimizer, scaler, params, autocast, t.max_grad_norm,
-                                     ddp=world > 1)
-        window_loss += loss
-        window_n += 1
-        step += 1
-
-        pause = step == stop_step < total_steps
-        do_log = step % t.log_every == 0 or step == total_steps or pause
-        do_ckpt = (bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < total_steps) or pause
-        do_eval = bool(t.eval_every) and step % t.eval_every == 0 and step < total_steps
-        if not (do_log or do_ckpt or do_eval):
-            continue
-        logs = {"fold": fold, "step": step, "total_steps": total_steps, "start_step": start_step,
-                "elapsed_s": time.perf_counter() - t_start, **({"paused": True} if pause else {})}
-        if do_log:
-            elapsed = time.perf_counter() - t_start
-            logs.update(train_loss=float(window_loss) / window_n, lr=lr, grad_norm=float(grad_norm),
-                        samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed, **telemetry.memory())
-            window_loss, window_n = torch.zeros((), device=device), 0
-            telemetry.scalars(logs, step)
-        if do_eval:
-            logs.update(interim_eval(step))
-            telemetry.scalars({k: v for k, v in logs.items() if k.startswith("interim_")}, step)
+    def send(self, logs: dict, *, checkpoint: bool) -> None:
+        """Report ``logs`` (every rank), with a checkpoint of this step written by rank 0 when asked."""
         ckpt = None
-        if do_ckpt and rank == 0:
-            ckpt = ckpt_root / f"step={step:07d}"
+        if checkpoint and self.rank == 0:
+            ckpt = self.ckpt_root / f"step={self.step:07d}"
             ckpt.mkdir()
-            save_checkpoint(ckpt, model, optimizer, scaler, step, fingerprint, totals())
-        if report is not None:
-            report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
+            save_checkpoint(ckpt, self.model, self.optimizer, self.scaler, self.step, self.fingerprint,
+                            self.totals())
+        if self.report is not None:
+            self.report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
         if ckpt is not None:
             shutil.rmtree(ckpt, ignore_errors=True)
-    if step < total_steps:  # paused: the checkpoint reported at this step is where a later piece continues
-        telemetry.close()
-        if ckpt_root is not None:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        return None
-    run_train_seconds = time.perf_counter() - t_start
-    done = totals()
-    train_seconds = done["train_seconds"]
 
-    # ---------------------------------------------------------------- evaluate
-    local_idx = np.arange(rank, len(val_ids), world)
-    local = predict_probs(model, [val_ids[i] for i in local_idx], t.eval_batch_size, tok.pad_token_id, device,
-                          autocast)
-    probs = M.clip_probs(_gather_rows(local, local_idx, len(val_ids), world))
-    labels = val_rows["label"].values
-    oof = pd.DataFrame({"id": val_rows["id"].values, "fold": fold, "label": labels,
-                        "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
-    result = {
-        "fold": fold,
-        "log_loss": M.log_loss(labels, probs),
-        "accuracy": M.accuracy(labels, probs),
-        "n_rows": int(len(val_rows)),
-        "n_train_rows": int(len(train_rows)),
-        "prior_log_loss": M.log_loss(labels, M.prior_probs(train_rows["label"].values, len(val_rows))),
-        "steps": step,
-        "train_seconds": train_seconds,  # every run of this fold (pieces, restarts after a failure) together
-        "train_samples_per_s": done["samples"] / train_seconds if train_seconds > 0 else None,
-        "fold_seconds": totals()["fold_seconds"],  # load + train + predict, every run of this fold
-        "last_run_seconds": time.perf_counter() - t_fold,  # this run alone (a fold in pieces: its last piece)
-        "last_run_train_seconds": run_train_seconds,
-        "resumed_from_step": start_step,  # 0 unless this run continued from a checkpoint
-        "precision": precision,
-        "device": str(device),
-        "world_size": world,
-        "fingerprint": fingerprint,
-    }
-    if t.eval_tta:  # the same rows with responses a/b swapped, averaged back; p_a/p_b/p_tie stay the plain figure
-        swapped_ids = encode_rows(swap_responses(val_rows), tok, cfg.data, cfg.model.add_eos_token)
-        local = predict_probs(model, [swapped_ids[i] for i in local_idx], t.eval_batch_size, tok.pad_token_id, device,
-                              autocast)
-        tta = M.clip_probs(tta_average(probs, _gather_rows(local, local_idx, len(val_ids), world)))
-        oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
-        result.update(log_loss_tta=M.log_loss(labels, tta), accuracy_tta=M.accuracy(labels, tta))
-    telemetry.scalars({"eval_log_loss": result["log_loss"], "eval_accuracy": result["accuracy"]}, step)
-    telemetry.close()
+    def totals(self) -> dict:
+        """Seconds and samples of every run of this fold so far, this one included."""
+        now = time.perf_counter()
+        return {"train_seconds": self.before.get("train_seconds", 0.0) + now - self.t_start,
+                "fold_seconds": self.before.get("fold_seconds", 0.0) + now - self.t_fold,
+                "samples": self.before.get("samples", 0) + self.samples}
 
-    # ---------------------------------------------------------------- write artifacts (rank 0 only)
-    if rank == 0:
-        write_fold_files(out_dir, cfg, model, tok, oof, result)
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    if report is not None:
-        report({**result, "done": True}, None)
-    return FoldResult(fold=fold, metrics=result, oof=oof)
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self, ids: list[list[int]]) -> np.ndarray:
+        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
+        t = self.cfg.train
+        local_idx = np.arange(self.rank, len(ids), self.world)
+        local = predict_probs(self.model, [ids[i] for i in local_idx], t.eval_batch_size, self.tok.pad_token_id,
+                              self.device, self.autocast)
+        return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
+
+    def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:
+        """Every held-out row (and, with ``train.eval_tta``, the same rows with responses a/b swapped)."""
+        run_train_seconds = time.perf_counter() - self.t_start
+        data, done = self.data, self.totals()
+        probs, labels = self.evaluate(data.val_ids), data.val_labels
+        oof = pd.DataFrame({"id": data.val_rows["id"].values, "fold": self.fold, "label": labels,
+                            "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
+        tta = None
+        if self.cfg.train.eval_tta:  # p_a/p_b/p_tie stay the plain figure; the averages go beside them
+            swapped = encode_rows(swap_responses(data.val_rows), self.tok, self.cfg.data, self.cfg.model.add_eos_token)
+            tta = clip_probs(tta_average(probs, self.evaluate(swapped)))
+            oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
+        metrics = FoldMetrics(
+            fold=self.fold, log_loss=log_loss(labels, probs), accuracy=accuracy(labels, probs),
+            n_rows=len(data.val_rows), n_train_rows=len(data.train_rows),
+            prior_log_loss=log_loss(labels, prior_probs(data.train_labels.numpy(), len(data.val_rows))),
+            steps=self.step, train_seconds=done["train_seconds"],
+            train_samples_per_s=done["samples"] / done["train_seconds"] if done["train_seconds"] > 0 else None,
+            fold_seconds=self.totals()["fold_seconds"], last_run_seconds=time.perf_counter() - self.t_fold,
+            last_run_train_seconds=run_train_seconds, resumed_from_step=self.start_step, precision=self.precision,
+            device=str(self.device), world_size=self.world, fingerprint=self.fingerprint,
+            log_loss_tta=None if tta is None else log_loss(labels, tta),
+            accuracy_tta=None if tta is None else accuracy(labels, tta))
+        self.telemetry.scalars({"eval_log_loss": metrics.log_loss, "eval_accuracy": metrics.accuracy}, self.step)
+        return metrics, oof
+
+    # ------------------------------------------------------------------------------------------------ finish
+    def finish(self, out_dir: Path, metrics: FoldMetrics, oof: pd.DataFrame) -> None:
+        """Rank 0 writes the fold's files (``metrics.json`` last); every rank reports the final metrics."""
+        if self.rank == 0:
+            write_fold_files(out_dir, self.cfg, self.model, self.tok, oof, metrics.to_dict())
+        if self.report is not None:
+            self.report({**metrics.to_dict(), "done": True}, None)
+
+    def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
+        if self.ckpt_root is not None:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)

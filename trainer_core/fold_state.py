@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,39 @@ import torch
 from trainer_core.config import Config, to_yaml
 from trainer_core.modeling import load_trainable_state_dict, trainable_state_dict
 from trainer_core.paths import atomic_write, atomic_write_dir, atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class FoldMetrics:
+    """A finished fold's ``metrics.json``: its held-out scores, its size and what it cost."""
+
+    fold: int
+    log_loss: float
+    accuracy: float
+    n_rows: int  # held-out rows
+    n_train_rows: int
+    prior_log_loss: float  # the training rows' class prior on the held-out rows: the floor a model must beat
+    steps: int
+    train_seconds: float  # every run of this fold (pieces, restarts after a failure) together
+    train_samples_per_s: float | None
+    fold_seconds: float  # load + train + predict, every run of this fold
+    last_run_seconds: float  # this run alone (a fold in pieces: its last piece)
+    last_run_train_seconds: float
+    resumed_from_step: int  # 0 unless this run continued from a checkpoint
+    precision: str
+    device: str
+    world_size: int
+    fingerprint: str
+    log_loss_tta: float | None = None  # with train.eval_tta
+    accuracy_tta: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON form; the TTA keys only when the fold scored them."""
+        out = asdict(self)
+        for key in ("log_loss_tta", "accuracy_tta"):
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, step: int, fingerprint: str, totals: dict) -> None:

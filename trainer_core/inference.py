@@ -38,12 +38,11 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from trainer_core.modeling import DTYPES, build_model, resolve_precision
+    from trainer_core.tokenization import ensure_pad_token
 
     adapter_dir = Path(adapter_dir)
     precision = resolve_precision(cfg.train.precision, device)
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tok.pad_token is None:  # as build_tokenizer does at training time
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
     if cfg.model.head == "pairwise":
         from trainer_core.pairwise import PairwisePreferenceModel
 

@@ -49,6 +49,12 @@ def build_tokenizer(model_cfg: ModelConfig):
         tok = build_byte_tokenizer()
     else:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok):
+    """Right padding, and a pad token (EOS, else UNK, when the tokenizer has none): training and prediction both
+    pad this way, so the pooled last real token is found the same way."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"

@@ -38,8 +38,8 @@ def test_fold_writes_the_contract_files(tmp_path, smoke_rows):
     assert list(oof.columns) == ["id", "fold", "label", "p_a", "p_b", "p_tie"]
     assert sorted(oof["id"]) == sorted(held["id"]) and (oof["fold"] == 1).all()
     assert np.allclose(oof[["p_a", "p_b", "p_tie"]].sum(1), 1.0)
-    assert res.metrics["log_loss"] == pytest.approx(log_loss(oof["label"], oof[["p_a", "p_b", "p_tie"]].to_numpy()))
-    assert res.metrics["steps"] == 3 and res.metrics["n_rows"] == len(held)
+    assert res.metrics.log_loss == pytest.approx(log_loss(oof["label"], oof[["p_a", "p_b", "p_tie"]].to_numpy()))
+    assert res.metrics.steps == 3 and res.metrics.n_rows == len(held)
     adapter = tmp_path / "fold=1" / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "tokenizer.json").exists()
     assert (tmp_path / "fold=1" / "config.yaml").exists() and (tmp_path / "fold=1" / "metrics.json").exists()
@@ -77,7 +77,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, smoke_row
     full = train_fold(cfg, 0, smoke_rows, tmp_path / "a", report=keep)
     assert sorted(saved) == [2]
     resumed = train_fold(cfg, 0, smoke_rows, tmp_path / "b", resume_from=saved[2])
-    assert resumed.metrics["steps"] == 4
+    assert resumed.metrics.steps == 4
     np.testing.assert_allclose(resumed.oof[["p_a", "p_b", "p_tie"]].to_numpy(),
                                full.oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5, atol=1e-6)
     other = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
@@ -107,8 +107,8 @@ def test_a_fold_trained_in_pieces_matches_one_run(tmp_path, smoke_rows):
     state["totals"]["train_seconds"] = 1000.0  # as if the first piece had taken 1000 s: it must be carried over
     (saved[0] / "state.json").write_text(json.dumps(state))
     second = train_fold(cfg, 0, smoke_rows, tmp_path / "b", report=keep, resume_from=saved[0])
-    assert second.metrics["steps"] == 6 and second.metrics["resumed_from_step"] == 3
-    assert 1000.0 < second.metrics["train_seconds"] < 1000.0 + 600
+    assert second.metrics.steps == 6 and second.metrics.resumed_from_step == 3
+    assert 1000.0 < second.metrics.train_seconds < 1000.0 + 600
     np.testing.assert_allclose(second.oof[["p_a", "p_b", "p_tie"]].to_numpy(),
                                full.oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5, atol=1e-6)
 

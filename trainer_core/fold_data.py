@@ -1,0 +1,109 @@
+"""A fold's rows as the loop needs them: tokenized training and held-out rows, and the batch schedule (which rows
+each rank takes at each optimizer step), decided once from the data, the config and the memory plan."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice
+from trainer_core.config import Config
+from trainer_core.memory import free_device_bytes, plan_memory
+from trainer_core.modeling import decoder_layer_count, enable_checkpointing
+from trainer_core.tokenization import encode_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldData:
+    """Training rows (every row whose fold != ``fold``) and held-out rows (sorted by id), tokenized."""
+
+    train_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    train_ids: list[list[int]]
+    val_ids: list[list[int]]
+    train_labels: torch.Tensor  # (N_train,) int64
+    val_labels: np.ndarray  # (N_val,) int64
+    lengths: np.ndarray  # (N_train,) tokens per training row
+
+    @classmethod
+    def build(cls, cfg: Config, fold: int, rows: pd.DataFrame, tok) -> FoldData:
+        train_rows = rows[rows["fold"] != fold].reset_index(drop=True)
+        val_rows = rows[rows["fold"] == fold].sort_values("id").reset_index(drop=True)
+        if len(train_rows) == 0 or len(val_rows) == 0:
+            raise ValueError(f"fold {fold}: {len(train_rows)} training rows and {len(val_rows)} held-out rows; "
+                             "need both")
+        train_ids = encode_rows(train_rows, tok, cfg.data, cfg.model.add_eos_token)
+        val_ids = encode_rows(val_rows, tok, cfg.data, cfg.model.add_eos_token)
+        return cls(train_rows=train_rows, val_rows=val_rows, train_ids=train_ids, val_ids=val_ids,
+                   train_labels=torch.tensor(train_rows["label"].values, dtype=torch.long),
+                   val_labels=val_rows["label"].to_numpy(), lengths=np.array([len(x) for x in train_ids]))
+
+    def collate_train(self, idx: np.ndarray, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, T) input ids and attention mask of the training rows ``idx``."""
+        return collate([self.train_ids[i] for i in idx], pad_id, device)
+
+
+@dataclass
+class BatchSchedule:
+    """Which training rows each rank takes at each optimizer step: a pure function of (lengths, seed, epoch), so a
+    resumed fold replays the exact same order."""
+
+    lengths: np.ndarray
+    micro_batch: int  # rows per rank per micro-batch
+    grad_accum: int
+    world: int
+    seed: int
+    group_by_length: bool
+    micro_per_epoch: int
+    total_steps: int
+    total_micro: int
+    _epochs: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def step_rows(self, step: int, rank: int) -> list[np.ndarray]:
+        """Row indices of this rank's micro-batches in optimizer step ``step`` (the last step may have fewer)."""
+        first = step * self.grad_accum
+        return [self._micro(m, rank) for m in range(first, min(first + self.grad_accum, self.total_micro))]
+
+    def _micro(self, m: int, rank: int) -> np.ndarray:
+        epoch, pos = divmod(m, self.micro_per_epoch)
+        if epoch not in self._epochs:  # one epoch's plan at a time
+            self._epochs.clear()
+            self._epochs[epoch] = epoch_batches(self.lengths, self.micro_batch, self.world, self.seed, epoch,
+                                                self.group_by_length)
+        return rank_slice(self._epochs[epoch][pos], rank, self.world)
+
+
+def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: torch.device,
+                 world: int) -> BatchSchedule:
+    """The fold's batch schedule. With several ranks each takes ``batch_size / world`` rows of every micro-batch so
+    the optimizer batch (``batch_size x grad_accum``) stays the recipe's; with ``model.gradient_checkpointing: auto``
+    on a GPU the memory plan may turn on recomputation (on ``model``) and split micro-batches further."""
+    t = cfg.train
+    micro_bs, accum = t.batch_size, t.grad_accum
+    if world > 1 and t.batch_size % world == 0:
+        micro_bs = t.batch_size // world
+    elif world > 1:
+        log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
+                    fold, t.batch_size, world, world)
+    if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
+        plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
+                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum,
+                           free_bytes=free_device_bytes(device, t.memory_budget_gib))
+        if plan.checkpointing:
+            enable_checkpointing(model)
+        micro_bs, accum = plan.micro_batch, plan.grad_accum
+        log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
+                 plan.free_gib)
+    micro_per_epoch, total_steps = planned_steps(len(lengths), micro_bs, world, t.epochs, accum, t.max_steps)
+    total_micro = total_steps * accum if t.max_steps else min(math.ceil(t.epochs * micro_per_epoch),
+                                                               total_steps * accum)
+    return BatchSchedule(lengths=lengths, micro_batch=micro_bs, grad_accum=accum, world=world, seed=t.seed + fold,
+                         group_by_length=t.group_by_length, micro_per_epoch=micro_per_epoch,
+                         total_steps=total_steps, total_micro=total_micro)
