@@ -25,8 +25,8 @@ from pathlib import Path
 
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
-from trainer_core.train_rows import load_extra_rows
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
+from trainer_core.train_rows import load_extra_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"

@@ -35,8 +35,8 @@ from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fin
 from trainer_core.batching import planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
-from trainer_core.train_rows import load_extra_rows
 from trainer_core.paths import atomic_write, atomic_write_json
+from trainer_core.train_rows import load_extra_rows
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given

@@ -87,7 +87,8 @@ def decoder_layer_count(model) -> int:
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
                 device: torch.device, seed: int = 0, checkpointing: str | None = None):
     """The sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.pairwise``) ready to train:
-    quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of those layers with LoRA disabled), on ``device``.
+    quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of
+    those layers with LoRA disabled), on ``device``.
 
     ``checkpointing`` overrides ``model_cfg.gradient_checkpointing``; "auto" is left to the caller (it needs the
     loaded model's memory, see ``trainer_core.memory``) and builds without checkpointing."""

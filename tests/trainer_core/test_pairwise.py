@@ -79,7 +79,7 @@ def test_a_pairwise_fold_trains_the_shared_encoder_and_reloads(tmp_path):
                                                   "train.batch_size=4", "train.warmup_steps=0", "train.lr=1e-3"])
     validate(cfg)
     res = train_fold(cfg, 0, rows, tmp_path / "fold=0")
-    assert res.metrics["steps"] == 2 and np.isfinite(res.metrics["log_loss"])
+    assert res.metrics.steps == 2 and np.isfinite(res.metrics.log_loss)
     model, tok, precision = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
     assert isinstance(model, PairwisePreferenceModel)
     val = rows[rows["fold"] == 0].sort_values("id")

@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import CONFIGS, DATA, arena_row
 from trainer_core import fold as fold_module
+from trainer_core import fold_data
 from trainer_core.config import load_config, validate
 from trainer_core.data import assign_folds, load_rows
 from trainer_core.train_rows import fold_training_rows, load_extra_rows
@@ -70,8 +71,9 @@ def test_extra_rows_sharing_a_held_out_prompt_are_dropped_and_counted(rows, extr
 def test_train_fold_encodes_only_honest_rows_and_reports_the_counts(tmp_path, rows, extra_path, monkeypatch):
     """The real fold loop, levers on: the rows it encodes for training hold no held-out row, prompt or label."""
     encoded = []
-    real_encode = fold_module.encode
-    monkeypatch.setattr(fold_module, "encode", lambda df, tok, cfg: encoded.append(df.copy()) or real_encode(df, tok, cfg))
+    real_encode = fold_data.encode
+    monkeypatch.setattr(fold_data, "encode",
+                        lambda df, tok, cfg: encoded.append(df.copy()) or real_encode(df, tok, cfg))
     cfg = load_config(CONFIGS / "smoke.yaml", ["data.max_rows=60", "data.max_length=64", "train.max_steps=2",
                                                "train.swap_augment=true", f"data.extra_train_path={extra_path}"])
     validate(cfg)
@@ -79,7 +81,7 @@ def test_train_fold_encodes_only_honest_rows_and_reports_the_counts(tmp_path, ro
     train, val = encoded[0], encoded[1]
     assert_no_held_out_row(train, rows)
     assert sorted(val["id"]) == sorted(rows.loc[rows["fold"] == FOLD, "id"])
-    m = res.metrics
+    m = res.metrics.to_dict()
     assert m["n_train_rows"] == (rows["fold"] != FOLD).sum()
     assert (m["n_extra_train_rows"], m["extra_dropped_shared_prompt"]) == (3, 3)
     assert m["n_swapped_train_rows"] == m["n_train_rows"] + 3 == len(train) // 2
