@@ -21,11 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # variable-length batches fragment
-
-import torch  # noqa: E402
-
-from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, profile_setup, run_setup, seed_setup
 from trainer_core.config import ConfigError, apply_overrides, load_config, parse_override, validate
 
 
@@ -81,6 +76,13 @@ def numerics_text(num: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Variable-length batches fragment CUDA's cache without it. Set before torch is imported (here, not at this
+    # module's import): part of the option is read when torch loads.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import torch
+
+    from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, profile_setup, run_setup, seed_setup
+
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = load_config(args.config, [*args.overrides, "model.init=random"])

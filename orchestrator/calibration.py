@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from trainer_core import metrics as M
+from trainer_core import metrics
 
 # Search range for T. Outside it the fit is either degenerate (all rows at the prior) or the probabilities are
 # already one-hot; a T at a bound is reported as-is so a reader can see it.
@@ -24,10 +24,10 @@ T_MIN, T_MAX = 0.05, 20.0
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """(N, 3) probabilities rescaled as ``softmax(log p / T)``; T = 1 returns the (clipped) input."""
-    logp = np.log(M.clip_probs(probs)) / float(temperature)  # (N, 3) log-probabilities up to a per-row constant
+    logp = np.log(metrics.clip_probs(probs)) / float(temperature)  # (N, 3) log-probabilities up to a per-row constant
     logp -= logp.max(axis=1, keepdims=True)  # stable softmax
     p = np.exp(logp)
-    return M.clip_probs(p / p.sum(axis=1, keepdims=True))
+    return metrics.clip_probs(p / p.sum(axis=1, keepdims=True))
 
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -35,7 +35,7 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise ValueError("fit_temperature: no rows")
-    logp = np.log(M.clip_probs(probs))
+    logp = np.log(metrics.clip_probs(probs))
     rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:

@@ -15,7 +15,6 @@ unless ``--restart`` is given.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -23,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.run_data import load_run_data, write_data_parquet
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
-from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
-from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
-from trainer_core.train_rows import load_extra_rows
+from trainer_core.data import DataError, parse_folds
+from trainer_core.paths import atomic_write_json, atomic_write_text
+from trainer_core.weights import WeightsError, check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
@@ -71,19 +71,12 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str) -> dict:
-    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file."""
+def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str, data_notes: dict | None = None) -> dict:
+    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file, how
+    rows were split (``fold_by``) and what loading repaired (``data_notes`` of orchestrator.run_data)."""
     return {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
-            "n_folds": cfg.data.n_folds, "data_sha256": data_sha256, "n_rows": int(len(rows)), "folds": folds,
-            "command": command}
+            "n_folds": cfg.data.n_folds, "fold_by": cfg.data.fold_by, "data_sha256": data_sha256,
+            "n_rows": int(len(rows)), "folds": folds, "command": command, **(data_notes or {})}
 
 
 def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
@@ -101,8 +94,7 @@ def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
         for child in run_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "data.parquet").exists():
-        atomic_write(run_dir / "data.parquet", lambda p: rows.to_parquet(p, index=False))
+    write_data_parquet(run_dir, rows)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(meta_path, meta)
 
@@ -111,11 +103,10 @@ def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: l
     """Validate the data (before any Ray work), claim or check the run directory, write data.parquet once.
 
     Returns the rows with folds assigned."""
-    rows = assign_folds(load_rows(cfg.data.path, max_rows=cfg.data.max_rows), cfg.data.n_folds)
-    load_extra_rows(cfg.data.extra_train_path)  # each fold reads it again; a bad file must stop the run here
-    meta = run_meta(cfg, rows, folds, file_sha256(cfg.data.path), " ".join(["python -m orchestrator.cv", *argv]))
-    claim_run_dir(run_dir, cfg, rows, meta, restart)
-    return rows
+    data = load_run_data(cfg)
+    meta = run_meta(cfg, data.rows, folds, data.sha256, " ".join(["python -m orchestrator.cv", *argv]), data.notes)
+    claim_run_dir(run_dir, cfg, data.rows, meta, restart)
+    return data.rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = (args.out or Path("runs") / cfg.experiment).resolve()
     try:
+        check_weights(cfg.model)  # model and tokenizer found (or downloaded) before anything is written
         rows = prepare_run_dir(cfg, run_dir, folds, args.restart, argv)
-    except (DataError, RunDirError) as e:
+    except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_cv(cfg, rows, folds, run_dir)
@@ -166,21 +158,21 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         except schedule.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-        errors = {}
-        for phase_folds, phase_cfg, stops in schedule.plan_fold_phases(cfg, todo, resources):
-            phase_folds = [k for k in phase_folds if errors.get(k) is None]  # a fold that failed stays failed
-            if not phase_folds:
+        errors: dict[int, str | None] = {}
+        phases = schedule.plan_fold_phases(cfg, todo, resources)
+        pieces = any(p.stop_at is not None for phase in phases for p in phase.values())  # a rotated schedule
+        for planned in phases:
+            phase = {k: p for k, p in planned.items() if errors.get(k) is None}  # a fold that failed stays failed
+            if not phase:
                 continue
-            concurrency = schedule.plan_concurrency(phase_cfg, resources, len(phase_folds))
-            c = phase_cfg.cluster
-            where = (f"{c.gpus_per_fold} GPU(s) each" if c.gpus_per_fold else
-                     f"{c.cpu_workers_per_fold} CPU worker(s) x {c.cpus_per_worker:g} CPUs each")
-            pieces = ("; pieces: " + ", ".join(f"fold {k} to {'the end' if stops[k] is None else f'{stops[k]:.0%}'}"
-                                               for k in phase_folds)) if stops else ""
-            print(f"training folds {phase_folds} on Ray ({resources.get('CPU', 0):g} CPUs, "
-                  f"{resources.get('GPU', 0):g} GPUs): {where}, {concurrency} at a time{pieces}; run directory "
-                  f"{run_dir}")
-            errors.update(ray_folds.run_folds(phase_cfg, phase_folds, run_dir, concurrency, stops))
+            where = next(iter(phase.values()))  # the folds of a phase share their resources
+            concurrency = schedule.plan_concurrency(cfg, resources, len(phase), where)
+            stops = ("; pieces: " + ", ".join(f"fold {k} to {'the end' if p.stop_at is None else f'{p.stop_at:.0%}'}"
+                                              for k, p in phase.items())) if pieces else ""
+            print(f"training folds {list(phase)} on Ray ({resources.get('CPU', 0):g} CPUs, "
+                  f"{resources.get('GPU', 0):g} GPUs): {where.describe()}, {concurrency} at a time{stops}; run "
+                  f"directory {run_dir}")
+            errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency))
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer_core import metrics as M
+from trainer_core import metrics
 from trainer_core.tokenization import format_text
 
 
@@ -63,6 +63,6 @@ def length_buckets(lengths: np.ndarray, labels: np.ndarray, probs: np.ndarray, p
             continue
         y = np.asarray(labels)[sel]
         out.append({"min_chars": int(lengths[sel].min()), "max_chars": int(lengths[sel].max()),
-                    "n_rows": int(sel.sum()), "log_loss": M.log_loss(y, probs[sel]),
-                    "accuracy": M.accuracy(y, probs[sel]), "prior_log_loss": M.log_loss(y, prior[sel])})
+                    "n_rows": int(sel.sum()), "log_loss": metrics.log_loss(y, probs[sel]),
+                    "accuracy": metrics.accuracy(y, probs[sel]), "prior_log_loss": metrics.log_loss(y, prior[sel])})
     return out

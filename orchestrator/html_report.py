@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import html
 
-from orchestrator.markdown_report import CLASS_NAMES, fmt, fold_columns, summary_rows, title, verdict
+from orchestrator.markdown_report import CLASS_NAMES, fmt, fold_columns, folds_text, summary_rows, title, verdict
 from orchestrator.plots import COLORS
 
 CSS = """
@@ -126,6 +126,7 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
            f"{lc['a']}/{lc['b']}/{lc['tie']} &middot; run <code>{html.escape(report['run_dir'])}</code>")
     if report.get("fingerprint"):
         sub += f" &middot; config <code>{html.escape(report['fingerprint'])}</code>"
+    sub += f"<br>folds: {html.escape(folds_text(report))}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{html.escape(title(report))}</title><style>{CSS}</style></head>

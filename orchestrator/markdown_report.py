@@ -41,6 +41,22 @@ def summary_rows(report: dict) -> list[tuple[str, str, float, float | None, str]
     return rows
 
 
+FOLD_BY_TEXT = {
+    "id": "fold = id % n_folds (data.fold_by=id). Rows that share a prompt can sit on both sides of a split; on data "
+          "with repeated prompts (arena data) that makes this CV optimistic - data.fold_by=prompt keeps them together.",
+    "row": "fold = row position % n_folds (data.fold_by=row, the seed notebook's split). Rows that share a prompt can "
+           "sit on both sides of a split; on data with repeated prompts (arena data) that makes this CV optimistic - "
+           "data.fold_by=prompt keeps them together.",
+    "prompt": "stratified by label, grouped by prompt text (data.fold_by=prompt, StratifiedGroupKFold): no prompt is "
+              "on both sides of a split.",
+}
+
+
+def folds_text(report: dict) -> str:
+    """How rows were split into folds, in plain words (with the warning when the split can make CV optimistic)."""
+    return FOLD_BY_TEXT[report.get("fold_by", "id")]
+
+
 def fold_columns(report: dict) -> list[tuple[str, str]]:
     """(per-fold key, column title) of the per-fold table."""
     cols = [("log_loss", "log loss"), ("log_loss_calibrated", "temperature-scaled")]
@@ -60,6 +76,7 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
            f"{'beats' if beats else 'does NOT beat'} the prior by {fmt(abs(delta))}.", "",
            f"- rows: {report['n_rows']} over {report['n_folds']} folds; "
            f"labels a/b/tie: {lc['a']}/{lc['b']}/{lc['tie']}",
+           f"- folds: {folds_text(report)}",
            f"- probabilities clipped to [{report['clip']:g}, 1 - {report['clip']:g}] and renormalised (as Kaggle)",
            "", "| figure | log loss | accuracy | how |", "|---|---:|---:|---|"]
     out += [f"| {name} | {fmt(ll)} | {fmt(acc)} | {how} |" for _, name, ll, acc, how in summary_rows(report)]

@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import calibration as C
+from orchestrator import calibration
 from orchestrator.reducer import PROB_COLUMNS, TTA_COLUMNS
-from trainer_core import metrics as M
+from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data import DataError, load_rows, parse_folds
 from trainer_core.paths import atomic_write
 from trainer_core.tta import swap_responses, tta_average
+from trainer_core.weights import WeightsError, check_weights
 
 SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 
@@ -100,14 +101,14 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", dev)
         autocast = make_autocast(precision, dev)
         ids = encode(rows, tok, cfg)
-        p = M.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
+        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, dev, autocast))
         if tta:
             swapped = encode(swap_responses(rows), tok, cfg)
-            p = M.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
-        total += C.apply_temperature(p, temperature)
+            p = metrics.clip_probs(tta_average(p, predict_probs(model, swapped, bs, tok.pad_token_id, dev, autocast)))
+        total += calibration.apply_temperature(p, temperature)
         log(f"fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {dev} ({precision})")
         del model
-    return M.clip_probs(total / len(folds))
+    return metrics.clip_probs(total / len(folds))
 
 
 def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
@@ -123,7 +124,7 @@ def soft_labels(run_dir: Path, report: dict) -> pd.DataFrame:
         variants.append(("_tta", TTA_COLUMNS, "temperatures_tta_by_fold", "temperature_tta"))
     for suffix, cols, key, t_col in variants:
         temps = report[key]
-        cal = C.calibrate_by_fold(oof[cols].to_numpy(), oof["fold"].to_numpy(), temps)
+        cal = calibration.calibrate_by_fold(oof[cols].to_numpy(), oof["fold"].to_numpy(), temps)
         out[[f"p_a{suffix}_cal", f"p_b{suffix}_cal", f"p_tie{suffix}_cal"]] = cal
         out[t_col] = oof["fold"].astype(str).map(temps).astype(float)
     return out
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise PredictError(str(e)) from None
             rows = load_rows(args.data, require_labels=False)
             temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
-    except (PredictError, DataError, ConfigError) as e:
+            run_cfg = load_config(run_dir / "config.yaml")
+            if run_cfg.lora.enabled:  # adapters load onto the base model; the tokenizer is saved beside them
+                check_weights(run_cfg.model, tokenizer=False)
+    except (PredictError, DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.data is not None:

@@ -14,30 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Quieter, faster Ray on small machines; each can still be overridden from the environment.
-for _k, _v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # variable-length batches fragment the cache
-}.items():
-    os.environ.setdefault(_k, _v)
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
 
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import ray.tune  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-
-from orchestrator.progress import Progress  # noqa: E402
-from orchestrator.schedule import TRIAL_DRIVER_CPU  # noqa: E402
-from trainer_core.config import Config, config_from_dict  # noqa: E402
+from orchestrator.progress import Progress
+from orchestrator.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
+from trainer_core.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 # A trial's driver, and with it the Ray Train controller (Ray places it on the driver's node), runs on the head node:
@@ -47,11 +31,43 @@ log = logging.getLogger(__name__)
 # refusing an empty request. Tests: test_multinode.py.
 TRIAL_RESOURCES = {"cpu": TRIAL_DRIVER_CPU, "node:__internal_head__": 0.001}
 
+# Quieter, faster Ray on small machines. Each is a default: a value set in the environment wins. Nothing is set when
+# this module is imported; init_ray applies them. Read by this process (the driver), and on a local cluster by the Ray
+# processes it starts:
+DRIVER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+# Read inside Ray workers (trial drivers, Train controllers, Train workers): passed as the job's runtime_env, which
+# reaches every node, those of a cluster joined with --address included.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # variable-length batches fragment the cache
+}
 
-def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = None) -> dict:
-    """Join ``address`` or start a local cluster; returns the cluster's total resources."""
+
+def worker_env(environ: dict | None = None) -> dict[str, str]:
+    """The environment variables for Ray workers: :data:`WORKER_ENV`, each overridden by ``environ``'s value."""
+    environ = os.environ if environ is None else environ
+    return {k: environ.get(k, v) for k, v in WORKER_ENV.items()}
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> dict:
+    """Join ``address`` or start a local cluster; returns the cluster's total resources.
+
+    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env`. Ray's own
+    authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local cluster)."""
     if not ray.is_initialized():
-        kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+        for key, value in DRIVER_ENV.items():
+            os.environ.setdefault(key, value)
+        kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
+                            runtime_env={"env_vars": worker_env()})
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -66,17 +82,17 @@ def init_ray(address: str | None, num_cpus: int | None, log_dir: Path | None = N
 
 
 def link_ray_logs(run_dir: Path) -> Path | None:
-    """``<run_dir>/logs/ray`` -> this Ray session's log folder (every worker's stdout/stderr), so the full logs of a
-    run are reachable from its run directory while the console stays quiet."""
-    try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001 - no public API
-    except Exception:  # noqa: BLE001 - a joined cluster may not expose it; the link is a convenience
+    """``<run_dir>/logs/ray`` -> this Ray session's log folder on this node (every local worker's stdout/stderr), so
+    the full logs of a run are reachable from its run directory while the console stays quiet."""
+    context = ray.get_runtime_context()
+    logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    if not logs.is_dir():  # e.g. a driver outside the cluster it joined: the logs live on the nodes
         return None
     link = run_dir / "logs" / "ray"
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(session / "logs", target_is_directory=True)
+    link.symlink_to(logs, target_is_directory=True)
     return link
 
 
@@ -88,9 +104,9 @@ def fold_worker(config: dict) -> dict:
     from trainer_core.fold import train_fold
 
     cfg = config_from_dict(config["cfg"])
-    fold, run_dir = config["fold"], Path(config["run_dir"])
-    if cfg.cluster.gpus_per_fold == 0:
-        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))  # a packed CPU fold uses all it reserved
+    fold, run_dir, placement = config["fold"], Path(config["run_dir"]), config["placement"]
+    if not placement.use_gpu:
+        torch.set_num_threads(max(1, int(placement.cpus_per_worker)))  # a packed CPU fold uses all it reserved
     rows = pd.read_parquet(run_dir / "data.parquet")
 
     def report(metrics: dict, ckpt_dir: Path | None) -> None:
@@ -105,44 +121,42 @@ def fold_worker(config: dict) -> dict:
     try:
         result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
                             tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device(),
-                            stop_at=config.get("stop_at"))
+                            stop_at=placement.stop_at)
     finally:
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
     return {"paused": True} if result is None else result.metrics.to_dict()
 
 
-def build_trainer(cfg: Config, fold: int, run_dir: Path, callbacks: list | None = None,
-                  stop_at: float | None = None) -> TorchTrainer:
-    c = cfg.cluster
-    use_gpu = c.gpus_per_fold > 0
+def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """Fold ``fold``'s Ray Train run, placed as ``placement`` (default: as ``cluster.*`` asks, the whole fold)."""
+    placement = placement or base_placement(cfg)
     scaling = ray.train.ScalingConfig(
-        num_workers=c.gpus_per_fold if use_gpu else c.cpu_workers_per_fold,
-        use_gpu=use_gpu,
-        resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        num_workers=placement.workers,
+        use_gpu=placement.use_gpu,
+        resources_per_worker={"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
     )
     return TorchTrainer(
         fold_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "stop_at": stop_at},
+        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "placement": placement},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
             storage_path=str((run_dir / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
         ),
     )
 
 
-def fold_trial(config: dict) -> None:
-    """One Tune trial = one fold's Ray Train run."""
+def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
+    """One Tune trial = one fold's Ray Train run; ``config`` holds the fold, ``phase`` its placement."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = config_from_dict(config["cfg"])
-    stop_at = config.get("stops", {}).get(str(config["fold"]))  # a piece of a rotated schedule, else None
-    trainer = build_trainer(cfg, config["fold"], Path(config["run_dir"]), callbacks=[TuneReportCallback()],
-                            stop_at=stop_at)
+    fold = config["fold"]
+    trainer = build_trainer(config_from_dict(cfg), fold, Path(run_dir), phase[fold], callbacks=[TuneReportCallback()])
     trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
 
 
@@ -169,14 +183,14 @@ def remove_leftover_placement_groups() -> int:
     return n
 
 
-def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int,
-              stops: dict[int, float | None] | None = None) -> dict[int, str | None]:
-    """Train ``folds`` as concurrent Tune trials; returns {fold: None if it finished (or paused at its ``stops``
-    fraction, a piece of a rotated schedule), else the error text}.
+def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+    """Train the folds of ``phase``, each placed as it says, as concurrent Tune trials; returns {fold: None if it
+    finished (or paused at its placement's ``stop_at``, a piece of a rotated schedule), else the error text}.
 
     Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
     reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
     of ``concurrency`` and leftover placement groups are removed between waves."""
+    folds = list(phase)
     if not folds:
         return {}
     if not state_api_available():
@@ -188,23 +202,23 @@ def run_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int,
                   f"waves (install ray[default] for continuous scheduling)")
             out: dict[int, str | None] = {}
             for i in range(0, len(folds), concurrency):
-                out.update(_tune_folds(cfg, folds[i:i + concurrency], run_dir, concurrency, stops))
+                wave = {k: phase[k] for k in folds[i:i + concurrency]}
+                out.update(_tune_folds(cfg, wave, run_dir, concurrency))
                 remove_leftover_placement_groups()
             return out
-    return _tune_folds(cfg, folds, run_dir, concurrency, stops)
+    return _tune_folds(cfg, phase, run_dir, concurrency)
 
 
-def _tune_folds(cfg: Config, folds: list[int], run_dir: Path, concurrency: int,
-                stops: dict[int, float | None] | None = None) -> dict[int, str | None]:
+def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
+    trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(fold_trial, TRIAL_RESOURCES),
-        param_space={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "fold": ray.tune.grid_search(folds),
-                     "stops": {str(f): v for f, v in (stops or {}).items()}},
+        ray.tune.with_resources(trial, TRIAL_RESOURCES),
+        param_space={"fold": ray.tune.grid_search(list(phase))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
-                                      callbacks=[Progress(len(folds), concurrency)],
+                                      callbacks=[Progress(len(phase), concurrency)],
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()

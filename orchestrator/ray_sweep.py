@@ -24,7 +24,7 @@ import pandas as pd
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator import ray_folds  # noqa: F401  (sets Ray's environment defaults before Ray starts)
+from orchestrator import ray_folds
 from orchestrator.ray_folds import TRIAL_RESOURCES, build_trainer
 from trainer_core.config import apply_overrides, config_from_dict
 
@@ -150,21 +150,24 @@ def run_sweep(base: dict, param_space: dict, sweep_dir: Path, folds: list[int], 
     return tuner.fit()
 
 
-def trial_records(results) -> list[dict]:
-    """Per trial: id, overrides, status, last result and root-cause error, for the leaderboard.
+def trial_status(result) -> str:
+    """``complete`` (the reducer's report came back), ``stopped`` (ended by the scheduler before that), ``error``, or
+    ``unfinished`` (the sweep was interrupted; a rerun resumes it), from Tune's public Result: Tune marks a trial's
+    last result ``done`` when the trial ended, by itself or by the scheduler's decision."""
+    metrics = result.metrics or {}
+    if result.error is not None:
+        return "error"
+    if metrics.get("complete"):
+        return "complete"
+    return "stopped" if metrics.get("done") else "unfinished"
 
-    Status: ``complete`` (the reducer's report came back), ``stopped`` (ended by the scheduler before that), ``error``,
-    or ``unfinished`` (the sweep was interrupted; a rerun resumes it). A Result carries no status, so it is read from
-    the Trial objects the ResultGrid was built from, in the same order."""
+
+def trial_records(results) -> list[dict]:
+    """Per trial of Tune's ResultGrid: id, overrides, :func:`trial_status`, last result and root-cause error, for the
+    leaderboard."""
     out = []
-    for trial, r in zip(results._experiment_analysis.trials, results):
+    for r in results:
         m = r.metrics or {}
-        if trial.status == "ERROR":
-            status = "error"
-        elif trial.status != "TERMINATED":
-            status = "unfinished"
-        else:
-            status = "complete" if m.get("complete") else "stopped"
-        out.append({"trial_id": trial.trial_id, "overrides": dict(trial.config), "status": status, "metrics": m,
-                    "error": ray_folds.root_cause(str(r.error)) if r.error is not None else None})
+        out.append({"trial_id": m["trial_id"], "overrides": dict(r.config or {}), "status": trial_status(r),
+                    "metrics": m, "error": ray_folds.root_cause(str(r.error)) if r.error is not None else None})
     return out

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import calibration as C
-from orchestrator import diagnostics as D
+from orchestrator import calibration, diagnostics
 from orchestrator.html_report import render_html
 from orchestrator.markdown_report import render_markdown
 from orchestrator.plots import render_figures
-from trainer_core import metrics as M
+from trainer_core import metrics
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
 
 PROB_COLUMNS = ["p_a", "p_b", "p_tie"]
@@ -51,7 +50,7 @@ def load_fold(run_dir: Path, fold: int, rows: pd.DataFrame) -> tuple[dict, pd.Da
         raise ReduceError(f"{fdir}: fold {fold} has not finished (no metrics.json)")
     if not (fdir / "oof.parquet").exists():
         raise ReduceError(f"{fdir}: oof.parquet is missing")
-    metrics = json.loads((fdir / "metrics.json").read_text())
+    fold_metrics = json.loads((fdir / "metrics.json").read_text())
     oof = pd.read_parquet(fdir / "oof.parquet")
     missing_cols = [c for c in OOF_COLUMNS if c not in oof.columns]
     if missing_cols:
@@ -73,7 +72,7 @@ def load_fold(run_dir: Path, fold: int, rows: pd.DataFrame) -> tuple[dict, pd.Da
         p = oof[cols].to_numpy()
         if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-6):
             raise ReduceError(f"{fdir / 'oof.parquet'}: {', '.join(cols)} are not finite rows summing to 1")
-    return metrics, oof
+    return fold_metrics, oof
 
 
 def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
@@ -99,10 +98,10 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     report = summarise(oof, rows, folds, fold_metrics)
     report["run_dir"] = str(run_dir.resolve())
     run_meta = run_dir / "run.json"
-    if run_meta.exists():
-        meta = json.loads(run_meta.read_text())
-        report["experiment"] = meta.get("experiment")
-        report["fingerprint"] = meta.get("fingerprint")
+    meta = json.loads(run_meta.read_text()) if run_meta.exists() else {}
+    report["experiment"] = meta.get("experiment")
+    report["fingerprint"] = meta.get("fingerprint")
+    report["fold_by"] = meta.get("fold_by", "id")  # runs from before data.fold_by split by id
     figures = render_figures(report)
     atomic_write(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
     for name, png in figures.items():
@@ -121,26 +120,26 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
     # Baseline: each held-out row gets the class prior of its own fold's training rows.
     prior = np.zeros_like(probs)
     for k in folds:
-        prior[fold_of == k] = M.class_prior(rows.loc[rows["fold"] != k, "label"].to_numpy())
-    calibrated, temps = C.cross_fit(labels, probs, fold_of)
+        prior[fold_of == k] = metrics.class_prior(rows.loc[rows["fold"] != k, "label"].to_numpy())
+    calibrated, temps = calibration.cross_fit(labels, probs, fold_of)
     variants = {"": probs, "_calibrated": calibrated}
     report = {
-        "cv_log_loss": M.log_loss(labels, probs),
-        "cv_accuracy": M.accuracy(labels, probs),
-        "prior_log_loss": M.log_loss(labels, prior),
-        "cv_log_loss_calibrated": M.log_loss(labels, calibrated),
-        "temperature": C.fit_temperature(labels, probs),
+        "cv_log_loss": metrics.log_loss(labels, probs),
+        "cv_accuracy": metrics.accuracy(labels, probs),
+        "prior_log_loss": metrics.log_loss(labels, prior),
+        "cv_log_loss_calibrated": metrics.log_loss(labels, calibrated),
+        "temperature": calibration.fit_temperature(labels, probs),
         "temperatures_by_fold": {str(k): t for k, t in temps.items()},
     }
     if TTA_COLUMNS[0] in oof.columns:
         tta = oof[TTA_COLUMNS].to_numpy()
-        tta_cal, tta_temps = C.cross_fit(labels, tta, fold_of)
+        tta_cal, tta_temps = calibration.cross_fit(labels, tta, fold_of)
         variants.update({"_tta": tta, "_tta_calibrated": tta_cal})
         report.update({
-            "cv_log_loss_tta": M.log_loss(labels, tta),
-            "cv_accuracy_tta": M.accuracy(labels, tta),
-            "cv_log_loss_tta_calibrated": M.log_loss(labels, tta_cal),
-            "temperature_tta": C.fit_temperature(labels, tta),
+            "cv_log_loss_tta": metrics.log_loss(labels, tta),
+            "cv_accuracy_tta": metrics.accuracy(labels, tta),
+            "cv_log_loss_tta_calibrated": metrics.log_loss(labels, tta_cal),
+            "temperature_tta": calibration.fit_temperature(labels, tta),
             "temperatures_tta_by_fold": {str(k): t for k, t in tta_temps.items()},
         })
     by_fold = {m["fold"]: m for m in fold_metrics}
@@ -148,15 +147,15 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
     for k in folds:
         sel = fold_of == k
         y, m = labels[sel], by_fold[k]
-        entry = {"fold": k, "n_rows": int(sel.sum()), "log_loss": M.log_loss(y, probs[sel]),
-                 "accuracy": M.accuracy(y, probs[sel]), "prior_log_loss": M.log_loss(y, prior[sel])}
+        entry = {"fold": k, "n_rows": int(sel.sum()), "log_loss": metrics.log_loss(y, probs[sel]),
+                 "accuracy": metrics.accuracy(y, probs[sel]), "prior_log_loss": metrics.log_loss(y, prior[sel])}
         for suffix, p in variants.items():
             if suffix:
-                entry[f"log_loss{suffix}"] = M.log_loss(y, p[sel])
+                entry[f"log_loss{suffix}"] = metrics.log_loss(y, p[sel])
         entry.update(temperature=temps[k], steps=m.get("steps"), train_seconds=m.get("train_seconds"),
                      train_samples_per_s=m.get("train_samples_per_s"))
         per_fold.append(entry)
-    rel = {name or "plain": D.reliability(labels, p) for name, p in
+    rel = {name or "plain": diagnostics.reliability(labels, p) for name, p in
            (("", probs), ("calibrated", calibrated))}
     data = oof[["id"]].merge(rows, on="id", how="left", validate="one_to_one")
     report.update({
@@ -164,13 +163,13 @@ def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metr
         "n_folds": len(folds),
         "label_counts": {name: int((labels == i).sum()) for i, name in enumerate(("a", "b", "tie"))},
         "folds": per_fold,
-        "confusion": D.confusion(labels, probs),
+        "confusion": diagnostics.confusion(labels, probs),
         "ece": rel["plain"]["ece"],
         "ece_calibrated": rel["calibrated"]["ece"],
         "reliability": rel,
         "length_unit": "characters of the formatted input text (prompt, response a, response b with their prefixes)",
-        "length_buckets": D.length_buckets(D.text_lengths(data), labels, probs, prior),
-        "clip": M.EPS,
+        "length_buckets": diagnostics.length_buckets(diagnostics.text_lengths(data), labels, probs, prior),
+        "clip": metrics.EPS,
     })
     return report
 

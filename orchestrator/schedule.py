@@ -1,9 +1,12 @@
 """How folds are placed on a Ray cluster: how many train at once, and in which phases (waves, a packed last wave, or
-round-robin pieces). Pure functions of the config and the cluster's resources; no Ray calls."""
+round-robin pieces). Pure functions of the config and the cluster's resources; no Ray calls.
+
+A fold's place in a phase is a :class:`Placement`, handed to the fold's Ray Train run as it is: the config (what
+the user asked for, and what the fold's files record) is never rewritten to carry it."""
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, replace
 
 from trainer_core.config import Config
 
@@ -14,27 +17,62 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot run this config (e.g. a GPU config on a machine without GPUs)."""
 
 
-def plan_concurrency(cfg: Config, resources: dict, n_folds: int) -> int:
-    """How many folds can train at once on this cluster; ClusterError says why none can."""
+@dataclass(frozen=True)
+class Placement:
+    """Where one fold trains in one phase, and how far: what its Ray Train workers hold and where it pauses."""
+
+    gpus: int  # GPUs per fold, one Ray Train worker each; 0 = CPU workers
+    cpu_workers: int  # Ray Train workers of a CPU fold (gpus == 0)
+    cpus_per_worker: float  # CPUs each worker reserves; a CPU worker runs as many torch threads
+    stop_at: float | None = None  # pause after this fraction of the fold's steps (a rotated piece); None = to the end
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+    @property
+    def workers(self) -> int:
+        return self.gpus if self.use_gpu else self.cpu_workers
+
+    @property
+    def cpus(self) -> float:
+        """CPUs one fold holds: its workers' plus its trial driver's."""
+        return self.workers * self.cpus_per_worker + TRIAL_DRIVER_CPU
+
+    def describe(self) -> str:
+        return (f"{self.gpus} GPU(s) each" if self.use_gpu else
+                f"{self.cpu_workers} CPU worker(s) x {self.cpus_per_worker:g} CPUs each")
+
+
+Phase = dict[int, Placement]  # the folds that train together, in order, each with its placement
+
+
+def base_placement(cfg: Config) -> Placement:
+    """A whole fold placed as ``cluster.*`` asks."""
     c = cfg.cluster
-    if c.gpus_per_fold > 0:
+    return Placement(gpus=c.gpus_per_fold, cpu_workers=c.cpu_workers_per_fold, cpus_per_worker=c.cpus_per_worker)
+
+
+def plan_concurrency(cfg: Config, resources: dict, n_folds: int, placement: Placement | None = None) -> int:
+    """How many folds placed as ``placement`` (default: as ``cluster.*`` asks) can train at once on this cluster, within
+    ``cluster.max_concurrent_folds``; ClusterError says why none can."""
+    p = placement or base_placement(cfg)
+    if p.use_gpu:
         gpus = int(resources.get("GPU", 0))
-        if gpus < c.gpus_per_fold:
+        if gpus < p.gpus:
             raise ClusterError(
-                f"this config trains each fold on {c.gpus_per_fold} GPU(s) (cluster.gpus_per_fold="
-                f"{c.gpus_per_fold}), but the Ray cluster has {gpus} GPU(s). Run it on a GPU machine or join a GPU "
+                f"this config trains each fold on {p.gpus} GPU(s) (cluster.gpus_per_fold="
+                f"{p.gpus}), but the Ray cluster has {gpus} GPU(s). Run it on a GPU machine or join a GPU "
                 f"cluster with --address auto; a 4-bit Gemma-2 9B does not train on CPUs in any useful time.")
-        slots = gpus // c.gpus_per_fold
-        cpu_need = c.gpus_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
+        slots = gpus // p.gpus
     else:
-        cpu_need = c.cpu_workers_per_fold * c.cpus_per_worker + TRIAL_DRIVER_CPU
-        slots = int(resources.get("CPU", 0) // cpu_need)
+        slots = int(resources.get("CPU", 0) // p.cpus)
         if slots < 1:
-            raise ClusterError(f"one CPU fold needs {cpu_need:g} CPUs (cluster.cpu_workers_per_fold x "
+            raise ClusterError(f"one CPU fold needs {p.cpus:g} CPUs (cluster.cpu_workers_per_fold x "
                                f"cluster.cpus_per_worker) but the cluster has {resources.get('CPU', 0):g}")
-    slots = min(slots, int(resources.get("CPU", 0) // cpu_need) or 1)
-    if c.max_concurrent_folds:
-        slots = min(slots, c.max_concurrent_folds)
+    slots = min(slots, int(resources.get("CPU", 0) // p.cpus) or 1)
+    if cfg.cluster.max_concurrent_folds:
+        slots = min(slots, cfg.cluster.max_concurrent_folds)
     return max(1, min(slots, n_folds))
 
 
@@ -76,25 +114,19 @@ def plan_rotation(folds: list[int], slots: int) -> list[tuple[list[int], dict[in
     return phases
 
 
-def plan_fold_phases(cfg: Config, folds: list[int],
-                     resources: dict) -> list[tuple[list[int], Config, dict[int, float | None]]]:
+def plan_fold_phases(cfg: Config, folds: list[int], resources: dict) -> list[Phase]:
     """:func:`plan_phases` applied to a config: GPU folds get more GPUs in a packed last phase; CPU folds get more
     CPUs (threads) per worker, so the last lone fold on a 2-core machine uses both cores. With
-    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns [(folds, phase config, {fold: stop fraction})]."""
-    c = cfg.cluster
+    ``cluster.rotate_folds``, :func:`plan_rotation` instead. Returns the phases in order, each {fold: placement}."""
+    c, base = cfg.cluster, base_placement(cfg)
     if c.rotate_folds:
-        return [(f, cfg, stops) for f, stops in plan_rotation(folds, plan_concurrency(cfg, resources, len(folds)))]
-    if c.gpus_per_fold > 0:
-        plan = plan_phases(folds, int(resources.get("GPU", 0)), c.gpus_per_fold, c.pack_folds)
-    else:
         slots = plan_concurrency(cfg, resources, len(folds))
-        plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
-    out = []
-    for phase_folds, units in plan:
-        phase_cfg = copy.deepcopy(cfg)
-        if c.gpus_per_fold > 0:
-            phase_cfg.cluster.gpus_per_fold = units
-        else:
-            phase_cfg.cluster.cpus_per_worker = c.cpus_per_worker * units
-        out.append((phase_folds, phase_cfg, {}))
-    return out
+        return [{f: replace(base, stop_at=stops.get(f)) for f in phase_folds}
+                for phase_folds, stops in plan_rotation(folds, slots)]
+    if base.use_gpu:
+        plan = plan_phases(folds, int(resources.get("GPU", 0)), base.gpus, c.pack_folds)
+        return [{f: replace(base, gpus=units) for f in phase_folds} for phase_folds, units in plan]
+    slots = plan_concurrency(cfg, resources, len(folds))
+    plan = plan_phases(folds, slots, 1, c.pack_folds)  # units = CPU-slot multiples
+    return [{f: replace(base, cpus_per_worker=base.cpus_per_worker * units) for f in phase_folds}
+            for phase_folds, units in plan]

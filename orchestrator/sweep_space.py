@@ -10,11 +10,15 @@ A space file looks like::
     lora.freeze_layers: {grid: [0, 8, 16]}     # every value: each sample runs the whole grid (random search only)
 
 Every key must exist in the config tree, every value (each choice, each range end) must have the key's type and keep
-the config valid; every problem is reported at once, one line each. This module does not import Ray.
+the config valid - including against the model's real depth (``lora.freeze_layers`` below its decoder layer count, read
+from ``random_config`` or the checkpoint's config.json) - so no trial can fail inside Ray for a value the sweep drew;
+every problem is reported at once, one line each. This module does not import Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -25,10 +29,11 @@ from typing import Any
 import yaml
 
 from trainer_core.config import Config, ConfigError, apply_overrides, get_value, validate
+from trainer_core.paths import model_layer_count
 
 KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 # The sweep's rows, folds and placement are fixed for all trials (one data.parquet, one concurrency plan).
-FIXED_PREFIXES = ("experiment", "data.path", "data.max_rows", "data.n_folds", "cluster.")
+FIXED_PREFIXES = ("experiment", "data.path", "data.max_rows", "data.n_folds", "data.fold_by", "cluster.")
 
 
 class SpaceError(ValueError):
@@ -85,6 +90,24 @@ def _parse_entry(key: str, spec: Any, errs: list[str]) -> Param | None:
     return Param(key, kind, (lo, hi))
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_count(model_json: str) -> int | None:
+    from trainer_core.config import ModelConfig
+
+    return model_layer_count(ModelConfig(**json.loads(model_json)))
+
+
+def model_fit_problem(cfg: Config) -> str | None:
+    """Why ``cfg`` cannot train on its model (``lora.freeze_layers`` at or past the model's decoder layer count), or
+    None - also when the layer count is unknown here (a Hub checkpoint not downloaded yet)."""
+    n_layers = _layer_count(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    if n_layers is not None and cfg.lora.freeze_layers >= n_layers:
+        source = "its random_config" if cfg.model.init == "random" else f"{cfg.model.name_or_path}'s config.json"
+        return (f"lora.freeze_layers={cfg.lora.freeze_layers} leaves no layer to train: the model has {n_layers} "
+                f"decoder layers ({source})")
+    return None
+
+
 def _candidates(p: Param) -> list:
     """Values that stand for the whole distribution when checking it against the config."""
     if p.kind == "randint":
@@ -115,6 +138,10 @@ def _check_against_config(p: Param, base: Config, search: str, errs: list[str]) 
         except ConfigError as e:
             problems = "; ".join(line.strip() for line in str(e).splitlines()[1:])
             errs.append(f"{p.key}: value {v!r} makes the config invalid ({problems})")
+            continue
+        misfit = model_fit_problem(cfg)
+        if misfit:
+            errs.append(f"{p.key}: value {v!r} does not fit the model ({misfit})")
     if search == "optuna":
         if p.kind == "grid":
             errs.append(f"{p.key}: grid is not supported by --search optuna (use choice, or --search random)")
@@ -129,6 +156,9 @@ def parse_space(raw: Any, base: Config, search: str = "random", source: str = "s
         raise SpaceError(f"{source}: a search space is a non-empty mapping of dotted keys, e.g. "
                          f"'train.lr: {{loguniform: [5.0e-5, 5.0e-4]}}'")
     errs: list[str] = []
+    misfit = model_fit_problem(base)
+    if misfit and "lora.freeze_layers" not in raw:
+        errs.append(f"the base config: {misfit}")
     space: dict[str, Param] = {}
     for key, spec in raw.items():
         p = _parse_entry(str(key), spec, errs)

@@ -7,8 +7,7 @@ Examples::
     python -m orchestrator.tune --config configs/gemma2_9b_qlora.yaml --folds 0 --num-samples 16 --address auto
     python -m orchestrator.tune --config configs/gemma2_9b_qlora.yaml --folds 0 --num-samples 16 \\
         --space configs/sweeps/lr_rank_freeze.yaml --search optuna --scheduler asha --out runs/g9b-sweep
-    python -m orchestrator.tune --config configs/smoke.yaml --space configs/sweeps/smoke_lr_rank.yaml --num-samples 4 \\
-        data.max_rows=80
+    python -m orchestrator.tune --config configs/smoke.yaml --num-samples 4 data.max_rows=80  # its own space
     python -m orchestrator.cv --config runs/g9b-sweep/best.yaml --folds 0-4      # then: all folds with the winner
 
 With ``--scheduler asha`` folds evaluate every ``train.eval_every`` steps (set to about a quarter of a fold when the
@@ -18,6 +17,10 @@ ASHA compares trials at equal optimizer steps. A trial's final score is always i
 Rerunning the same command with the same ``--out`` resumes an interrupted sweep: finished trials are kept, unfinished
 ones continue (finished folds skipped, others from their last checkpoint). A sweep directory that holds a different
 config, data file, space or search setting is refused.
+
+Without ``--space`` a config gets its own space, ``sweeps/<config name>.yaml`` beside it (``configs/sweeps/smoke.yaml``
+for ``configs/smoke.yaml``), else ``configs/sweeps/lr_rank_freeze.yaml`` (sized for Gemma-2 9B). Every searched value
+is checked against the model's real layer count before Ray starts: a value that cannot train is refused, not drawn.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.cv import REPO_ROOT, file_sha256, resolve_config
+from orchestrator.cv import REPO_ROOT, resolve_config
+from orchestrator.run_data import load_run_data, write_data_parquet
 from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fingerprint
-from trainer_core.batching import planned_steps
+from trainer_core.batching import per_rank_batch, planned_steps
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
-from trainer_core.data import DataError, assign_folds, load_rows, parse_folds
-from trainer_core.paths import atomic_write, atomic_write_json
-from trainer_core.train_rows import load_extra_rows
+from trainer_core.data import DataError, parse_folds
+from trainer_core.paths import atomic_write_json
+from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given
@@ -49,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default="0", help="folds each trial trains, one after another: 0, 0-4, 0,2 (default: 0)")
     p.add_argument("--num-samples", type=int, default=8,
                    help="trials to draw (default 8); with grid keys each sample runs the whole grid")
-    p.add_argument("--space", type=Path, default=DEFAULT_SPACE,
-                   help=f"search space YAML of dotted keys (default: {DEFAULT_SPACE.relative_to(REPO_ROOT)}: "
-                        f"train.lr, lora.r, lora.freeze_layers)")
+    p.add_argument("--space", type=Path, default=None,
+                   help=f"search space YAML of dotted keys (default: the config's own space, sweeps/<config name>.yaml "
+                        f"beside the config, e.g. configs/sweeps/smoke.yaml for configs/smoke.yaml; else "
+                        f"{DEFAULT_SPACE.relative_to(REPO_ROOT)}: train.lr, lora.r, lora.freeze_layers for Gemma-2 "
+                        f"9B's 42 layers)")
     p.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random (random draws plus grid keys; no extra packages) or optuna (TPE; needs "
                         "pip install .[optuna]); default: random")
@@ -73,8 +79,14 @@ def auto_eval_every(cfg, rows, folds: list[int]) -> tuple[int, int]:
     world = c.gpus_per_fold if c.gpus_per_fold > 0 else c.cpu_workers_per_fold
     n_train = min(int((rows["fold"] != k).sum()) for k in folds)
     t = cfg.train
-    steps = planned_steps(n_train, t.batch_size, world, t.epochs, t.grad_accum, t.max_steps)[1]
+    steps = planned_steps(n_train, per_rank_batch(t.batch_size, world), world, t.epochs, t.grad_accum, t.max_steps)[1]
     return steps, max(1, math.ceil(steps / EVALS_PER_FOLD))
+
+
+def default_space(config_path: Path) -> Path:
+    """The search space a config gets without --space: ``sweeps/<config stem>.yaml`` beside it, else DEFAULT_SPACE."""
+    own = config_path.parent / "sweeps" / f"{config_path.stem}.yaml"
+    return own if own.is_file() else DEFAULT_SPACE
 
 
 def claim_sweep_dir(sweep_dir: Path, meta: dict, rows) -> bool:
@@ -91,8 +103,7 @@ def claim_sweep_dir(sweep_dir: Path, meta: dict, rows) -> bool:
             raise ConfigError(f"{sweep_dir} holds a sweep with a different {', '.join(changed)}; rerun it with the "
                               f"same settings to resume, or use another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not (sweep_dir / "data.parquet").exists():
-        atomic_write(sweep_dir / "data.parquet", lambda p: rows.to_parquet(p, index=False))
+    write_data_parquet(sweep_dir, rows)
     atomic_write_json(meta_path, meta)
     return Tuner.can_restore(str(sweep_dir / "ray" / "tune"))
 
@@ -113,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         base = resolve_config(args)
+        args.space = args.space or default_space(args.config)
+        check_weights(base.model)  # model and tokenizer found (or downloaded) before anything is written
         space = load_space(args.space, base, args.search)
+        print(f"search space: {args.space}")
         folds = parse_folds(args.folds, base.data.n_folds)
-        rows = assign_folds(load_rows(base.data.path, max_rows=base.data.max_rows), base.data.n_folds)
-        load_extra_rows(base.data.extra_train_path)  # a bad extra file stops the sweep before Ray starts
-    except (ConfigError, SpaceError, DataError, FileNotFoundError, ValueError) as e:
+        data = load_run_data(base)
+    except (ConfigError, SpaceError, DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     # ASHA needs interim evaluations; set eval_every only where the user did not (it stays out of best.yaml).
+    rows = data.rows
     steps, eval_every = auto_eval_every(base, rows, folds)
     trial_base = base
     if args.scheduler == "asha":
@@ -132,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: folds run {steps} steps and train.eval_every={eval_every}: no interim evaluation, "
                   f"so ASHA cannot stop any trial early", file=sys.stderr)
     sweep_dir = (args.out or Path("runs") / f"{base.experiment}-sweep").resolve()
-    data_sha = file_sha256(base.data.path)
+    data_sha = data.sha256
     meta = {"experiment": base.experiment, "fingerprint": trial_base.fingerprint(), "data_path": base.data.path,
             "data_sha256": data_sha, "space_fingerprint": space_fingerprint(space),
             "space": {k: {p.kind: list(p.values)} for k, p in space.items()}, "folds": folds,
             "search": args.search, "scheduler": args.scheduler, "num_samples": args.num_samples,
-            "eval_every": trial_base.train.eval_every, "command": " ".join(["python -m orchestrator.tune", *argv])}
+            "eval_every": trial_base.train.eval_every, "command": " ".join(["python -m orchestrator.tune", *argv]),
+            **data.notes}
     try:
         resumable = claim_sweep_dir(sweep_dir, meta, rows)
     except ConfigError as e:

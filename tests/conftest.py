@@ -12,8 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "arena_sample.csv"
 CONFIGS = REPO / "configs"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def pytest_configure(config):
+    """Before any test runs (not at import): the suite is offline, and tokenizers stay single-threaded in the
+    processes tests start. A value set in the environment wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def arena_row(i: int, winner: str = "a", prompt=None, a=None, b=None) -> dict:
@@ -30,3 +34,11 @@ def arena_row(i: int, winner: str = "a", prompt=None, a=None, b=None) -> dict:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def nf4_gemma2_dir(tmp_path_factory) -> Path:
+    """A tiny Gemma-2 checkpoint stored pre-quantized to nf4 with a Gemma tokenizer (tests/tiny_gemma.py)."""
+    from tests.tiny_gemma import save_prequantized_gemma2
+
+    return save_prequantized_gemma2(tmp_path_factory.mktemp("tiny-gemma2-bnb-4bit"))

@@ -33,6 +33,12 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, e
     return batches
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """Rows per rank per micro-batch: ``batch_size`` split over the ranks when it divides, so the optimizer batch
+    (``batch_size x grad_accum``) stays the recipe's; else every rank takes the whole ``batch_size``."""
+    return batch_size // world if world > 1 and batch_size % world == 0 else batch_size
+
+
 def planned_steps(n_train: int, batch_size: int, world: int, epochs: float, grad_accum: int,
                   max_steps: int | None) -> tuple[int, int]:
     """(micro-batches per epoch, optimizer steps) of a fold with ``n_train`` training rows: what ``train_fold`` runs,

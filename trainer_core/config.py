@@ -204,6 +204,11 @@ def validate(cfg: Config) -> None:
         errs.append(f"data.max_rows: {d.max_rows} rows cannot fill {d.n_folds} folds")
     if d.max_length < 8:
         errs.append(f"data.max_length: {d.max_length} is too short to hold a row")
+    if d.prompt_share is not None:
+        if not 0 < d.prompt_share < 1:
+            errs.append(f"data.prompt_share: must be in (0, 1) or null, got {d.prompt_share}")
+        if d.truncation != "balanced":
+            errs.append(f"data.prompt_share: applies to data.truncation=balanced only (got {d.truncation!r})")
     if not m.name_or_path and m.init == "pretrained":
         errs.append("model.name_or_path: no model given")
     if m.init == "random" and not m.random_config:

@@ -27,15 +27,26 @@ def _f(default: Any, doc: str, *, added: bool = False, **kw: Any) -> Any:
 @dataclass
 class DataConfig:
     path: str = _f("", "CSV or parquet file in the Chatbot Arena schema (relative in a YAML: against its folder)")
-    n_folds: int = _f(5, "number of folds; a row's fold is id % n_folds")
+    n_folds: int = _f(5, "number of folds; data.fold_by decides which fold a row is in")
+    fold_by: Literal["id", "row", "prompt"] = _f(
+        "id", "how rows are split into folds: 'id' = id % n_folds; 'row' = row position % n_folds (the seed notebook's "
+        "code); 'prompt' = scikit-learn StratifiedGroupKFold (fixed seed): stratified by label, rows sharing a prompt "
+        "text in the same fold, so a repeated prompt never sits on both sides of a split (the honest CV on arena data)",
+        added=True)
     max_rows: Optional[int] = _f(None, "use only the first N rows of the file (quick runs and tests); null = all rows")
     max_length: int = _f(1024, "maximum tokens per row, EOS included")
-    truncation: Literal["end", "balanced"] = _f(
-        "end", "'end' cuts the joined text at max_length (seed); 'balanced' shares the budget between prompt, a and b"
+    truncation: Literal["end", "left", "balanced"] = _f(
+        "end", "'end' keeps the start of the joined text, cut at max_length (seed); 'left' keeps its end (the last "
+        "max_length tokens: a long response b pushes out the prompt first); 'balanced' gives prompt, a and b each a "
+        "share of the budget (see data.prompt_share), each keeping its start"
     )
     extra_train_path: Optional[str] = _f(
         None, "extra rows (same schema, own ids) added to every fold's training, never held out; those whose prompt "
         "is also in the held-out fold are dropped for that fold (counted as extra_dropped_shared_prompt)", added=True)
+    prompt_share: Optional[float] = _f(
+        None, "truncation=balanced: the share of the token budget the prompt may take when the row is too long "
+        "(e.g. 0.2); responses a and b split the rest equally, and tokens a part leaves unused go to the others. "
+        "null = prompt, a and b share equally", added=True)
 
 
 @dataclass

@@ -1,8 +1,16 @@
 """Load and validate Chatbot Arena preference data; assign folds.
 
 The text columns hold JSON lists of turns (``["Hi", "How are you?"]``). They are parsed with ``json`` only: the seed
-notebook used Python ``eval``, which runs whatever a CSV cell contains. ``null`` turns become empty strings. Bytes that
-are not valid UTF-8 are replaced by U+FFFD (the row is kept) and the affected ids are reported as a warning.
+notebook used Python ``eval``, which runs whatever a CSV cell contains. ``null`` turns become empty strings.
+
+Text that UTF-8 cannot encode - lone UTF-16 surrogates from JSON escapes such as ``"\\ud83d"`` (half an emoji; the
+real Kaggle train.csv has them) and bytes of the file that are not valid UTF-8 - becomes U+FFFD; the row is kept and
+its id reported once as a warning (:attr:`Dataset.repaired_ids`). A U+FFFD that the file itself holds is ordinary text
+and is not reported.
+
+Folds (:func:`assign_folds`, ``data.fold_by``): ``id`` (``id % n_folds``), ``row`` (row position % n_folds, what the
+seed notebook's code does) or ``prompt`` (scikit-learn's StratifiedGroupKFold: stratified by label, rows that share a
+prompt text in one fold).
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +30,11 @@ log = logging.getLogger(__name__)
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 LABEL_NAMES = ("a", "b", "tie")  # label 0, 1, 2
+FOLD_BY = ("id", "row", "prompt")
+FOLD_SEED = 0  # fold_by=prompt: fixed, so train.seed or a sweep never moves rows between folds
+# Python strings can hold what UTF-8 cannot encode only as surrogate code points: lone ones from JSON escapes, and
+# U+DC80-U+DCFF from reading invalid bytes with errors="surrogateescape".
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -46,7 +61,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+            # object, not pandas' Arrow-backed str: invalid bytes arrive as surrogate escapes, found and replaced (and
+            # counted) with the JSON-escaped ones in load
+            df = pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8",
+                             encoding_errors="surrogateescape")
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file for the user
@@ -106,9 +124,29 @@ def _parse_ids(df: pd.DataFrame, path: Path, errs: list[str]) -> pd.Series | Non
     return s
 
 
+@dataclass
+class Dataset:
+    """Validated rows plus what loading changed in them."""
+
+    rows: pd.DataFrame
+    repaired_ids: list[int]  # rows whose text held characters UTF-8 cannot encode, now U+FFFD
+
+
+def repair_text(text: str) -> tuple[str, bool]:
+    """(``text`` with every character UTF-8 cannot encode replaced by U+FFFD, whether any was)."""
+    repaired, n = _SURROGATES.subn("\ufffd", text)
+    return repaired, n > 0
+
+
 def load_rows(path: str | Path, *, require_labels: bool = True, max_rows: int | None = None) -> pd.DataFrame:
+    """The rows of :func:`load_dataset` (the repaired ids are only logged)."""
+    return load_dataset(path, require_labels=require_labels, max_rows=max_rows).rows
+
+
+def load_dataset(path: str | Path, *, require_labels: bool = True, max_rows: int | None = None) -> Dataset:
     """Validated rows: ``id`` (int64), ``prompt``/``response_a``/``response_b`` (joined text) and, with labels,
-    ``label`` (0 = a, 1 = b, 2 = tie). Raises DataError listing every problem found, one per line."""
+    ``label`` (0 = a, 1 = b, 2 = tie). Raises DataError listing every problem found, one per line. Text UTF-8 cannot
+    encode becomes U+FFFD; the affected ids are logged once as a warning and returned."""
     path = Path(path)
     df = read_table(path)
     if max_rows is not None:
@@ -122,12 +160,18 @@ def load_rows(path: str | Path, *, require_labels: bool = True, max_rows: int | 
     ids = _parse_ids(df, path, errs)
     ref = ids if ids is not None else pd.Series(range(len(df)))
     out = pd.DataFrame({"id": ref.values})
+    repaired = np.zeros(len(df), dtype=bool)
     for col in TEXT_COLUMNS:
         parsed = [parse_turns(v) for v in df[col].values]
         bad = [ref.iat[i] for i, p in enumerate(parsed) if p is None]
         if bad:
             errs.append(f"{path}: column '{col}': {_ids_text(bad)}: not a JSON list of strings")
-        out[col] = ["" if p is None else p for p in parsed]
+        texts = []
+        for i, p in enumerate(parsed):
+            text, changed = repair_text("" if p is None else p)
+            repaired[i] |= changed
+            texts.append(text)
+        out[col] = texts
     if require_labels:
         onehot = np.zeros((len(df), 3), dtype=np.int64)
         bad_vals: list = []
@@ -145,17 +189,50 @@ def load_rows(path: str | Path, *, require_labels: bool = True, max_rows: int | 
         out["label"] = onehot.argmax(1)
     if errs:
         raise DataError("\n".join(errs))
-    bad_utf8 = [ref.iat[i] for i in range(len(out)) if any("\ufffd" in out[c].iat[i] for c in TEXT_COLUMNS)]
-    if bad_utf8:
-        log.warning("%s: %s contain bytes that are not UTF-8; replaced by U+FFFD", path, _ids_text(bad_utf8))
-    return out
+    repaired_ids = [int(i) for i in out["id"].values[repaired]]
+    if repaired_ids:
+        log.warning("warning: %s: %d row%s held text that UTF-8 cannot encode (lone UTF-16 surrogates such as half an "
+                    "emoji, or invalid bytes), replaced by U+FFFD and kept: %s", path, len(repaired_ids),
+                    "s" if len(repaired_ids) > 1 else "", _ids_text(repaired_ids, limit=20))
+    return Dataset(out, repaired_ids)
 
 
-def assign_folds(df: pd.DataFrame, n_folds: int) -> pd.DataFrame:
-    """Adds ``fold = id % n_folds``: a pure function of the data, so every run and trial sees the same splits."""
+def assign_folds(df: pd.DataFrame, n_folds: int, by: str = "id") -> pd.DataFrame:
+    """Adds ``fold``, a pure function of the data, so every run and trial sees the same splits. ``by``: ``id`` (id %
+    n_folds), ``row`` (row position % n_folds) or ``prompt`` (StratifiedGroupKFold: stratified by label, grouped by
+    prompt text, seed FOLD_SEED; needs ``label``). DataError when ``prompt`` cannot fill every fold."""
     out = df.copy()
-    out["fold"] = (out["id"] % n_folds).astype("int64")
+    if by == "id":
+        out["fold"] = (out["id"] % n_folds).astype("int64")
+    elif by == "row":
+        out["fold"] = np.arange(len(out), dtype=np.int64) % n_folds
+    elif by == "prompt":
+        out["fold"] = _prompt_group_folds(out, n_folds)
+    else:
+        raise ValueError(f"fold_by {by!r} is not one of {', '.join(FOLD_BY)}")
     return out
+
+
+def _prompt_group_folds(df: pd.DataFrame, n_folds: int) -> np.ndarray:
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = pd.factorize(df["prompt"])[0]
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    if n_groups < n_folds:
+        raise DataError(f"data.fold_by=prompt: {n_groups} distinct prompt{'s' if n_groups != 1 else ''} cannot fill "
+                        f"{n_folds} folds")
+    folds = np.empty(len(df), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=FOLD_SEED)
+    with warnings.catch_warnings():  # "least populated class has only N members": ties in tiny files; folds still fill
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(df)), df["label"].to_numpy(), groups)):
+            folds[held_out] = k
+    empty = sorted(set(range(n_folds)) - set(folds.tolist()))
+    if empty:
+        raise DataError(f"data.fold_by=prompt: folds {empty} got no rows ({n_groups} distinct prompts)")
+    return folds
 
 
 def parse_folds(spec: str, n_folds: int) -> list[int]:

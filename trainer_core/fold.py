@@ -27,16 +27,22 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from trainer_core.config import Config
 from trainer_core.fold_data import BatchSchedule, FoldData, plan_batches
-from trainer_core.fold_state import FoldMetrics, load_checkpoint, save_checkpoint, write_fold_files
+from trainer_core.fold_state import (
+    FoldMetrics,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    write_fold_files,
+)
 from trainer_core.inference import predict_probs
 from trainer_core.memory import apply_budget
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
 from trainer_core.optim import build_optimizer, lr_at
+from trainer_core.ranks import dist_info, gather_objects, gather_rows, rank_seed
 from trainer_core.step import make_autocast, train_step
 from trainer_core.telemetry import Telemetry
 from trainer_core.tokenization import build_tokenizer, encode
@@ -55,12 +61,6 @@ class FoldResult:
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
 
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -69,18 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def gather_rows(local: np.ndarray, local_idx: np.ndarray, n: int, world: int) -> np.ndarray:
-    """Rank-sharded predictions back into one (n, 3) array on every rank."""
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    dist.all_gather_object(parts, (local_idx, local))
-    out = np.zeros((n, 3))
-    for idx, p in parts:
-        out[idx] = p
-    return out
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
@@ -142,10 +130,13 @@ class FoldRun:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
+            # Same seed above, so every rank built the same new weights; from here each rank draws its own dropout
+            # masks (one seed would repeat the same masks on every rank's rows).
+            seed_everything(rank_seed(t.seed + self.fold, self.rank))
         self.step = 0
         if resume_from is not None:
             self.step, self.before = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scaler,
-                                                     self.fingerprint)
+                                                     self.fingerprint, rank=self.rank, device=self.device)
             log.info("fold %d: resumed at step %d/%d from %s", self.fold, self.step, self.batches.total_steps,
                      resume_from)
         self.telemetry = Telemetry(tb_dir if self.rank == 0 else None, self.device)
@@ -213,11 +204,12 @@ class FoldRun:
     def send(self, logs: dict, *, checkpoint: bool) -> None:
         """Report ``logs`` (every rank), with a checkpoint of this step written by rank 0 when asked."""
         ckpt = None
+        rngs = gather_objects(rng_state(self.device), self.world) if checkpoint else None  # every rank's RNG
         if checkpoint and self.rank == 0:
             ckpt = self.ckpt_root / f"step={self.step:07d}"
             ckpt.mkdir()
             save_checkpoint(ckpt, self.model, self.optimizer, self.scaler, self.step, self.fingerprint,
-                            self.totals())
+                            self.totals(), rngs)
         if self.report is not None:
             self.report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
         if ckpt is not None:

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trainer_core.batching import collate, epoch_batches, planned_steps, rank_slice, row_tokens
+from trainer_core.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice, row_tokens
 from trainer_core.config import Config
 from trainer_core.memory import free_device_bytes, plan_memory
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
+from trainer_core.ranks import min_over_ranks
 from trainer_core.tokenization import encode
 from trainer_core.train_rows import fold_training_rows, load_extra_rows
 
@@ -93,16 +94,16 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
     the optimizer batch (``batch_size x grad_accum``) stays the recipe's; with ``model.gradient_checkpointing: auto``
     on a GPU the memory plan may turn on recomputation (on ``model``) and split micro-batches further."""
     t = cfg.train
-    micro_bs, accum = t.batch_size, t.grad_accum
-    if world > 1 and t.batch_size % world == 0:
-        micro_bs = t.batch_size // world
-    elif world > 1:
+    micro_bs, accum = per_rank_batch(t.batch_size, world), t.grad_accum
+    if world > 1 and micro_bs == t.batch_size:
         log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
                     fold, t.batch_size, world, world)
     if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
+        # Every input of the plan is the same on all ranks (all tokenize every training row), free memory included:
+        # ranks with different plans would run different numbers of micro-batches and hang in DDP's all-reduce.
+        free = min_over_ranks(free_device_bytes(device, t.memory_budget_gib), device, world)
         plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
-                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum,
-                           free_bytes=free_device_bytes(device, t.memory_budget_gib))
+                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum, free_bytes=free)
         if plan.checkpointing:
             enable_checkpointing(model)
         micro_bs, accum = plan.micro_batch, plan.grad_accum
@@ -114,3 +115,4 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
     return BatchSchedule(lengths=lengths, micro_batch=micro_bs, grad_accum=accum, world=world, seed=t.seed + fold,
                          group_by_length=t.group_by_length, micro_per_epoch=micro_per_epoch,
                          total_steps=total_steps, total_micro=total_micro)
+

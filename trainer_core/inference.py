@@ -51,7 +51,7 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
         from peft import PeftModel
 
         # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.
-        base = build_model(replace(cfg.model, gradient_checkpointing=False),
+        base = build_model(replace(cfg.model, gradient_checkpointing="off"),
                            replace(cfg.lora, enabled=False, freeze_layers=0), pad_token_id=tok.pad_token_id,
                            precision=precision, device=device, seed=cfg.train.seed)
         model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -15,6 +15,7 @@ import torch
 from trainer_core.config import LoraConfig, ModelConfig
 from trainer_core.paths import atomic_write_dir, resolve_model_path
 from trainer_core.step import DTYPES
+from trainer_core.weights import check_quantization
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,35 @@ def _save_random_model(spec: dict, pad_token_id: int, seed: int, dtype: torch.dt
 
     model_type = spec.pop("model_type", "gemma2")
     cfg = AutoConfig.for_model(model_type, **spec, num_labels=NUM_LABELS, pad_token_id=pad_token_id)
-    torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
-        model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+    # Weight init draws from the global RNG; seeding it here would move it for whatever the caller builds next (the
+    # LoRA adapters), so a model's adapters would depend on whether this cache was warm. fork_rng restores it.
+    cuda_devices = list(range(torch.cuda.device_count())) if device == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
     atomic_write_dir(out, lambda tmp, m=model: m.save_pretrained(str(tmp)))
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def _prequantized_config(path: str, model_cfg: ModelConfig, compute_dtype: torch.dtype):
+    """For a checkpoint stored quantized (``quantization_config`` in its config.json): its config, checked against
+    ``model.quantization`` (a conflict raises WeightsError; transformers would silently use the stored one), with the
+    compute dtype of ``train.precision`` (a load-time choice, not part of the stored weights). Else None."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(path)
+    stored = getattr(hf_cfg, "quantization_config", None)
+    if not stored:
+        return None
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
+    check_quantization(model_cfg, stored, model_cfg.name_or_path)
+    hf_cfg.quantization_config = {**stored, "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch.")}
+    hf_cfg.num_labels = NUM_LABELS
+    return hf_cfg
 
 
 def decoder_layer_count(model) -> int:
@@ -102,12 +124,17 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     else:
         path = resolve_model_path(model_cfg.name_or_path)
     quant = _quantization_config(model_cfg, dtype)
-    kwargs = dict(num_labels=NUM_LABELS, dtype=dtype if quant is not None or dtype != torch.float32 else torch.float32)
+    stored = _prequantized_config(path, model_cfg, dtype) if model_cfg.init == "pretrained" else None
+    # with config= given, from_pretrained takes no config fields (num_labels) as keywords: the config carries them
+    kwargs = dict(config=stored) if stored is not None else dict(num_labels=NUM_LABELS)
+    kwargs["dtype"] = dtype
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quant is not None:
         # Inside a Ray Train worker the device is already set; never "auto" (spreads layers over other GPUs).
-        kwargs.update(quantization_config=quant, device_map={"": device})
+        kwargs["device_map"] = {"": device}
+        if stored is None:  # quantized while loading; a pre-quantized checkpoint brings its own quantization_config
+            kwargs["quantization_config"] = quant
     if model_cfg.head == "pairwise":
         from trainer_core.pairwise import build_pairwise
 
@@ -212,13 +239,17 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Only the trained tensors (adapters and head): a few MB where the full model is many GB."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
+    """Only the trained tensors (adapters and head): a few MB where the full model is many GB. Read from the parameters,
+    not ``model.state_dict()``: that would serialise every quantized layer, and bitsandbytes' state-dict hook on the
+    CPU rewrites a 4-bit weight's layout in place, so the rank that saves a checkpoint would predict differently."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"checkpoint has tensors the model lacks: {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params or not params[k].requires_grad]
+    if unknown:
+        raise ValueError(f"checkpoint has tensors the model does not train: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)

@@ -26,6 +26,46 @@ def resolve_model_path(name: str) -> str:
     return str(path)
 
 
+def checkpoint_config(name: str) -> dict | None:
+    """The checkpoint's config.json as a dict, found without a download: a local folder, a folder in an installed
+    package (``pkg:``) or the Hugging Face cache; None when none of them has it."""
+    try:
+        folder = Path(resolve_model_path(name)).expanduser()
+    except FileNotFoundError:
+        return None
+    path = folder / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid Hub id either: there is nothing to read
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    return json.loads(path.read_text())
+
+
+def model_layer_count(model_cfg) -> int | None:
+    """Decoder layers of the configured model without building it: ``random_config`` (with its model type's defaults)
+    for ``init=random``, else the checkpoint's config.json (:func:`checkpoint_config`). None when that is unknown."""
+    if model_cfg.init == "random":
+        from transformers import AutoConfig
+
+        spec = dict(model_cfg.random_config)
+        config = AutoConfig.for_model(spec.pop("model_type", "gemma2"), **spec).to_dict()
+    else:
+        config = checkpoint_config(model_cfg.name_or_path)
+        if config is None:
+            return None
+    for section in (config, config.get("text_config") or {}):  # multimodal checkpoints nest the text model's
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if section.get(key):
+                return int(section[key])
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: readers see the old file
     or the complete new one, never a truncated one."""

@@ -34,6 +34,9 @@ def test_print_config_resolves_defaults_yaml_and_overrides():
 def test_help_config_lists_keys():
     res = run("orchestrator.cv", "--help-config")
     assert "train.lr = 0.0002" in res.stdout and "lora.freeze_layers" in res.stdout
+    text = " ".join(res.stdout.split())
+    assert 'data.fold_by = "id"' in text and "StratifiedGroupKFold" in text
+    assert "data.prompt_share = null" in text and "'left' keeps its end" in text
 
 
 def test_bad_override_is_one_clear_error():
@@ -55,8 +58,9 @@ def test_bad_data_stops_before_ray_and_writes_nothing(tmp_path):
 
 
 def test_gpu_config_on_a_machine_without_gpus_says_why(tmp_path):
+    # random weights, byte tokenizer: the 9B checkpoint is not on this machine (the weights check would stop first)
     res = run("orchestrator.cv", "--config", CONFIGS / "gemma2_9b_qlora.yaml", "--folds", "0", "--out",
-              tmp_path / "g", "data.max_rows=50", timeout=300)
+              tmp_path / "g", "data.max_rows=50", "model.init=random", "model.tokenizer=bytes", timeout=300)
     assert res.returncode == 3
     assert "cluster.gpus_per_fold=1" in res.stderr and "has 0 GPU(s)" in res.stderr
     assert not (tmp_path / "g" / "report.json").exists()

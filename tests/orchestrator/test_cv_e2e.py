@@ -1,5 +1,7 @@
 """The real end-to-end path: orchestrator.cv on a local Ray cluster (CPU workers), all five folds of the tiny
-Gemma-2 smoke config on a slice of the bundled data, checked against the run-directory contract row for row."""
+Gemma-2 smoke config on a slice of the bundled data, checked against the run-directory contract row for row. One
+cell of the slice holds a lone UTF-16 surrogate escape (half an emoji, as rows of the real Kaggle train.csv do), which
+used to end the run with a pyarrow UnicodeEncodeError: the run must reach its full report."""
 
 import json
 import subprocess
@@ -13,6 +15,7 @@ from sklearn.metrics import log_loss as sk_log_loss
 from tests.conftest import CONFIGS, DATA, REPO
 
 N_ROWS = 100
+BROKEN_ROW = 7  # its response_a holds "broken emoji \ud83d here"
 
 
 def cv(*args, timeout=900):
@@ -21,11 +24,35 @@ def cv(*args, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def data_args(tmp_path_factory):
+    """The first N_ROWS rows of the bundled data, one of them with a lone surrogate, as cv overrides."""
+    df = pd.read_csv(DATA, dtype=str, keep_default_na=False).head(N_ROWS)
+    df.loc[BROKEN_ROW, "response_a"] = json.dumps(["broken emoji \ud83d here"])  # json writes the escape as text
+    path = tmp_path_factory.mktemp("data") / "arena_with_surrogate.csv"
+    df.to_csv(path, index=False)
+    return [f"data.path={path}", f"data.max_rows={N_ROWS}"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_args):
     out = tmp_path_factory.mktemp("cv") / "run"
-    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}")
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, *data_args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return out, res
+
+
+def test_a_lone_surrogate_is_repaired_reported_once_and_recorded(smoke_run):
+    out, res = smoke_run
+    broken_id = int(pd.read_csv(DATA).loc[BROKEN_ROW, "id"])
+    assert res.stderr.count("UTF-8 cannot encode") == 1 and f"id {broken_id}" in res.stderr
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["text_repaired"]["count"] == 1 and meta["text_repaired"]["ids"] == [broken_id]
+    assert meta["fold_by"] == "id"
+    rows = pd.read_parquet(out / "data.parquet").set_index("id")
+    assert rows.loc[broken_id, "response_a"] == "broken emoji \ufffd here"
+    report = json.loads((out / "report.json").read_text())
+    assert report["fold_by"] == "id" and "data.fold_by=id" in (out / "report.md").read_text()
+    assert "data.fold_by=id" in (out / "report.html").read_text()
 
 
 def test_run_directory_matches_the_contract(smoke_run):
@@ -66,19 +93,19 @@ def test_run_directory_matches_the_contract(smoke_run):
     assert "class-prior log loss" in res.stdout
 
 
-def test_rerun_skips_finished_folds_without_ray(smoke_run):
+def test_rerun_skips_finished_folds_without_ray(smoke_run, data_args):
     out, _ = smoke_run
     before = (out / "fold=2" / "metrics.json").stat().st_mtime_ns
-    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}", timeout=120)
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, *data_args, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already finished" in res.stdout and "training folds" not in res.stdout
     assert (out / "fold=2" / "metrics.json").stat().st_mtime_ns == before
 
 
-def test_changed_config_for_same_run_dir_is_refused(smoke_run):
+def test_changed_config_for_same_run_dir_is_refused(smoke_run, data_args):
     out, _ = smoke_run
-    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, f"data.max_rows={N_ROWS}",
-             "train.lr=0.5", timeout=120)
+    res = cv("--config", CONFIGS / "smoke.yaml", "--folds", "0-4", "--out", out, *data_args, "train.lr=0.5",
+             timeout=120)
     assert res.returncode == 2 and "different config" in res.stderr and "--restart" in res.stderr
 
 
@@ -115,7 +142,7 @@ def test_runs_to_completion_without_the_dashboard(tmp_path):
     assert json.loads((out / "report.json").read_text())["n_rows"] == expected
 
 
-def test_rotated_schedule_gives_the_same_oof_as_waves(smoke_run, tmp_path):
+def test_rotated_schedule_gives_the_same_oof_as_waves(smoke_run, data_args, tmp_path):
     """cluster.rotate_folds: five folds on two CPU slots run as five phases of two half-folds each (every fold paused
     at its checkpoint halfway and resumed in a later phase), on Ray without the dashboard as on the GPU image. Exact
     resume makes the OOF the same as the plain schedule's (tolerance: the plain run's packed fifth fold used two
@@ -125,7 +152,7 @@ def test_rotated_schedule_gives_the_same_oof_as_waves(smoke_run, tmp_path):
     out = tmp_path / "rotated"
     env = {**os.environ, "ORCHESTRATOR_RAY_DASHBOARD": "0"}
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--folds",
-                          "0-4", "--out", str(out), f"data.max_rows={N_ROWS}", "cluster.rotate_folds=true"],
+                          "0-4", "--out", str(out), *data_args, "cluster.rotate_folds=true"],
                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert res.stdout.count("training folds") == 5 and res.stdout.count("paused at step") == 5

@@ -19,9 +19,9 @@ SLOW_FOLD = ["data.max_rows=60", "train.max_steps=60", "train.checkpoint_every=5
              "data.max_length=128"]
 
 
-def start_cv(out, folds, *overrides):
+def start_cv(out, folds, *overrides, env=None):
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"),
-                             "--out", str(out), "--folds", folds, *SLOW_FOLD, *overrides], cwd=REPO,
+                             "--out", str(out), "--folds", folds, *SLOW_FOLD, *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -3,6 +3,9 @@
 (its raylet, agents and workers) once the fold it trains has a checkpoint, and a replacement node started. The run
 must end with exit code 0, a complete OOF file and a fold that resumed from its checkpoint.
 
+The cluster runs with Ray's token authentication (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN), as a real one
+should: ``cv --address`` joins it with the token, and the dashboard refuses a request without it.
+
 The cluster is this test's own: a temporary ``--temp-dir``, ports picked free for every process, and a marker in the
 environment of every process it starts, so teardown kills exactly those processes and nothing else."""
 
@@ -13,11 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
-from ray.util.state import list_actors, list_nodes
+from ray.util.state import StateApiClient
+from ray.util.state.common import ListApiOptions, StateResource
 
 from tests.orchestrator.test_faults import check_fold_resumed, checkpoints, cleaned_up, start_cv, wait_for
 
@@ -59,8 +66,10 @@ class LocalCluster:
 
     def __init__(self, root: Path):
         self.root = root
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env = {**env, MARK: str(root), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        self.token = uuid.uuid4().hex  # this cluster's own, never written to ~/.ray
+        self.env = {**env, MARK: str(root), "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     # The GCS declares a silent node dead after ~3 s instead of Ray's default ~15 s or more.
                     "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                     "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "3"}
@@ -92,10 +101,15 @@ class LocalCluster:
         self._start(name, [f"--address={self.address}", "--num-cpus=1", f"--resources={NODE_RESOURCES}"],
                     free_ports(6))
 
+    def state(self, resource: StateResource, **filters) -> list:
+        """Ray's State API on this cluster's dashboard, with the cluster's token."""
+        client = StateApiClient(address=self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+        options = ListApiOptions(filters=[(k, "=", v) for k, v in filters.items()], detail=True, limit=1000, timeout=10)
+        return client.list(resource, options, raise_on_missing_output=False)
+
     def alive_nodes(self) -> list:
         try:
-            return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], timeout=5,
-                              raise_on_missing_output=False)
+            return self.state(StateResource.NODES, state="ALIVE")
         except Exception:  # noqa: BLE001 - the dashboard is not up yet
             return []
 
@@ -144,8 +158,15 @@ def cluster():
 
 
 def actors(cluster: LocalCluster, **filters) -> list:
-    return list_actors(address=cluster.dashboard, filters=[(k, "=", v) for k, v in filters.items()], detail=True,
-                       limit=1000, timeout=10, raise_on_missing_output=False)
+    return cluster.state(StateResource.ACTORS, **filters)
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, cluster):
@@ -154,9 +175,10 @@ def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, clust
     nodes = cluster.wait_for_nodes(2, 90)
     head = next(n.node_id for n in nodes if n.is_head_node)
     node_b = next(n.node_id for n in nodes if not n.is_head_node)
+    assert http_status(f"{cluster.dashboard}/api/v0/nodes") == 401  # token authentication is on
 
     out = tmp_path / "multinode"
-    proc = start_cv(out, "1", "--address", cluster.address, "train.max_steps=200")
+    proc = start_cv(out, "1", "--address", cluster.address, "train.max_steps=200", env=cluster.env)
     with cleaned_up(proc):
         wait_for(lambda: checkpoints(out, 1), 240, "fold 1's first checkpoint", proc)
         # The fold's Train worker is on node b (the only node with CPUs), its trial driver and Train controller on

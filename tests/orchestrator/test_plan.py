@@ -43,13 +43,30 @@ def test_cpu_folds_pack_the_last_wave_onto_more_threads():
     from orchestrator.schedule import plan_fold_phases
 
     cfg = Config()  # CPU folds, 1 worker x 1 CPU
+    before = cfg.to_dict()
     phases = plan_fold_phases(cfg, [0, 1, 2, 3, 4], {"CPU": 2})
-    assert [(fs, c.cluster.cpus_per_worker) for fs, c, _ in phases] == [([0, 1, 2, 3], 1.0), ([4], 2.0)]
-    assert cfg.cluster.cpus_per_worker == 1.0  # the caller's config is not changed
+    assert [(list(ph), {p.cpus_per_worker for p in ph.values()}) for ph in phases] == [([0, 1, 2, 3], {1.0}),
+                                                                                         ([4], {2.0})]
+    assert cfg.to_dict() == before  # placement travels beside the config, which is never rewritten
     gpu = Config()
     gpu.cluster.gpus_per_fold = 1
     phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
-    assert [(fs, c.cluster.gpus_per_fold) for fs, c, _ in phases] == [([0, 1, 2, 3], 1), ([4], 4)]
+    assert [(list(ph), {p.gpus for p in ph.values()}) for ph in phases] == [([0, 1, 2, 3], {1}), ([4], {4})]
+    assert plan_concurrency(gpu, {"CPU": 64, "GPU": 4}, 1, phases[1][4]) == 1  # the packed fold holds all four GPUs
+
+
+def test_placement_is_frozen_and_follows_the_config():
+    import dataclasses
+
+    from orchestrator.schedule import Placement, base_placement
+
+    cfg = Config()
+    cfg.cluster.cpu_workers_per_fold, cfg.cluster.cpus_per_worker = 2, 1.5
+    p = base_placement(cfg)
+    assert p == Placement(gpus=0, cpu_workers=2, cpus_per_worker=1.5) and p.workers == 2 and p.cpus == 3.0
+    assert not p.use_gpu and p.stop_at is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.gpus = 4
 
 
 @pytest.mark.parametrize("n_folds,slots", [(5, 4), (5, 2), (5, 3), (7, 4), (3, 2)])
@@ -69,12 +86,14 @@ def test_rotation_keeps_every_slot_busy_and_runs_each_fold_once_in_order(n_folds
 
 
 def test_rotation_is_only_used_when_folds_do_not_divide_evenly():
-    from orchestrator.schedule import plan_fold_phases, plan_rotation
+    from orchestrator.schedule import base_placement, plan_fold_phases, plan_rotation
 
     assert plan_rotation([0, 1, 2, 3], 2) == [([0, 1, 2, 3], {})]
     assert plan_rotation([0, 1], 4) == [([0, 1], {})]
     gpu = Config()
     gpu.cluster.gpus_per_fold, gpu.cluster.rotate_folds = 1, True
     phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], {"CPU": 64, "GPU": 4})
-    assert len(phases) == 5 and all(c.cluster.gpus_per_fold == 1 and len(fs) == 4 for fs, c, _ in phases)
-    assert plan_fold_phases(gpu, [0, 1, 2, 3], {"CPU": 64, "GPU": 4}) == [([0, 1, 2, 3], gpu, {})]
+    assert len(phases) == 5 and all(len(ph) == 4 and {p.gpus for p in ph.values()} == {1} for ph in phases)
+    # each fold's pieces stop where plan_rotation says
+    assert [{f: p.stop_at for f, p in ph.items()} for ph in phases] == [s for _, s in plan_rotation(list(range(5)), 4)]
+    assert plan_fold_phases(gpu, [0, 1, 2, 3], {"CPU": 64, "GPU": 4}) == [dict.fromkeys(range(4), base_placement(gpu))]

@@ -67,12 +67,14 @@ def test_fold_model_reloads_exactly_and_gets_the_fitted_temperature(run_dir, tmp
 
 def test_submission_for_unseen_rows_with_tta_and_soft_labels(run_dir, tmp_path):
     unseen = raw_rows(N_ROWS, N_ROWS + 25, labels=False)  # never trained or scored, no label columns (as Kaggle's)
+    unseen.iloc[3, unseen.columns.get_loc("response_b")] = json.dumps(["broken emoji \ud83d here"])  # a lone surrogate
     unseen.to_csv(tmp_path / "test.csv", index=False)
     res = predict("--run", run_dir, "--data", tmp_path / "test.csv", "--out", tmp_path / "submission.csv", "--tta",
                   "--soft-labels", tmp_path / "soft.parquet")
     assert res.returncode == 0, res.stderr[-3000:]
     sub = pd.read_csv(tmp_path / "submission.csv")
     assert list(sub.columns) == SUB_COLUMNS and list(sub["id"]) == list(unseen["id"])
+    assert res.stderr.count("UTF-8 cannot encode") == 1 and f"id {unseen['id'].iloc[3]}" in res.stderr
     p = sub[SUB_COLUMNS[1:]].to_numpy()
     assert np.isfinite(p).all() and (p > 0).all() and (p < 1).all() and np.allclose(p.sum(1), 1.0)
     assert "temperature_tta" in res.stdout and all(f"fold {k}: scored 25 rows (+ swapped)" in res.stdout

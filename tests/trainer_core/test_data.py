@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import DATA, arena_row
-from trainer_core.data import DataError, assign_folds, load_rows, parse_folds, parse_turns
+from trainer_core.data import DataError, assign_folds, load_dataset, load_rows, parse_folds, parse_turns
 
 
 def write_csv(tmp_path, rows, name="d.csv"):
@@ -62,12 +62,24 @@ def test_parquet_input_with_list_cells(tmp_path):
     assert out["prompt"].tolist() == ["q "] * 5
 
 
-def test_non_utf8_bytes_are_replaced_and_row_kept(tmp_path):
-    p = write_csv(tmp_path, [arena_row(1), arena_row(2)])
-    raw = p.read_bytes().replace(b"answer a 2", b"answer \xff\xfe 2")
-    p.write_bytes(raw)
-    df = load_rows(p)
-    assert "\ufffd" in df["response_a"].iloc[1] and len(df) == 2
+def test_text_utf8_cannot_encode_becomes_fffd_row_kept_and_reported_once(tmp_path, caplog):
+    """A lone surrogate escape (half an emoji, as in the real Kaggle train.csv) and invalid bytes both become U+FFFD;
+    a U+FFFD the file really holds is text, not reported; the result survives parquet (the original crash)."""
+    rows = [arena_row(1), arena_row(2, a=["broken emoji \ud83d here"]), arena_row(3, prompt=["genuine \ufffd"]),
+            arena_row(4, b=["pair \ud83d\ude00 ok"]), arena_row(5)]
+    p = write_csv(tmp_path, rows)
+    assert b"\\ud83d here" in p.read_bytes()  # the escape is in the file as JSON text, as json.dumps writes it
+    p.write_bytes(p.read_bytes().replace(b"answer a 5", b"answer \xff\xfe 5"))
+    with caplog.at_level("WARNING"):
+        data = load_dataset(p)
+    df = data.rows
+    assert len(df) == 5 and data.repaired_ids == [2, 5]
+    assert df["response_a"].iloc[1] == "broken emoji \ufffd here"
+    assert df["response_a"].iloc[4] == "answer \ufffd\ufffd 5"
+    assert df["prompt"].iloc[2] == "genuine \ufffd" and df["response_b"].iloc[3] == "pair \U0001f600 ok"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "2 rows" in warnings[0] and "ids 2, 5" in warnings[0]
+    df.to_parquet(tmp_path / "out.parquet")  # pyarrow raised UnicodeEncodeError here before
 
 
 def _bad(tmp_path, kind):
@@ -184,3 +196,31 @@ def test_folds_are_a_pure_function_of_ids():
 def test_max_rows_slices_in_file_order():
     assert load_rows(DATA, max_rows=50)["id"].tolist() == json.loads(
         pd.read_csv(DATA, usecols=["id"]).head(50)["id"].to_json(orient="values"))
+
+
+def test_fold_by_row_is_row_position():
+    df = pd.DataFrame({"id": np.array([7, 12, 5, 100, 3, 9]), "label": [0, 1, 2, 0, 1, 0]})
+    assert assign_folds(df, 5, by="row")["fold"].tolist() == [0, 1, 2, 3, 4, 0]
+    assert assign_folds(df, 5, by="id")["fold"].tolist() == [2, 2, 0, 0, 3, 4]
+
+
+def test_fold_by_prompt_keeps_each_prompt_in_one_fold_and_stratifies():
+    rows = load_rows(DATA)
+    # the bundled file has no repeated prompts; repeat some, as arena data does (one prompt, many model pairs)
+    rows["prompt"] = [f"prompt {i % 700}" for i in range(len(rows))]
+    folds = assign_folds(rows, 5, by="prompt")
+    assert (folds.groupby("prompt")["fold"].nunique() == 1).all()
+    counts = folds["fold"].value_counts()
+    assert sorted(counts.index) == [0, 1, 2, 3, 4] and counts.min() > 350 and counts.max() < 450
+    share_a = folds.groupby("fold")["label"].apply(lambda s: (s == 0).mean())
+    assert share_a.max() - share_a.min() < 0.05  # stratified by label
+    again = assign_folds(rows.sample(frac=1, random_state=0).sort_index(), 5, by="prompt")
+    assert (again["fold"] == folds["fold"]).all()  # fixed seed: the same folds every run
+    by_id = assign_folds(rows, 5, by="id")
+    assert (by_id.groupby("prompt")["fold"].nunique() > 1).any()  # what id % 5 does to repeated prompts
+
+
+def test_fold_by_prompt_needs_enough_prompts():
+    df = pd.DataFrame({"id": range(10), "prompt": ["p", "q"] * 5, "label": [0, 1] * 5})
+    with pytest.raises(DataError, match="2 distinct prompts cannot fill 5 folds"):
+        assign_folds(df, 5, by="prompt")
