@@ -104,21 +104,23 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """model.compile, data.fold_by and data.prompt_share arrived after run directories existed: at their defaults (the
-    old behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes
-    the fingerprint."""
+    """model.compile, data.fold_by, data.prompt_share, model.head, data.extra_train_path and train.swap_augment arrived
+    after run directories existed: at their defaults (the old behaviour) the fingerprint is the one computed without
+    them, so those runs still resume; changing one changes the fingerprint."""
     import hashlib
     import json
 
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share")):
+    for section, key in (("model", "compile"), ("data", "fold_by"), ("data", "prompt_share"), ("model", "head"),
+                         ("data", "extra_train_path"), ("train", "swap_augment")):
         d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
     assert cfg.fingerprint() != Config().fingerprint()
     assert Config(data=DataConfig(fold_by="prompt")).fingerprint() != Config().fingerprint()  # other folds, other run
+    assert Config(data=DataConfig(extra_train_path="x.csv")).fingerprint() != Config().fingerprint()
 
 
 def test_parse_override_reads_yaml_values():
