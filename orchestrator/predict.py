@@ -134,17 +134,17 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         return
     from trainer_core.inference import load_fold_model, predict_probs
     from trainer_core.step import make_autocast
-    from trainer_core.tokenization import encode_rows
+    from trainer_core.tokenization import encode
 
     cfg = load_config(run_dir / "config.yaml")
     bs = batch_size or cfg.train.eval_batch_size
     for k in folds:
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
         autocast = make_autocast(precision, device)
-        ids = encode_rows(rows, tok, cfg.data, cfg.model.add_eos_token)
+        ids = encode(rows, tok, cfg)
         p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast))
         if tta:
-            swapped = encode_rows(swap_responses(rows), tok, cfg.data, cfg.model.add_eos_token)
+            swapped = encode(swap_responses(rows), tok, cfg)
             p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast)
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "

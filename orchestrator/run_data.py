@@ -13,6 +13,7 @@ import pandas as pd
 
 from trainer_core.data import assign_folds, load_dataset
 from trainer_core.paths import atomic_write
+from trainer_core.train_rows import load_extra_rows
 
 
 @dataclass
@@ -33,11 +34,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_run_data(cfg) -> RunData:
-    """The configured data file (``data.path``, ``data.max_rows``), validated, with folds by ``data.fold_by``.
+    """The configured data file (``data.path``, ``data.max_rows``), validated, with folds by ``data.fold_by``; the
+    ``data.extra_train_path`` file, if any, is validated the same way.
     Raises trainer_core.data.DataError naming the file, column and row ids; text UTF-8 cannot encode is repaired
     (warned about once) and listed in ``notes``."""
     data = load_dataset(cfg.data.path, max_rows=cfg.data.max_rows)
     rows = assign_folds(data.rows, cfg.data.n_folds, cfg.data.fold_by)
+    load_extra_rows(cfg.data.extra_train_path)  # each fold reads it again; a bad file must stop the run here
     notes = {"fold_by": cfg.data.fold_by,
              "text_repaired": {"count": len(data.repaired_ids), "ids": data.repaired_ids,
                                "what": "text UTF-8 cannot encode (lone UTF-16 surrogates, invalid bytes) replaced by "

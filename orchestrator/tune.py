@@ -41,6 +41,7 @@ from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json
 from trainer_core.soft_labels import check_soft_labels
+from trainer_core.train_rows import fold_training_rows, load_extra_rows
 from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
@@ -78,8 +79,9 @@ def auto_eval_every(cfg, rows, folds: list[int]) -> tuple[int, int]:
     """(optimizer steps of the shortest requested fold, eval_every giving about EVALS_PER_FOLD evaluations)."""
     c = cfg.cluster
     world = c.gpus_per_fold if c.gpus_per_fold > 0 else c.cpu_workers_per_fold
-    n_train = min(int((rows["fold"] != k).sum()) for k in folds)
     t = cfg.train
+    extra = load_extra_rows(cfg.data.extra_train_path)  # extra and swapped rows lengthen a fold: count them too
+    n_train = min(len(fold_training_rows(rows, k, extra, t.swap_augment).rows) for k in folds)
     steps = planned_steps(n_train, per_rank_batch(t.batch_size, world), world, t.epochs, t.grad_accum, t.max_steps)[1]
     return steps, max(1, math.ceil(steps / EVALS_PER_FOLD))
 

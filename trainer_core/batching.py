@@ -52,8 +52,16 @@ def rank_slice(global_batch: np.ndarray, rank: int, world: int) -> np.ndarray:
     return global_batch[rank * per:(rank + 1) * per]
 
 
-def collate(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) int64 input ids and attention mask."""
+def row_tokens(row: list[int] | tuple[list[int], ...]) -> int:
+    """Tokens of one encoded row: its id list, or both sequences of a pairwise row (a tuple of id lists)."""
+    return sum(len(x) for x in row) if isinstance(row, tuple) else len(row)
+
+
+def collate(ids: list, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) int64 input ids and attention mask. Pairwise rows (tuples of sequences) are laid out
+    side by side: B rows of 2 sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
+    if ids and isinstance(ids[0], tuple):
+        ids = [seq for row in ids for seq in row]
     t = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), t), dtype=torch.long)

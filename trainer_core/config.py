@@ -131,7 +131,7 @@ def nest(dotted: dict) -> dict:
 
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
-    for section, key in (("data", "path"), ("train", "soft_labels")):
+    for section, key in (("data", "path"), ("data", "extra_train_path"), ("train", "soft_labels")):
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str) and part[key]:
             p = Path(part[key]).expanduser()
@@ -228,6 +228,9 @@ def validate(cfg: Config) -> None:
             errs.append(f"lora.freeze_layers: must be >= 0, got {lo.freeze_layers}")
     elif m.quantization != "none":
         errs.append(f"lora.enabled=false with model.quantization={m.quantization}: quantized weights cannot be trained")
+    if m.head == "pairwise" and lo.enabled:
+        errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
+                    "with this head yet)")
     if t.epochs <= 0 and t.max_steps is None:
         errs.append(f"train.epochs: must be > 0, got {t.epochs}")
     if t.max_steps is not None and t.max_steps < 1:

@@ -40,6 +40,9 @@ class DataConfig:
         "max_length tokens: a long response b pushes out the prompt first); 'balanced' gives prompt, a and b each a "
         "share of the budget (see data.prompt_share), each keeping its start"
     )
+    extra_train_path: Optional[str] = _f(
+        None, "extra rows (same schema, own ids) added to every fold's training, never held out; those whose prompt "
+        "is also in the held-out fold are dropped for that fold (counted as extra_dropped_shared_prompt)", added=True)
     prompt_share: Optional[float] = _f(
         None, "truncation=balanced: the share of the token budget the prompt may take when the row is too long "
         "(e.g. 0.2); responses a and b split the rest equally, and tokens a part leaves unused go to the others. "
@@ -67,6 +70,10 @@ class ModelConfig:
         "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
         added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
+    head: Literal["joint", "pairwise"] = _f(
+        "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "
+        "reads (prompt, a) and (prompt, b), max_length tokens each, mean-pooled and scored, Bradley-Terry logits with "
+        "a learned tie term (swap-symmetric; needs lora.enabled=false)", added=True)
 
 
 @dataclass
@@ -103,6 +110,9 @@ class TrainConfig:
     checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
     eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
     interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    swap_augment: bool = _f(False, "also train on every training row with responses a/b swapped (labels a<->b, ties "
+                            "kept): twice the rows per epoch; a no-op for model.head=pairwise, symmetric already",
+                            added=True)
     eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
     soft_labels: Optional[str] = _f(
         None, "distil from a teacher: parquet/CSV with id, p_a, p_b, p_tie [, fold]; in-fold files (predict "

@@ -48,7 +48,7 @@ from trainer_core.optim import build_optimizer, lr_at
 from trainer_core.ranks import dist_info, gather_objects, gather_rows, rank_seed
 from trainer_core.step import DTYPES, make_autocast, train_step
 from trainer_core.telemetry import Telemetry
-from trainer_core.tokenization import build_tokenizer, encode_rows
+from trainer_core.tokenization import build_tokenizer, encode
 from trainer_core.tta import swap_responses, tta_average
 
 log = logging.getLogger(__name__)
@@ -256,13 +256,13 @@ class FoldRun:
                             "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
         tta = None
         if self.cfg.train.eval_tta:  # p_a/p_b/p_tie stay the plain figure; the averages go beside them
-            swapped = encode_rows(swap_responses(data.val_rows), self.tok, self.cfg.data, self.cfg.model.add_eos_token)
+            swapped = encode(swap_responses(data.val_rows), self.tok, self.cfg)
             tta = clip_probs(tta_average(probs, self.evaluate(swapped)))
             oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
         metrics = FoldMetrics(
             fold=self.fold, log_loss=log_loss(labels, probs), accuracy=accuracy(labels, probs),
-            n_rows=len(data.val_rows), n_train_rows=len(data.train_rows),
-            prior_log_loss=log_loss(labels, prior_probs(data.train_labels.numpy(), len(data.val_rows))),
+            n_rows=len(data.val_rows), n_train_rows=data.n_fold_rows, **data.row_counts,
+            prior_log_loss=log_loss(labels, prior_probs(data.prior_labels, len(data.val_rows))),
             steps=self.step, train_seconds=done["train_seconds"],
             train_samples_per_s=done["samples"] / done["train_seconds"] if done["train_seconds"] > 0 else None,
             fold_seconds=self.totals()["fold_seconds"], last_run_seconds=time.perf_counter() - self.t_fold,

@@ -11,48 +11,53 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trainer_core.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice
+from trainer_core.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice, row_tokens
 from trainer_core.config import Config
 from trainer_core.distill import IGNORED_LABEL
 from trainer_core.memory import free_device_bytes, plan_memory, recomputed_layers
 from trainer_core.modeling import decoder_layer_count, enable_checkpointing
 from trainer_core.ranks import min_over_ranks
-from trainer_core.soft_labels import fold_targets
-from trainer_core.tokenization import encode_rows
+from trainer_core.soft_labels import training_targets
+from trainer_core.tokenization import encode
+from trainer_core.train_rows import fold_training_rows, load_extra_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FoldData:
-    """Training rows (every row whose fold != ``fold``) and held-out rows (sorted by id), tokenized."""
+    """Training rows (every row whose fold != ``fold``, plus the extra and swapped rows that
+    ``trainer_core.train_rows`` adds) and held-out rows (sorted by id), tokenized as the configured head reads them."""
 
     train_rows: pd.DataFrame
     val_rows: pd.DataFrame
-    train_ids: list[list[int]]
-    val_ids: list[list[int]]
+    train_ids: list  # one id list per row (joint head) or a pair of them (pairwise head)
+    val_ids: list
     train_labels: torch.Tensor  # (N_train,) int64
     val_labels: np.ndarray  # (N_val,) int64
     lengths: np.ndarray  # (N_train,) tokens per training row
+    n_fold_rows: int  # training rows from the other folds (before extra and swapped rows)
+    prior_labels: np.ndarray  # their labels: the class prior baseline comes from these alone
+    row_counts: dict  # n_extra_train_rows, extra_dropped_shared_prompt, n_swapped_train_rows
     train_soft: torch.Tensor | None = None  # (N_train, 3) teacher probabilities with train.soft_labels, else None
 
     @classmethod
     def build(cls, cfg: Config, fold: int, rows: pd.DataFrame, tok) -> FoldData:
-        train_rows = rows[rows["fold"] != fold].reset_index(drop=True)
+        training = fold_training_rows(rows, fold, load_extra_rows(cfg.data.extra_train_path), cfg.train.swap_augment)
+        train_rows = training.rows
         val_rows = rows[rows["fold"] == fold].sort_values("id").reset_index(drop=True)
-        if len(train_rows) == 0 or len(val_rows) == 0:
-            raise ValueError(f"fold {fold}: {len(train_rows)} training rows and {len(val_rows)} held-out rows; "
+        if training.n_fold_rows == 0 or len(val_rows) == 0:
+            raise ValueError(f"fold {fold}: {training.n_fold_rows} training rows and {len(val_rows)} held-out rows; "
                              "need both")
-        train_ids = encode_rows(train_rows, tok, cfg.data, cfg.model.add_eos_token)
-        val_ids = encode_rows(val_rows, tok, cfg.data, cfg.model.add_eos_token)
+        train_ids, val_ids = encode(train_rows, tok, cfg), encode(val_rows, tok, cfg)
         soft = None
         if cfg.train.soft_labels:  # in-fold soft labels: only the file's rows for this fold (trainer_core.soft_labels)
-            soft = torch.tensor(fold_targets(cfg.train.soft_labels, fold, rows, train_rows["id"].to_numpy()),
-                                dtype=torch.float32)
+            soft = torch.tensor(training_targets(cfg.train.soft_labels, fold, rows, train_rows), dtype=torch.float32)
         return cls(train_rows=train_rows, val_rows=val_rows, train_ids=train_ids, val_ids=val_ids,
                    train_labels=torch.tensor(train_rows["label"].values, dtype=torch.long),
-                   val_labels=val_rows["label"].to_numpy(), lengths=np.array([len(x) for x in train_ids]),
-                   train_soft=soft)
+                   val_labels=val_rows["label"].to_numpy(), lengths=np.array([row_tokens(x) for x in train_ids]),
+                   n_fold_rows=training.n_fold_rows, prior_labels=rows.loc[rows["fold"] != fold, "label"].to_numpy(),
+                   row_counts=training.counts(), train_soft=soft)
 
     def batch(self, idx: np.ndarray, pad_id: int, device: torch.device, fill_to: int | None = None):
         """(input_ids (B, T), mask (B, T), targets) of the training rows ``idx``; targets are labels (B,), or

@@ -42,6 +42,9 @@ class FoldMetrics:
     device: str
     world_size: int
     fingerprint: str
+    n_extra_train_rows: int = 0  # data.extra_train_path rows this fold trained on
+    extra_dropped_shared_prompt: int = 0  # extra rows left out: their prompt is also in this fold's held-out rows
+    n_swapped_train_rows: int = 0  # train.swap_augment copies
     log_loss_tta: float | None = None  # with train.eval_tta
     accuracy_tta: float | None = None
 

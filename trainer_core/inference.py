@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer_core.batching import collate
+from trainer_core.batching import collate, row_tokens
 
 
 @torch.no_grad()
-def predict_probs(model, ids: list[list[int]], batch_size: int, pad_id: int, device: torch.device,
+def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
                   autocast) -> np.ndarray:
     """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
     was_training = model.training
     model.eval()
-    order = np.argsort([-len(x) for x in ids], kind="stable")
+    order = np.argsort([-row_tokens(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), 3), dtype=np.float64)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
@@ -43,7 +43,11 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     adapter_dir = Path(adapter_dir)
     precision = resolve_precision(cfg.train.precision, device)
     tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
-    if cfg.lora.enabled:
+    if cfg.model.head == "pairwise":
+        from trainer_core.pairwise import PairwisePreferenceModel
+
+        model = PairwisePreferenceModel.from_pretrained(adapter_dir, dtype=DTYPES[precision]).to(device)
+    elif cfg.lora.enabled:
         from peft import PeftModel
 
         # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.

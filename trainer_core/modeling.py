@@ -108,8 +108,9 @@ def decoder_layer_count(model) -> int:
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
                 device: torch.device, seed: int = 0, checkpointing: str | None = None):
-    """The sequence classifier (3 labels) ready to train: quantized if configured, LoRA on the configured modules of
-    layers >= ``freeze_layers`` (or full fine-tuning of those layers with LoRA disabled), on ``device``.
+    """The sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.pairwise``) ready to train:
+    quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of
+    those layers with LoRA disabled), on ``device``.
 
     ``checkpointing`` overrides ``model_cfg.gradient_checkpointing``; "auto" is left to the caller (it needs the
     loaded model's memory, see ``trainer_core.memory``) and builds without checkpointing."""
@@ -134,7 +135,12 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         kwargs["device_map"] = {"": device}
         if stored is None:  # quantized while loading; a pre-quantized checkpoint brings its own quantization_config
             kwargs["quantization_config"] = quant
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    if model_cfg.head == "pairwise":
+        from trainer_core.pairwise import build_pairwise
+
+        model = build_pairwise(path, kwargs["dtype"], model_cfg.attn_implementation)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if quant is None:

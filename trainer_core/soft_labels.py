@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from trainer_core.data import DataError, read_table
+from trainer_core.tta import SWAP_CLASSES
 
 SOFT_COLUMNS = ["p_a", "p_b", "p_tie"]
 IN_FOLD, OOF = "in_fold", "oof"
@@ -113,3 +114,17 @@ def fold_targets(path: str | Path, fold: int, rows: pd.DataFrame, train_ids: np.
     if len(missing):
         raise DataError(f"{path}: no soft label for fold {fold}'s training {_ids(missing)}")
     return by_id.loc[train_ids].to_numpy(dtype=np.float64)
+
+
+def training_targets(path: str | Path, fold: int, rows: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
+    """(len(train), 3) soft targets of a fold's training rows (``trainer_core.train_rows.fold_training_rows``): the
+    teacher's for the other folds' rows (``fold_targets``), the same with p_a and p_b exchanged for their a/b-swapped
+    copies, and for extra rows, which no teacher scored, their own label (one-hot: the KL term becomes plain
+    cross-entropy)."""
+    out = np.eye(3)[train["label"].to_numpy()]
+    from_folds = (train["origin"] == "fold").to_numpy()
+    teacher = fold_targets(path, fold, rows, train.loc[from_folds, "id"].to_numpy())
+    swapped = (train.loc[from_folds, "source"] == "swapped").to_numpy()
+    teacher[swapped] = teacher[swapped][:, list(SWAP_CLASSES)]
+    out[from_folds] = teacher
+    return out

@@ -16,6 +16,7 @@ from trainer_core.config import DataConfig, ModelConfig
 from trainer_core.paths import resolve_model_path
 
 SEGMENT_PREFIXES = ("<prompt>: ", "\n\n<response_a>: ", "\n\n<response_b>: ")
+PAIR_PREFIXES = ("<prompt>: ", "\n\n<response>: ")  # model.head=pairwise: one sequence per response
 CUT_MARGIN_TOKENS = 16  # tokens past the budget tokenized before a cut text is trusted (see tokenize_bounded)
 FIRST_CUT_CHARS_PER_TOKEN = 8  # first character bound per token needed; doubled for rows where it was too few
 ENCODE_BLOCK = 1024  # rows formatted at a time
@@ -171,6 +172,36 @@ def _encode_content(df: pd.DataFrame, tok, data_cfg: DataConfig, budget: int) ->
         take = part_budgets([len(s) for s in segs], budget, data_cfg.prompt_share)
         content.append([t for s, n in zip(segs, take) for t in s[:n]])
     return content
+
+
+def encode_pairs(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> list[tuple[list[int], list[int]]]:
+    """model.head=pairwise: for every row, the token ids of (prompt, response a) and (prompt, response b), each at most
+    ``max_length``. The prompt and the response share the budget fairly (water-filling); a cut prompt keeps its end,
+    the turn the response answers, and a cut response keeps its start."""
+    prefix, suffix = _special_wrap(tok)
+    eos = [tok.eos_token_id] if add_eos and tok.eos_token_id is not None and suffix[-1:] != [tok.eos_token_id] else []
+    budget = data_cfg.max_length - len(prefix) - len(suffix) - len(eos)
+    if budget < 3:
+        raise ValueError(f"data.max_length={data_cfg.max_length} leaves no room for text after special tokens")
+    tag = tok(PAIR_PREFIXES[0], add_special_tokens=False)["input_ids"]
+    # no part ever keeps more than the budget, so a huge text is only tokenized as far as that (tokenize_bounded)
+    prompts = tokenize_bounded(tok, list(df["prompt"]), budget, from_end=True)
+    sides = [tokenize_bounded(tok, [PAIR_PREFIXES[1] + t for t in df[col]], budget)
+             for col in ("response_a", "response_b")]
+
+    def one(p: list[int], r: list[int]) -> list[int]:
+        p_take, r_take = _balanced_budget([len(tag) + len(p), len(r)], budget)
+        kept = p[len(p) - max(0, p_take - len(tag)):]  # the prompt's last tokens
+        return prefix + tag[:p_take] + kept + r[:r_take] + suffix + eos
+
+    return [(one(p, a), one(p, b)) for p, a, b in zip(prompts, *sides)]
+
+
+def encode(df: pd.DataFrame, tok, cfg) -> list:
+    """The rows as the configured head reads them: one id list per row (joint) or a pair of them (pairwise)."""
+    if cfg.model.head == "pairwise":
+        return encode_pairs(df, tok, cfg.data, cfg.model.add_eos_token)
+    return encode_rows(df, tok, cfg.data, cfg.model.add_eos_token)
 
 
 def save_tokenizer(tok, out_dir: str | Path) -> None:

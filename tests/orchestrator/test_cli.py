@@ -37,6 +37,21 @@ def test_help_config_lists_keys():
     text = " ".join(res.stdout.split())
     assert 'data.fold_by = "id"' in text and "StratifiedGroupKFold" in text
     assert "data.prompt_share = null" in text and "'left' keeps its end" in text
+    assert 'model.head = "joint"' in text and "Bradley-Terry" in text
+    assert "train.swap_augment = false" in text and "data.extra_train_path = null" in text
+
+
+def test_bad_extra_rows_stop_before_ray_and_write_nothing(tmp_path):
+    rows = [arena_row(i) for i in range(1, 6)]
+    rows[2]["winner_tie"] = 1  # two winners
+    bad = tmp_path / "extra.csv"
+    pd.DataFrame(rows).to_csv(bad, index=False)
+    out = tmp_path / "run"
+    res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "--out", out, f"data.extra_train_path={bad}")
+    assert res.returncode == 2
+    labels = "columns winner_model_a, winner_model_b, winner_tie"
+    assert f"error: {bad}: {labels}: id 3: exactly one must be 1" in res.stderr
+    assert not out.exists()
 
 
 def test_bad_override_is_one_clear_error():

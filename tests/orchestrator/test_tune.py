@@ -129,6 +129,8 @@ def test_asha_eval_every_gives_about_four_evaluations():
     cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}"])  # 1 epoch of 64 rows at batch 8
     n_train = int((rows["fold"] != 0).sum())
     assert auto_eval_every(cfg, rows, [0]) == (math.ceil(n_train / 8), math.ceil(math.ceil(n_train / 8) / 4))
+    cfg.train.swap_augment = True  # twice the rows: twice the steps, and the rungs spread over all of them
+    assert auto_eval_every(cfg, rows, [0]) == (math.ceil(2 * n_train / 8), math.ceil(math.ceil(2 * n_train / 8) / 4))
 
 
 # ------------------------------------------------------------------------------------------------ CLI (no Ray)

@@ -104,17 +104,19 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """model.compile, model.dequant_cache, data.fold_by and data.prompt_share arrived after run directories existed:
-    at their defaults (the old behaviour) the fingerprint is the one computed without them, so those runs still
-    resume; changing one changes the fingerprint."""
+    """Keys that arrived after run directories existed (model.compile, model.dequant_cache, model.head, data.fold_by,
+    data.prompt_share, data.extra_train_path, train.swap_augment, the distillation keys): at their defaults (the old
+    behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes the
+    fingerprint."""
     import hashlib
     import json
 
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("data", "fold_by"),
-                         ("data", "prompt_share"), ("train", "soft_labels"), ("train", "distill_weight"),
+    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("model", "head"), ("data", "fold_by"),
+                         ("data", "prompt_share"), ("data", "extra_train_path"), ("train", "swap_augment"),
+                         ("train", "soft_labels"), ("train", "distill_weight"),
                          ("train", "distill_temperature")):  # keys added later
         d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,6 +126,7 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     cfg.train.soft_labels = "soft.parquet"
     assert cfg.fingerprint() != Config().fingerprint()
+    assert Config(data=DataConfig(extra_train_path="x.csv")).fingerprint() != Config().fingerprint()
 
 
 def test_parse_override_reads_yaml_values():

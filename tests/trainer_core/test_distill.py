@@ -61,6 +61,30 @@ def test_rows_that_only_fill_a_short_batch_count_in_neither_term():
     torch.testing.assert_close(filled, real)
 
 
+def test_swapped_and_extra_training_rows_get_matching_targets(rows, tmp_path):
+    """With train.swap_augment a swapped copy learns the teacher's p_a and p_b exchanged; an extra row (which no
+    teacher scored) learns its own label; the other folds' rows learn the teacher's probabilities as written."""
+    from trainer_core.soft_labels import training_targets
+    from trainer_core.train_rows import fold_training_rows
+
+    table = pd.DataFrame({"id": rows["id"].to_numpy()})  # OOF-shaped: one teacher row per id
+    table[P] = np.random.default_rng(1).dirichlet([1, 1, 1], size=len(table))
+    path = tmp_path / "soft.parquet"
+    table.to_parquet(path)
+    extra = rows.head(2).assign(id=[10_000, 10_001], prompt=["an extra prompt", "another one"])
+    train = fold_training_rows(rows, 0, extra, swap_augment=True).rows
+    got = training_targets(path, 0, rows, train)
+    teacher = table.set_index("id")[["p_a", "p_b", "p_tie"]]
+    for i, r in train.iterrows():
+        if r["origin"] == "extra":
+            want = np.eye(3)[r["label"]]
+        else:
+            want = teacher.loc[r["id"]].to_numpy()
+            want = want[[1, 0, 2]] if r["source"] == "swapped" else want
+        np.testing.assert_allclose(got[i], want)
+    assert (train["source"] == "swapped").sum() == len(train) // 2 and (train["origin"] == "extra").sum() == 4
+
+
 def test_soft_labels_are_checked_one_line_per_problem(rows, tmp_path):
     good = in_fold_table(rows)
     good.to_parquet(tmp_path / "in_fold.parquet")
