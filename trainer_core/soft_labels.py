@@ -123,7 +123,7 @@ def training_targets(path: str | Path, fold: int, rows: pd.DataFrame, train: pd.
     cross-entropy)."""
     out = np.eye(3)[train["label"].to_numpy()]
     from_folds = (train["origin"] == "fold").to_numpy()
-    teacher = fold_targets(path, fold, rows, train.loc[from_folds, "id"].to_numpy())
+    teacher = np.array(fold_targets(path, fold, rows, train.loc[from_folds, "id"].to_numpy()))  # a writable copy
     swapped = (train.loc[from_folds, "source"] == "swapped").to_numpy()
     teacher[swapped] = teacher[swapped][:, list(SWAP_CLASSES)]
     out[from_folds] = teacher
