@@ -21,7 +21,7 @@ def test_trainer_core_imports_and_trains_without_ray(tmp_path):
         f"rows = assign_folds(load_rows({str(DATA)!r}, max_rows=40), 5)\n"
         f"out = pathlib.Path({str(tmp_path / 'fold=0')!r})\n"
         "result = train_fold(cfg, 0, rows, out)\n"
-        "assert result.metrics['steps'] == 2 and (out / 'metrics.json').exists() and (out / 'oof.parquet').exists()\n"
+        "assert result.metrics.steps == 2 and (out / 'metrics.json').exists() and (out / 'oof.parquet').exists()\n"
         "assert not any(k == 'ray' or k.startswith('ray.') for k, v in sys.modules.items() if v is not None)\n"
         "print('ok', len(mods))\n"
     )

@@ -44,7 +44,7 @@ def test_prequantized_nf4_checkpoint_trains_a_fold(nf4_dir, tmp_path):
     rows = assign_folds(load_rows(DATA, max_rows=40), 5)
     res = train_fold(cfg, 0, rows, tmp_path / "fold=0")
     held = rows[rows["fold"] == 0]
-    assert sorted(res.oof["id"]) == sorted(held["id"]) and res.metrics["steps"] == 2
+    assert sorted(res.oof["id"]) == sorted(held["id"]) and res.metrics.steps == 2
     probs = res.oof[["p_a", "p_b", "p_tie"]].to_numpy()
     assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1.0)
 
