@@ -153,6 +153,20 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         yield k, p
 
 
+def check_base_weights(run_dir: Path) -> None:
+    """Before any model loads: the base model that a LoRA run's adapters load onto is found (an ensemble: each
+    member's); the tokenizer is saved beside the adapters. WeightsError, one line, otherwise."""
+    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
+
+    if is_ensemble(run_dir):
+        for member in json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]:
+            check_base_weights(Path(member))
+        return
+    run_cfg = load_config(run_dir / "config.yaml")
+    if run_cfg.lora.enabled:
+        check_weights(run_cfg.model, tokenizer=False)
+
+
 def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
     """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's. For an
     ensemble, every member must have those folds' models."""
@@ -218,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise PredictError(str(e)) from None
             rows = load_rows(args.data, require_labels=False)
             temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
-            run_cfg = load_config(run_dir / "config.yaml")
-            if run_cfg.lora.enabled:  # adapters load onto the base model; the tokenizer is saved beside them
-                check_weights(run_cfg.model, tokenizer=False)
+        if args.data is not None or args.in_fold:
+            check_base_weights(run_dir)
     except (PredictError, SoftLabelExportError, DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
