@@ -130,6 +130,9 @@ class FoldRun:
                                freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
                                micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib)
         self.params = trainable_parameters(self.model)
+        # Cross-entropy (None: train_step's default), or with soft labels the distillation loss (trainer_core.distill).
+        self.loss_fn = None if self.data.train_soft is None else functools.partial(
+            distill_loss, weight=t.distill_weight, temperature=t.distill_temperature)
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.ddp_model = self.model
@@ -164,7 +167,7 @@ class FoldRun:
                 group["lr"] = lr
             loss, grad_norm = train_step(self.ddp_model, self.micro_batches(self.step), self.optimizer, self.scaler,
                                          self.params, self.autocast, t.max_grad_norm, ddp=self.world > 1,
-                                         loss_fn=self.loss_fn())
+                                         loss_fn=self.loss_fn)
             window_loss, window_n, self.step = window_loss + loss, window_n + 1, self.step + 1
 
             pause = self.step == stop < total
@@ -185,13 +188,6 @@ class FoldRun:
             self.telemetry.scalars(logs, self.step)
             self.send(logs, checkpoint=do_ckpt)
         return self.step == total
-
-    def loss_fn(self):
-        """Cross-entropy, or with soft labels the distillation loss (trainer_core.distill)."""
-        if self.data.train_soft is None:
-            return None
-        t = self.cfg.train
-        return functools.partial(distill_loss, weight=t.distill_weight, temperature=t.distill_temperature)
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), targets)]."""
