@@ -228,6 +228,10 @@ def validate(cfg: Config) -> None:
             errs.append(f"lora.freeze_layers: must be >= 0, got {lo.freeze_layers}")
     elif m.quantization != "none":
         errs.append(f"lora.enabled=false with model.quantization={m.quantization}: quantized weights cannot be trained")
+    if m.fp8_backward and (m.quantization != "nf4" or m.dequant_cache == "off" or t.precision not in ("bf16", "auto")):
+        errs.append(f"model.fp8_backward=true runs the backward through the bf16 weights model.dequant_cache keeps: it "
+                    f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
+                    f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     if m.head == "pairwise" and lo.enabled:
         errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
                     "with this head yet)")

@@ -69,6 +69,12 @@ class ModelConfig:
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
         "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
         added=True)
+    fp8_backward: bool = _f(
+        False, "opt-in, changes numerics: in the frozen layers model.dequant_cache keeps dequantized (trained decoder "
+        "layers only), the backward's activation gradient grad_y @ W runs in fp8 (row-scaled e4m3 x e4m3, "
+        "torch._scaled_mm on GPUs of compute capability >= 8.9, emulated elsewhere); the forward stays exact bf16; "
+        "needs quantization=nf4, dequant_cache auto/on and bf16 precision; +1 byte per cached weight",
+        added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
     head: Literal["joint", "pairwise"] = _f(
         "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "

@@ -128,7 +128,8 @@ class FoldRun:
         if cfg.model.quantization == "nf4":  # after the memory plan: the cache takes only what activations leave
             cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
                                freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
-                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib)
+                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib,
+                               fp8_backward=cfg.model.fp8_backward)
         self.params = trainable_parameters(self.model)
         # Cross-entropy (None: train_step's default), or with soft labels the distillation loss (trainer_core.distill).
         self.loss_fn = None if self.data.train_soft is None else functools.partial(

@@ -104,7 +104,8 @@ def test_fingerprint_ignores_cluster_placement():
 
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """Keys that arrived after run directories existed (model.compile, model.dequant_cache, model.head, data.fold_by,
+    """Keys that arrived after run directories existed (model.compile, model.dequant_cache, model.fp8_backward,
+    model.head, data.fold_by,
     data.prompt_share, data.extra_train_path, train.swap_augment, the distillation keys): at their defaults (the old
     behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes the
     fingerprint."""
@@ -114,13 +115,17 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("model", "head"), ("data", "fold_by"),
+    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("model", "fp8_backward"),
+                         ("model", "head"), ("data", "fold_by"),
                          ("data", "prompt_share"), ("data", "extra_train_path"), ("train", "swap_augment"),
                          ("train", "soft_labels"), ("train", "distill_weight"),
                          ("train", "distill_temperature")):  # keys added later
         d[section].pop(key)
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     cfg.model.compile = "on"
+    assert cfg.fingerprint() != Config().fingerprint()
+    cfg = Config()
+    cfg.model.fp8_backward = True  # other numbers, another run
     assert cfg.fingerprint() != Config().fingerprint()
     assert Config(data=DataConfig(fold_by="prompt")).fingerprint() != Config().fingerprint()  # other folds, other run
     cfg = Config()
