@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, default=None,
                    help="also time the project's setup capped at this much GPU memory (e.g. 24 for a 24 GB card)")
     p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="also time the project's setup with these config overrides, and check its numerics against "
-                        "it (repeatable; e.g. model.compile=true, model.attn_implementation=flex_attention, "
-                        "train.batch_size=8)")
+                   help="also time the project's setup with these config overrides, and check its numerics (logits, "
+                        "loss, gradients) against it (repeatable; e.g. model.compile=true, "
+                        "model.attn_implementation=flex_attention, train.batch_size=8, model.fp8_backward=true)")
     p.add_argument("--profile", action="store_true",
                    help="also profile the project's full-length step (torch.profiler): device-busy share of each "
                         "step and the top operators by device time")
@@ -76,8 +76,10 @@ def short_error(e: Exception) -> str:
 
 
 def numerics_text(num: dict) -> str:
+    grads = (f", gradients {num['rel_grad_diff']:.2%} apart ({num['grad_tensors']} shared trained tensors)"
+             if "rel_grad_diff" in num else "")
     return (f"max |logit diff| {num['max_abs_logit_diff']:.4g} ({num['rel_logit_diff']:.2%} of max |logit|), "
-            f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%})")
+            f"loss {num['loss_b']:.5f} vs {num['loss_a']:.5f} ({num['rel_loss_diff']:.2%}){grads}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" not in ok or variant.name not in ok:
             continue
         try:
-            num = compare_numerics(cfg, ours, variant, device)
+            num = compare_numerics(cfg, ours, variant, device, grads=True)
         except (RuntimeError, ValueError) as e:
             free_cuda(device)
             num = {"error": short_error(e)}

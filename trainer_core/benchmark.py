@@ -235,9 +235,12 @@ def free_cuda(device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-@torch.no_grad()
-def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows: int = 4) -> dict:
-    """Logits and loss of setup ``b`` against setup ``a`` on one batch with identical weights (eval mode)."""
+def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows: int = 4,
+                     grads: bool = False) -> dict:
+    """Logits and loss of setup ``b`` against setup ``a`` on one batch with identical weights (eval mode: no dropout).
+    ``grads``: also the loss's gradients on the trained tensors both setups share (name and shape), as
+    ``rel_grad_diff`` = |g_b - g_a| / |g_a| over all of them (a backward-only change such as model.fp8_backward shows
+    there, not in the logits)."""
     out = {}
     seq_len = min(cfg.data.max_length, 256)
     for setup in (a, b):
@@ -245,13 +248,23 @@ def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows
         model.eval()
         batch = _synthetic_batches(arena_like_lengths(rows, seq_len, 3), rows, False, model.config.vocab_size,
                                    device, 1, 3)[0]
-        with make_autocast(setup.precision, device)():
+        with torch.set_grad_enabled(grads), make_autocast(setup.precision, device)():
             logits = model(input_ids=batch[0], attention_mask=batch[1]).logits.float()
-        out[setup.name] = (logits.cpu(), torch.nn.functional.cross_entropy(logits, batch[2]).item())
-        del model
+        loss = torch.nn.functional.cross_entropy(logits, batch[2])
+        if grads:
+            loss.backward()
+        g = {n: p.grad.float().cpu() for n, p in model.named_parameters() if grads and p.grad is not None}
+        out[setup.name] = (logits.detach().cpu(), loss.item(), g)
+        del model, logits, loss
         gc.collect()
-    (la, lossa), (lb, lossb) = out[a.name], out[b.name]
+    (la, lossa, ga), (lb, lossb, gb) = out[a.name], out[b.name]
     scale = float(la.abs().max()) or 1.0
-    return {"max_abs_logit_diff": float((la - lb).abs().max()), "logit_scale": scale,
-            "rel_logit_diff": float((la - lb).abs().max()) / scale,
-            "loss_a": lossa, "loss_b": lossb, "rel_loss_diff": abs(lossa - lossb) / max(abs(lossa), 1e-12)}
+    result = {"max_abs_logit_diff": float((la - lb).abs().max()), "logit_scale": scale,
+              "rel_logit_diff": float((la - lb).abs().max()) / scale,
+              "loss_a": lossa, "loss_b": lossb, "rel_loss_diff": abs(lossa - lossb) / max(abs(lossa), 1e-12)}
+    shared = [n for n in ga if n in gb and ga[n].shape == gb[n].shape]
+    norm = sum(float(ga[n].square().sum()) for n in shared) ** 0.5
+    if shared and norm > 0:
+        result["rel_grad_diff"] = sum(float((gb[n] - ga[n]).square().sum()) for n in shared) ** 0.5 / norm
+        result["grad_tensors"] = len(shared)
+    return result
