@@ -132,16 +132,17 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
         return
-    from trainer_core.inference import load_fold_model, predict_probs
+    from trainer_core.inference import load_fold_model, predict_probs, resolve_eval_batch_size
     from trainer_core.step import make_autocast
     from trainer_core.tokenization import encode
 
     cfg = load_config(run_dir / "config.yaml")
-    bs = batch_size or cfg.train.eval_batch_size
     for k in folds:
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
         autocast = make_autocast(precision, device)
         ids = encode(rows, tok, cfg)
+        bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
+                                                   train_batch=cfg.train.batch_size)
         p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast))
         if tta:
             swapped = encode(swap_responses(rows), tok, cfg)

@@ -39,7 +39,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for arm in inner:  # e.g. Union[int, Literal["auto"]]: the first arm that takes the value
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+        names = [" or ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
+                 else {int: "an integer", float: "a number", str: "a string"}.get(a, str(a)) for a in inner]
+        raise ConfigError(f"{key}: expected {' or '.join(names)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and {"on", "off"} <= set(choices):
@@ -242,7 +251,7 @@ def validate(cfg: Config) -> None:
     if t.lr <= 0:
         errs.append(f"train.lr: must be > 0, got {t.lr}")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
-        if getattr(t, name) < 1:
+        if getattr(t, name) != "auto" and getattr(t, name) < 1:
             errs.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.warmup_steps < 0:
         errs.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")

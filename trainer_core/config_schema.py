@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -102,7 +102,10 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warmup")
     batch_size: int = _f(4, "rows per device per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    eval_batch_size: int = _f(4, "rows per device when predicting the held-out fold")
+    eval_batch_size: Union[int, Literal["auto"]] = _f(
+        4, "rows per device when predicting the held-out fold; auto = on a GPU the largest power of two up to 64 "
+        "whose inference activations fit in the memory free after training (trainer_core.memory.eval_batch_size), "
+        "on the CPU train.batch_size")
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
         "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW (32-bit states, fused on GPUs)")
     weight_decay: float = _f(0.0, "AdamW weight decay")

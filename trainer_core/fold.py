@@ -40,7 +40,7 @@ from trainer_core.fold_state import (
     save_checkpoint,
     write_fold_files,
 )
-from trainer_core.inference import predict_probs
+from trainer_core.inference import predict_probs, resolve_eval_batch_size
 from trainer_core.memory import apply_budget
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.modeling import build_model, resolve_precision, trainable_parameters
@@ -240,8 +240,12 @@ class FoldRun:
         """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
         t = self.cfg.train
         local_idx = np.arange(self.rank, len(ids), self.world)
-        local = predict_probs(self.model, [ids[i] for i in local_idx], t.eval_batch_size, self.tok.pad_token_id,
-                              self.device, self.autocast)
+        local_ids = [ids[i] for i in local_idx]
+        batch = resolve_eval_batch_size(t.eval_batch_size, self.model, local_ids, self.device,
+                                        train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
+        if t.eval_batch_size == "auto":
+            log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, batch)
+        local = predict_probs(self.model, local_ids, batch, self.tok.pad_token_id, self.device, self.autocast)
         return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
 
     def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:

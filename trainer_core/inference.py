@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from trainer_core.batching import collate, row_tokens
+from trainer_core.memory import eval_batch_size, free_device_bytes
 
 
 @torch.no_grad()
@@ -27,6 +28,22 @@ def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.
         out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return out
+
+
+def resolve_eval_batch_size(setting: int | str, model, ids: list, device: torch.device, *, train_batch: int,
+                            budget_gib: float | None = None) -> int:
+    """``train.eval_batch_size`` in rows: a number as given; ``auto`` on a GPU: :func:`trainer_core.memory.
+    eval_batch_size` for the longest sequence of ``ids`` and the memory free now (PyTorch's cached but unused blocks
+    count as free); ``auto`` elsewhere: ``train_batch``."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda" or not ids:
+        return train_batch
+    pairwise = isinstance(ids[0], tuple)
+    seq_len = max(len(seq) for row in ids for seq in (row if pairwise else (row,)))
+    free = (free_device_bytes(device, budget_gib) + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+    return eval_batch_size(model.config, seq_len=seq_len, free_bytes=free, seqs_per_row=2 if pairwise else 1)
 
 
 def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple[object, object, str]:

@@ -74,6 +74,28 @@ def plan_memory(config, *, n_trained_layers: int, seq_len: int, batch_size: int,
                                             else ""))
 
 
+EVAL_BATCH_CAP = 64  # train.eval_batch_size=auto never goes past this (longer batches gain little on a busy GPU)
+
+
+def inference_bytes_per_token(config, seq_len: int) -> float:
+    """Activation bytes per token of a forward pass without grad: nothing is kept for a backward pass, so only one
+    decoder layer's tensors live at a time (the no-recomputation set of one layer, attention scores included) beside
+    the residual stream and its normed copies (fp32 after peft's k-bit preparation: ``4 * 4 * hidden``)."""
+    return activation_bytes_per_token(config, 1, seq_len, False) + 16 * config.hidden_size
+
+
+def eval_batch_size(config, *, seq_len: int, free_bytes: float, seqs_per_row: int = 1,
+                    cap: int = EVAL_BATCH_CAP) -> int:
+    """``train.eval_batch_size=auto`` on a GPU: the largest power of two up to ``cap`` whose inference activations
+    (``seq_len`` tokens per sequence, ``seqs_per_row`` sequences per row: 2 for the pairwise head, with
+    :data:`SAFETY` headroom) fit in ``free_bytes``; 1 when not even that fits (prediction then runs as it can)."""
+    per_row = inference_bytes_per_token(config, seq_len) * seq_len * seqs_per_row * SAFETY
+    batch = 1
+    while batch * 2 <= cap and batch * 2 * per_row <= free_bytes:
+        batch *= 2
+    return batch
+
+
 def apply_budget(device: torch.device, budget_gib: float | None) -> None:
     """Cap this process's GPU memory at ``budget_gib`` (emulates a smaller card, or shares one)."""
     if device.type == "cuda" and budget_gib:

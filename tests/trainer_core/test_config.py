@@ -38,6 +38,7 @@ def test_override_paths_resolve_against_cwd(tmp_path, monkeypatch):
     ("nope.x=1", "unknown config key 'nope'"),
     ("train.batch_size=abc", "train.batch_size: expected an integer"),
     ("train.batch_size=2.5", "train.batch_size: expected an integer"),
+    ("train.eval_batch_size=big", "train.eval_batch_size: expected an integer or 'auto', got 'big'"),
     ("lora.enabled=maybe", "lora.enabled: expected true/false"),
     ("model.quantization=nf3", "model.quantization: 'nf3' is not one of"),
     ("train=3", "train: expected a mapping"),
@@ -56,6 +57,18 @@ def test_validate_lists_every_problem_at_once():
     for key in ("data.path", "train.lr", "lora.r", "train.batch_size", "data.n_folds", "model.name_or_path"):
         assert key in msg
     assert msg.count("\n") >= 6
+
+
+def test_eval_batch_size_takes_a_number_or_auto():
+    base = ["data.path=x", "model.name_or_path=m"]
+    assert load_config(None, base).train.eval_batch_size == 4  # the default is unchanged
+    for value, expected in (("auto", "auto"), ("16", 16), ("8.0", 8)):
+        cfg = load_config(None, [*base, f"train.eval_batch_size={value}"])
+        assert cfg.train.eval_batch_size == expected
+        validate(cfg)
+        assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+    with pytest.raises(ConfigError, match="train.eval_batch_size: must be >= 1"):
+        validate(load_config(None, [*base, "train.eval_batch_size=0"]))
 
 
 def test_quantized_full_finetune_is_refused():

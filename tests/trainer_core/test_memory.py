@@ -71,3 +71,33 @@ def test_a_card_that_almost_fits_recomputes_only_as_many_layers_as_it_must():
     assert 0 < roomier.recompute_layers < plan.recompute_layers
     tight = plan_memory(GEMMA2_9B, n_trained_layers=26, seq_len=1024, batch_size=4, grad_accum=1, free_bytes=3 * GIB)
     assert tight.recompute_layers is None and tight.checkpointing  # all layers (then smaller micro-batches)
+
+
+def test_auto_eval_batch_is_the_largest_power_of_two_that_fits_and_grows_with_free_memory():
+    """train.eval_batch_size=auto: a power of two up to 64, never more than the free memory holds (estimate with
+    headroom), never less as free memory grows; inference keeps one layer's activations, so far below training's."""
+    from trainer_core.memory import SAFETY, eval_batch_size, inference_bytes_per_token
+
+    per_row = inference_bytes_per_token(GEMMA2_9B, 1024) * 1024 * SAFETY
+    assert per_row < activation_bytes_per_token(GEMMA2_9B, 26, 1024, checkpointing=False) * 1024 / 10
+    sizes = [eval_batch_size(GEMMA2_9B, seq_len=1024, free_bytes=gib * GIB) for gib in (0, 0.1, 1, 4, 10, 40, 500)]
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 64
+    for gib, b in zip((0.1, 1, 4, 10, 40), sizes[1:-1]):
+        assert b & (b - 1) == 0  # a power of two
+        assert b == 1 or b * per_row <= gib * GIB  # fits
+        assert b == 64 or 2 * b * per_row > gib * GIB  # the next one would not
+    assert eval_batch_size(GEMMA2_9B, seq_len=1024, free_bytes=40 * GIB, cap=16) == 16
+    # pairwise rows hold two sequences: half the rows; shorter rows: more of them
+    assert eval_batch_size(GEMMA2_9B, seq_len=1024, free_bytes=10 * GIB, seqs_per_row=2) == sizes[4] // 2
+    assert eval_batch_size(GEMMA2_9B, seq_len=256, free_bytes=10 * GIB) > sizes[4]
+
+
+def test_eval_batch_setting_resolves_to_rows():
+    """An integer stays as given; auto off the GPU is the training micro-batch."""
+    import torch
+
+    from trainer_core.inference import resolve_eval_batch_size
+
+    cpu = torch.device("cpu")
+    assert resolve_eval_batch_size(8, None, [[1, 2]], cpu, train_batch=4) == 8
+    assert resolve_eval_batch_size("auto", None, [[1, 2]], cpu, train_batch=4) == 4
