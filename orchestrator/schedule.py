@@ -170,15 +170,18 @@ def prefer_rotation(n_folds: int, slots: int, train_s: float, phase_overhead_s: 
     return crossover is not None and train_s > crossover
 
 
-# Measured on 2 x H200, compiled fast config (docs/PERFORMANCE.md, "Packing against rotation"): a phase or a piece
-# costs about 40 s to start (Tune trial, Ray Train workers, imports, model load), about 20 s of compilation with the
-# inductor cache of an earlier phase, and about 10 s of prediction and files. A full-length step of the fast config
-# takes 0.233 s on an H200 (orchestrator.bench, same session).
-PHASE_OVERHEAD_S = 70.0
+# Measured in one call on 2 x H200 (docs/PERFORMANCE.md, "Issue 15: packing against rotation, one call"), compiled
+# fast config, 3 folds, warm inductor cache: packing 124.6 s of wall = 2 phases + 12.0 s of one-GPU training + 7.0 s of
+# the packed fold's data-parallel training -> 52.8 s per phase (Tune trial, Ray Train workers, imports, model load,
+# compilation, prediction and files); rotation 199.6 s = 3 phases + 3 x 6.0 s of training -> 60.5 s per piece (the
+# same plus a checkpoint written and read). A full-length step of the fast config takes 0.233 s on an H200
+# (orchestrator.bench).
+PHASE_OVERHEAD_S = 52.8
+PIECE_OVERHEAD_S = 60.5
 STEP_S = 0.233
-# A fold split over GPUs runs its batch of 4 at 1 row per GPU on 4 GPUs: 1.1x one GPU (measured, 4 x H200); over 2
-# GPUs 2 rows each: about 1.37x, from the one-row and four-row step times (0.280 s, 0.480 s; not measured as DDP).
-DDP_SPEEDUP = {2: 1.37}
+# A fold split over GPUs: over 2 GPUs (2 of the batch's 4 rows each) 1.68x one GPU (0.116 vs 0.195 s a step, same
+# call as above); over 4 GPUs (1 row each) 1.1x (session 2, 4 x H200, eager step; not measured compiled).
+DDP_SPEEDUP = {2: 1.68}
 DDP_SPEEDUP_MANY = 1.1
 
 
@@ -193,4 +196,4 @@ def rotation_is_faster(cfg: Config, n_folds: int, slots: int, train_rows_per_fol
         return False  # nothing left over to pack or rotate
     share = slots // rest  # slots each packed fold would train on
     speedup = DDP_SPEEDUP.get(share, DDP_SPEEDUP_MANY) if share > 1 else 1.0
-    return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PHASE_OVERHEAD_S, speedup)
+    return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PIECE_OVERHEAD_S, speedup)

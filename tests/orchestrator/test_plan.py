@@ -131,6 +131,10 @@ def test_rotate_folds_null_rotates_gpu_folds_only_past_the_measured_crossover():
     phases = plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)
     assert len(phases) == 5 and all(len(ph) == 4 for ph in phases)
     assert not rotation_is_faster(gpu, 4, 4, 46_000)  # folds divide evenly
+    # two GPUs: the packed fold's 2-row halves scale 1.68x, so rotation only pays on long folds (~1,500 s training)
+    assert not rotation_is_faster(gpu, 3, 2, 240)  # the measured case (3 folds of 240 rows): packing won, 125 vs 200 s
+    assert not rotation_is_faster(gpu, 5, 2, 20_000)
+    assert rotation_is_faster(gpu, 5, 2, 46_000)
     gpu.cluster.rotate_folds = False  # an explicit choice wins
     assert len(plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)) == 2
     cpu = Config()  # CPU folds never rotate unless asked
