@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from orchestrator.run_data import file_sha256, load_run_data, write_data_parquet
+from orchestrator.sweep_space import model_fit_problem
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data import DataError, parse_folds
 from trainer_core.paths import atomic_write_json, atomic_write_text
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = (args.out or Path("runs") / cfg.experiment).resolve()
     try:
         check_weights(cfg.model)  # model and tokenizer found (or downloaded) before anything is written
+        misfit = model_fit_problem(cfg)  # e.g. lora.freeze_layers past the model's real depth
+        if misfit:
+            print(f"error: {misfit}", file=sys.stderr)
+            return 2
         rows = prepare_run_dir(cfg, run_dir, folds, args.restart, argv)
     except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,14 @@ def test_bad_extra_rows_stop_before_ray_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_freeze_layers_past_the_models_depth_stops_before_ray_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "--out", out, "lora.freeze_layers=99")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: lora.freeze_layers=99 leaves no layer to train: the model has ")
+    assert not out.exists() and "ray" not in res.stdout.lower()
+
+
 def test_bad_override_is_one_clear_error():
     res = run("orchestrator.cv", "--config", CONFIGS / "smoke.yaml", "train.lr=abc")
     assert res.returncode == 2 and "train.lr: expected a number" in res.stderr
