@@ -178,7 +178,11 @@ def remove_leftover_placement_groups() -> int:
     n = 0
     for pg_hex, info in ray.util.placement_group_table().items():
         if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            except Exception as e:  # noqa: BLE001 - Train's own cleanup may have removed it meanwhile
+                log.debug("placement group %s: %s", pg_hex, e)
+                continue
             n += 1
     return n
 
@@ -189,7 +193,10 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
 
     Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
     reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
-    of ``concurrency`` and leftover placement groups are removed between waves."""
+    of ``concurrency`` and leftover placement groups are removed between waves. With the State API Train frees them
+    itself, but not always: on a loaded machine two finished folds' groups outlived their Tuner and the next phase
+    waited for their CPUs forever (seen 2026-11-29). So on a cluster this process started, whatever a phase leaves
+    reserved is removed once its Tuner returns (every trial of it has ended by then)."""
     folds = list(phase)
     if not folds:
         return {}
@@ -206,7 +213,12 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
                 out.update(_tune_folds(cfg, wave, run_dir, concurrency))
                 remove_leftover_placement_groups()
             return out
-    return _tune_folds(cfg, phase, run_dir, concurrency)
+    out = _tune_folds(cfg, phase, run_dir, concurrency)
+    if not cfg.cluster.address:
+        freed = remove_leftover_placement_groups()
+        if freed:
+            log.warning("freed %d placement group(s) that finished folds had left reserved", freed)
+    return out
 
 
 def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
