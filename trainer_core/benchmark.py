@@ -49,8 +49,10 @@ class Setup:
 
 def seed_setup(cfg: Config) -> Setup:
     """The seed notebook: fp16, the library's default attention, peft's default (reentrant) checkpointing through
-    every layer, batch 4, 8-bit AdamW, no length grouping, nf4 weights dequantized at every call."""
-    return Setup("seed", "fp16", "reentrant", None, "off", 4, 1, False, "adamw_8bit", {"model.dequant_cache": "off"})
+    every layer, batch 4, 8-bit AdamW, no length grouping, nf4 weights dequantized at every call, every position of
+    the top layer computed."""
+    return Setup("seed", "fp16", "reentrant", None, "off", 4, 1, False, "adamw_8bit",
+                 {"model.dequant_cache": "off", "model.pooled_last_layer": False})
 
 
 def our_setup(cfg: Config, device: torch.device, overrides: dict | None = None, name: str = "ours") -> Setup:

@@ -241,6 +241,15 @@ def validate(cfg: Config) -> None:
         errs.append(f"model.fp8_backward=true runs the backward through the bf16 weights model.dequant_cache keeps: it "
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
+    if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
+        needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
+        if m.attn_implementation != "eager":
+            needs.append(f"model.attn_implementation=eager (got {m.attn_implementation})")
+        if m.init == "random" and m.random_config.get("model_type", "gemma2") != "gemma2":
+            needs.append(f"a Gemma-2 (got random_config.model_type={m.random_config['model_type']})")
+        if needs:
+            errs.append("model.pooled_last_layer=true computes the top layer only at the last non-pad token, the one "
+                        "the joint head reads, from eager attention's mask on a Gemma-2: it needs " + ", ".join(needs))
     if m.head == "pairwise" and lo.enabled:
         errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
                     "with this head yet)")

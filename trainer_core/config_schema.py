@@ -75,6 +75,11 @@ class ModelConfig:
         "torch._scaled_mm on GPUs of compute capability >= 8.9, emulated elsewhere); the forward stays exact bf16; "
         "needs quantization=nf4, dequant_cache auto/on and bf16 precision; +1 byte per cached weight",
         added=True)
+    pooled_last_layer: bool = _f(
+        False, "the top decoder layer computes queries, attention, o_proj, norms and MLP only at the token the head "
+        "reads (keys and values still at every position): the same logits, loss and gradients up to float rounding, "
+        "~2.7% less work per Gemma-2 9B step; Gemma-2 with model.head=joint and attn_implementation=eager only",
+        added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
     head: Literal["joint", "pairwise"] = _f(
         "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "

@@ -180,6 +180,10 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         model = get_peft_model(model, peft_cfg)
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
+    if model_cfg.pooled_last_layer:  # before compiling: the layer's compile() compiles its pooled computation
+        from trainer_core.last_layer import pool_last_layer
+
+        pool_last_layer(model)
     if model_cfg.compile != "off":
         compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None)
     return model
