@@ -243,13 +243,17 @@ def validate(cfg: Config) -> None:
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
-        if m.attn_implementation != "eager":
-            needs.append(f"model.attn_implementation=eager (got {m.attn_implementation})")
+        if m.attn_implementation not in ("eager", "block_causal"):
+            needs.append(f"model.attn_implementation eager or block_causal (got {m.attn_implementation})")
         if m.init == "random" and m.random_config.get("model_type", "gemma2") != "gemma2":
             needs.append(f"a Gemma-2 (got random_config.model_type={m.random_config['model_type']})")
         if needs:
             errs.append("model.pooled_last_layer=true computes the top layer only at the last non-pad token, the one "
                         "the joint head reads, from eager attention's mask on a Gemma-2: it needs " + ", ".join(needs))
+    if m.attn_implementation == "block_causal" and m.head != "joint":
+        errs.append("model.attn_implementation=block_causal skips the keys a causal decoder masks; "
+                    f"model.head={m.head} mean-pools every position of an encoder: use model.head=joint or another "
+                    "attention")
     if m.head == "pairwise" and lo.enabled:
         errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
                     "with this head yet)")

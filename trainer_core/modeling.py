@@ -129,6 +129,10 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     kwargs = dict(config=stored) if stored is not None else dict(num_labels=NUM_LABELS)
     kwargs["dtype"] = dtype
     if model_cfg.attn_implementation:
+        if model_cfg.attn_implementation == "block_causal":
+            from trainer_core import attention
+
+            attention.register()  # transformers' public registries: the name must be known before loading
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quant is not None:
         # Inside a Ray Train worker the device is already set; never "auto" (spreads layers over other GPUs).
@@ -143,6 +147,10 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
+    if model_cfg.attn_implementation == "block_causal":
+        from trainer_core import attention
+
+        attention.check_causal(model)
     if quant is None:
         model.to(device)
     n_layers = decoder_layer_count(model)

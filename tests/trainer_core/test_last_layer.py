@@ -137,7 +137,7 @@ def test_config_refuses_what_it_cannot_serve():
         validate(cfg)
     assert ("model.pooled_last_layer=true computes the top layer only at the last non-pad token, the one the joint "
             "head reads, from eager attention's mask on a Gemma-2: it needs model.head=joint (got pairwise), "
-            "model.attn_implementation=eager (got None)") in str(e.value)
+            "model.attn_implementation eager or block_causal (got None)") in str(e.value)
     cfg = load_config(CONFIGS / "smoke.yaml", ["model.pooled_last_layer=true", "model.random_config.model_type=llama"])
     with pytest.raises(ConfigError, match="a Gemma-2 \\(got random_config.model_type=llama\\)"):
         validate(cfg)

@@ -1,0 +1,83 @@
+"""model.attn_implementation=block_causal against eager on the tiny nf4 Gemma-2 (GQA: 4 query heads on 2 key/value
+heads, soft-capping, a sliding-window layer) with LoRA on q/k/v, fp32 on the CPU: the same logits, loss and LoRA
+gradients, eager and compiled, on padded rows, with blocks that do and do not divide the length."""
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS
+from tests.trainer_core.test_last_layer import assert_same, batch
+from trainer_core import attention
+from trainer_core.config import ConfigError, load_config, validate
+from trainer_core.modeling import build_model
+
+
+def run(attn: str, compile: str = "off", pooled: bool = False, checkpointing: str = "off"):
+    """(logits, loss, LoRA/head gradients by name, the model) of one batch of 64-token rows."""
+    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", f"model.compile={compile}",
+                                               f"model.attn_implementation={attn}",
+                                               f"model.pooled_last_layer={str(pooled).lower()}"])
+    validate(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
+                        checkpointing=checkpointing)
+    with torch.no_grad():  # LoRA B starts at zero; give it (and the norms) values so every tensor matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "norm" in n:
+                p.normal_(0, 0.1)
+    input_ids, mask, labels = batch()
+    model.train()
+    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), loss.item(), grads, model
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the query blocks block_causal_attention computes (so a test cannot pass with eager running instead)."""
+    calls = []
+    real = attention.block_causal_attention
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(-(-query.shape[2] // attention.BLOCK))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "block_causal_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("block", [16, 24, 64])  # 4 blocks, 3 uneven ones (24 + 24 + 16), one block
+def test_block_causal_gives_eager_logits_loss_and_gradients(monkeypatch, counted, block):
+    monkeypatch.setattr(attention, "BLOCK", block)
+    assert_same(run("eager"), run("block_causal"))
+    assert counted and set(counted) == {-(-64 // block)}  # every layer, forward, in blocks
+
+
+def test_block_causal_with_recomputation_and_the_pooled_last_layer(monkeypatch, counted):
+    monkeypatch.setattr(attention, "BLOCK", 16)
+    assert_same(run("eager"), run("block_causal", pooled=True, checkpointing="on"))
+    assert counted
+
+
+def test_block_causal_compiled_matches_eager(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", 24)
+    torch._dynamo.reset()
+    assert_same(run("eager"), run("block_causal", compile="on"), grad_tol=(1e-4, 1e-6))
+
+
+def test_block_causal_is_refused_for_an_encoder_head():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["model.attn_implementation=block_causal", "model.head=pairwise",
+                                               "lora.enabled=false", "model.quantization=none"])
+    with pytest.raises(ConfigError, match="block_causal skips the keys a causal decoder masks"):
+        validate(cfg)
+
+
+def test_block_causal_refuses_a_bidirectional_attention_layer():
+    class EncoderAttention(torch.nn.Module):
+        is_causal = False
+
+    model = torch.nn.Sequential(EncoderAttention())
+    with pytest.raises(ValueError, match="serves causal decoders only"):
+        attention.check_causal(model)
