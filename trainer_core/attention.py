@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import torch
 
+from trainer_core.softcap_softmax import define_ops, softcap_softmax
+
 NAME = "block_causal"
+TRITON_NAME = "block_causal_triton"  # the same, with the soft-capped softmax as one Triton kernel each way on CUDA
 BLOCK = 256  # queries per block: 4 blocks for 1,024 tokens (62.5% of the scores); smaller blocks, smaller matmuls
 
 
 def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                           softcap: float | None = None, fused: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, H, T, d), key/value (B, H_kv, T, d), attention_mask
-    (B, 1, T, T) additive. Returns ((B, T, H, d), None): attention weights are never materialised whole."""
+    (B, 1, T, T) additive. Returns ((B, T, H, d), None): attention weights are never materialised whole.
+    ``fused``: the scale, soft-cap, mask and softmax as one op (:mod:`trainer_core.softcap_softmax`)."""
     if attention_mask is None or attention_mask.dim() != 4 or query.shape[2] != key.shape[2]:
         raise RuntimeError(f"attn_implementation={NAME} needs the 4-D eager mask and no KV cache (training and "
                            "prediction of a causal classifier)")
@@ -44,13 +48,18 @@ def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value
         end = min(start + BLOCK, length)
         rows = end - start
         q = grouped[:, :, :, start:end].reshape(batch, heads_kv, groups * rows, dim)
-        weights = torch.matmul(q, key[:, :, :end].transpose(2, 3)) * scaling  # (B, H_kv, groups * rows, end)
-        if softcap is not None:
-            weights = weights / softcap
-            weights = torch.tanh(weights)
-            weights = weights * softcap
-        weights = weights.view(batch, heads_kv, groups, rows, end) + attention_mask[:, :, None, start:end, :end]
-        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = torch.matmul(q, key[:, :, :end].transpose(2, 3))  # (B, H_kv, groups * rows, end)
+        if fused:
+            weights = softcap_softmax(weights.view(batch, heads, rows, end), attention_mask[:, :, start:end, :end],
+                                      scaling, softcap)
+        else:
+            weights = weights * scaling
+            if softcap is not None:
+                weights = weights / softcap
+                weights = torch.tanh(weights)
+                weights = weights * softcap
+            weights = weights.view(batch, heads_kv, groups, rows, end) + attention_mask[:, :, None, start:end, :end]
+            weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         weights = torch.nn.functional.dropout(weights, p=p, training=module.training)
         out = torch.matmul(weights.view(batch, heads_kv, groups * rows, end), value[:, :, :end])
         blocks.append(out.view(batch, heads_kv, groups, rows, dim))
@@ -58,14 +67,23 @@ def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value
     return out.transpose(1, 2).contiguous(), None
 
 
+def block_causal_triton_attention(*args, **kwargs) -> tuple[torch.Tensor, None]:
+    """:func:`block_causal_attention` with the fused soft-capped softmax (Triton on CUDA, the same numbers in plain
+    torch elsewhere)."""
+    return block_causal_attention(*args, **kwargs, fused=True)
+
+
 def register() -> None:
-    """Make ``attn_implementation="block_causal"`` known to transformers (its public attention and mask registries),
-    with eager's additive mask. Idempotent; called by ``build_model`` before loading, never at import."""
+    """Make ``attn_implementation`` block_causal and block_causal_triton known to transformers (its public attention
+    and mask registries), with eager's additive mask. Idempotent; called by ``build_model`` before loading, never at
+    import."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(NAME, block_causal_attention)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    define_ops()
+    for name, function in ((NAME, block_causal_attention), (TRITON_NAME, block_causal_triton_attention)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, eager_mask)
 
 
 def check_causal(model) -> None:

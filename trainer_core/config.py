@@ -27,6 +27,8 @@ from trainer_core.config_schema import (  # noqa: F401 (re-exported: the config 
     TrainConfig,
 )
 
+BLOCK_CAUSAL = ("block_causal", "block_causal_triton")  # model.attn_implementation values of trainer_core.attention
+
 # ----------------------------------------------------------------------------------------------------------------
 # merging
 
@@ -243,15 +245,15 @@ def validate(cfg: Config) -> None:
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
-        if m.attn_implementation not in ("eager", "block_causal"):
+        if m.attn_implementation not in ("eager", *BLOCK_CAUSAL):
             needs.append(f"model.attn_implementation eager or block_causal (got {m.attn_implementation})")
         if m.init == "random" and m.random_config.get("model_type", "gemma2") != "gemma2":
             needs.append(f"a Gemma-2 (got random_config.model_type={m.random_config['model_type']})")
         if needs:
             errs.append("model.pooled_last_layer=true computes the top layer only at the last non-pad token, the one "
                         "the joint head reads, from eager attention's mask on a Gemma-2: it needs " + ", ".join(needs))
-    if m.attn_implementation == "block_causal" and m.head != "joint":
-        errs.append("model.attn_implementation=block_causal skips the keys a causal decoder masks; "
+    if m.attn_implementation in BLOCK_CAUSAL and m.head != "joint":
+        errs.append(f"model.attn_implementation={m.attn_implementation} skips the keys a causal decoder masks; "
                     f"model.head={m.head} mean-pools every position of an encoder: use model.head=joint or another "
                     "attention")
     if m.head == "pairwise" and lo.enabled:

@@ -60,7 +60,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = _f(
         "eager", "attention kernel passed to transformers; eager keeps Gemma-2 logit soft-capping exactly; "
         "block_causal = eager's numbers, computed only for the key blocks causality allows and without copying keys "
-        "and values per query head (causal models; 62.5% of the scores at 1,024 tokens; trainer_core.attention)")
+        "and values per query head (causal models; 62.5% of the scores at 1,024 tokens; trainer_core.attention); "
+        "block_causal_triton = the same with the soft-capped softmax as one Triton kernel forward and one backward on "
+        "CUDA (plain torch elsewhere)")
     gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
         "auto", "recompute activations in backward: on/off, auto = only as many trained layers as the GPU's free "
         "memory demands, reentrant = the seed's way (backward through every layer)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_core.config import LoraConfig, ModelConfig
+from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig
 from trainer_core.paths import atomic_write_dir, resolve_model_path
 from trainer_core.step import DTYPES
 from trainer_core.weights import check_quantization
@@ -129,7 +129,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     kwargs = dict(config=stored) if stored is not None else dict(num_labels=NUM_LABELS)
     kwargs["dtype"] = dtype
     if model_cfg.attn_implementation:
-        if model_cfg.attn_implementation == "block_causal":
+        if model_cfg.attn_implementation in BLOCK_CAUSAL:
             from trainer_core import attention
 
             attention.register()  # transformers' public registries: the name must be known before loading
@@ -147,7 +147,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
-    if model_cfg.attn_implementation == "block_causal":
+    if model_cfg.attn_implementation in BLOCK_CAUSAL:
         from trainer_core import attention
 
         attention.check_causal(model)

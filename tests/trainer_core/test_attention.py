@@ -1,13 +1,14 @@
-"""model.attn_implementation=block_causal against eager on the tiny nf4 Gemma-2 (GQA: 4 query heads on 2 key/value
-heads, soft-capping, a sliding-window layer) with LoRA on q/k/v, fp32 on the CPU: the same logits, loss and LoRA
-gradients, eager and compiled, on padded rows, with blocks that do and do not divide the length."""
+"""model.attn_implementation=block_causal (and block_causal_triton) against eager on the tiny nf4 Gemma-2 (GQA: 4
+query heads on 2 key/value heads, soft-capping, a sliding-window layer) with LoRA on q/k/v, fp32 on the CPU: the same
+logits, loss and LoRA gradients, eager and compiled, on padded rows, with blocks that do and do not divide the length;
+the fused soft-capped softmax's backward against autograd, and its Triton kernels against it on a GPU."""
 
 import pytest
 import torch
 
 from tests.conftest import CONFIGS
 from tests.trainer_core.test_last_layer import assert_same, batch
-from trainer_core import attention
+from trainer_core import attention, softcap_softmax
 from trainer_core.config import ConfigError, load_config, validate
 from trainer_core.modeling import build_model
 
@@ -48,23 +49,63 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("name", ["block_causal", "block_causal_triton"])
 @pytest.mark.parametrize("block", [16, 24, 64])  # 4 blocks, 3 uneven ones (24 + 24 + 16), one block
-def test_block_causal_gives_eager_logits_loss_and_gradients(monkeypatch, counted, block):
+def test_block_causal_gives_eager_logits_loss_and_gradients(monkeypatch, counted, block, name):
     monkeypatch.setattr(attention, "BLOCK", block)
-    assert_same(run("eager"), run("block_causal"))
+    assert_same(run("eager"), run(name))
     assert counted and set(counted) == {-(-64 // block)}  # every layer, forward, in blocks
 
 
-def test_block_causal_with_recomputation_and_the_pooled_last_layer(monkeypatch, counted):
+@pytest.mark.parametrize("name", ["block_causal", "block_causal_triton"])
+def test_block_causal_with_recomputation_and_the_pooled_last_layer(monkeypatch, counted, name):
     monkeypatch.setattr(attention, "BLOCK", 16)
-    assert_same(run("eager"), run("block_causal", pooled=True, checkpointing="on"))
+    assert_same(run("eager"), run(name, pooled=True, checkpointing="on"))
     assert counted
 
 
-def test_block_causal_compiled_matches_eager(monkeypatch):
+@pytest.mark.parametrize("name", ["block_causal", "block_causal_triton"])
+def test_block_causal_compiled_matches_eager(monkeypatch, name):
     monkeypatch.setattr(attention, "BLOCK", 24)
     torch._dynamo.reset()
-    assert_same(run("eager"), run("block_causal", compile="on"), grad_tol=(1e-4, 1e-6))
+    assert_same(run("eager"), run(name, compile="on"), grad_tol=(1e-4, 1e-6))
+
+
+def scores_and_mask(device: str, dtype: torch.dtype):
+    """Scores (2, 4, 5, 12) of a 12-key block, and its rows of a padded causal mask (transformers' eager form)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(2, 4, 5, 12, generator=gen) * 20).to(device, dtype)
+    full = torch.zeros(2, 1, 12, 12)
+    full[..., 9:] = torch.finfo(torch.float32).min  # keys past the queries (causality)
+    full[1, ..., :3] = torch.finfo(torch.float32).min  # left padding of row 1
+    grad = torch.randn(2, 4, 5, 12, generator=gen).to(device, dtype)
+    return scores, full[:, :, 7:12].to(device), grad
+
+
+@pytest.mark.parametrize("softcap", [50.0, None])
+def test_softcap_softmax_reference_backward_is_the_autograd_gradient(softcap):
+    scores, mask, grad = scores_and_mask("cpu", torch.float32)
+    leaf = scores.clone().requires_grad_()
+    x = leaf * 0.3
+    x = torch.tanh(x / softcap) * softcap if softcap else x
+    torch.softmax(x + mask, -1).backward(grad)
+    ours = softcap_softmax.reference_backward(grad, scores, mask, 0.3, softcap or 0.0)
+    torch.testing.assert_close(ours, leaf.grad, rtol=1e-5, atol=1e-6)  # measured: within 8e-8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not softcap_softmax.triton_available(),
+                    reason="the Triton kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_softmax_triton_kernels_give_the_reference_numbers(dtype):
+    scores, mask, grad = scores_and_mask("cuda", dtype)
+    leaf = scores.clone().requires_grad_()
+    softcap_softmax.define_ops()
+    probs = softcap_softmax.softcap_softmax(leaf, mask, 0.3, 50.0)
+    probs.backward(grad)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=4e-3)  # one bf16 ulp
+    torch.testing.assert_close(probs, softcap_softmax.reference(scores, mask, 0.3, 50.0), **tol)
+    torch.testing.assert_close(leaf.grad, softcap_softmax.reference_backward(grad, scores, mask, 0.3, 50.0), **tol)
 
 
 def test_block_causal_is_refused_for_an_encoder_head():
