@@ -169,3 +169,37 @@ def test_partial_recomputation_changes_no_gradient():
     assert g_part.keys() == g_off.keys()
     for n in g_off:
         torch.testing.assert_close(g_part[n], g_off[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_fused_gate_up_gives_the_same_logits_loss_and_gradients(monkeypatch, compile):
+    """model.fuse_gate_up: each cached MLP's gate and up projections as one matmul (fp32: logits, loss and every
+    gradient as the two separate projections give them, to 1e-5; compiled to 1e-4), and that one matmul really runs."""
+    calls = []
+    real = dequant_cache.FusedGateUp.forward
+    monkeypatch.setattr(dequant_cache.FusedGateUp, "forward", lambda self, x: calls.append(1) or real(self, x))
+
+    def fuse(model):
+        note = dequant_cache.cache_for_training(model, "on", torch.float32, torch.device("cpu"), freeze_layers=2,
+                                                seq_len=64, micro_batch=4, budget_gib=None, fuse_gate_up=True)
+        assert "4/4 layers" in note and "gate and up fused in 4 MLPs" in note, note
+
+    torch._dynamo.reset()
+    l_plain, loss_plain, g_plain = grads_and_loss("off", cache=True, compile=compile)
+    torch._dynamo.reset()
+    l_fused, loss_fused, g_fused = grads_and_loss("off", prepare=fuse, compile=compile)
+    assert calls  # (eagerly, or while compiling the layers)
+    tol = 1e-5 if compile == "off" else 1e-4
+    torch.testing.assert_close(l_fused, l_plain, rtol=tol, atol=tol)
+    assert loss_fused == pytest.approx(loss_plain, rel=tol)
+    assert g_fused.keys() == g_plain.keys()
+    for k in g_plain:
+        torch.testing.assert_close(g_fused[k], g_plain[k], rtol=tol * 10, atol=1e-6)
+
+
+def test_fuse_gate_up_needs_the_cache():
+    from trainer_core.config import ConfigError, validate
+
+    cfg = load_config(CONFIGS / "gemma2_9b_fast.yaml", ["model.fuse_gate_up=true", "model.dequant_cache=off"])
+    with pytest.raises(ConfigError, match="model.fuse_gate_up=true stacks the weights model.dequant_cache keeps"):
+        validate(cfg)
