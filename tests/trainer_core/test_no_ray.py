@@ -8,10 +8,12 @@ def test_trainer_core_imports_and_trains_without_ray(tmp_path):
     """In a fresh interpreter where `import ray` fails, every trainer_core module imports and a fold trains (two steps
     of the tiny smoke model) and writes its files; Ray is never imported on the way, not even lazily."""
     code = (
-        "import sys, pkgutil, importlib, pathlib\n"
+        "import sys, pkgutil, importlib, importlib.util, pathlib\n"
         "sys.modules['ray'] = None  # any 'import ray' now raises ImportError\n"
         "import trainer_core\n"
         "mods = [m.name for m in pkgutil.iter_modules(trainer_core.__path__)]\n"
+        "if importlib.util.find_spec('triton') is None:  # the Triton kernels' module needs Triton (CUDA machines)\n"
+        "    mods.remove('softcap_triton')\n"
         "for m in mods: importlib.import_module('trainer_core.' + m)\n"
         "assert 'fold' in mods and 'config' in mods, mods\n"
         "from trainer_core.config import load_config\n"
