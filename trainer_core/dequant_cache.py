@@ -16,6 +16,7 @@ their weight (1 byte per weight, counted in the cache's budget) for an fp8 backw
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
@@ -82,9 +83,15 @@ def fuse_gate_up(mlp) -> bool:
     mlp.gate_up_proj = DequantizedLinear(stacked, None)
     half = gate.out_features
     mlp.gate_proj, mlp.up_proj = DequantizedLinear(stacked[:half], None), DequantizedLinear(stacked[half:], None)
-    cls = type(mlp)
-    mlp.__class__ = type(f"FusedGateUp{cls.__name__}", (FusedGateUp, cls), {"__module__": __name__})
+    mlp.__class__ = _fused_class(type(mlp))
     return True
+
+
+@functools.cache
+def _fused_class(cls: type) -> type:
+    """One subclass per MLP class, shared by every layer: torch.compile guards on a module's type, so a class per
+    layer would recompile the shared layer graph once per layer (measured: the recompilation limit, then eager)."""
+    return type(f"FusedGateUp{cls.__name__}", (FusedGateUp, cls), {"__module__": __name__})
 
 
 def _dequantize(module, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,8 @@ graph for all batches.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -106,6 +108,12 @@ def pooled_positions(input_ids: torch.Tensor | None, pad_token_id: int | None) -
     return (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
 
 
+@functools.cache
+def _pooled_class(cls: type) -> type:
+    """One subclass per layer class (torch.compile guards on a module's type: models built in one process share it)."""
+    return type(f"Pooled{cls.__name__}", (PooledLastLayer, cls), {"__module__": __name__})
+
+
 def pool_last_layer(model) -> bool:
     """Make the top decoder layer of ``model`` (a Gemma-2 sequence classifier, possibly peft-wrapped) compute only
     the pooled rows. Returns False if it already does. Call before ``compile_layers``."""
@@ -118,8 +126,7 @@ def pool_last_layer(model) -> bool:
     top = decoder_layers(model)[-1]
     if isinstance(top, PooledLastLayer):
         return False
-    cls = type(top)
-    top.__class__ = type(f"Pooled{cls.__name__}", (PooledLastLayer, cls), {"__module__": __name__})
+    top.__class__ = _pooled_class(type(top))
 
     def store_positions(module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)

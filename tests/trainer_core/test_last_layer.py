@@ -86,6 +86,8 @@ def test_pooled_top_layer_computes_one_query_row_per_sequence():
     assert seen == {(3, "q_proj"): (5, 64), (3, "k_proj"): (5, 64, 64), (2, "q_proj"): (5, 64, 64),
                     (2, "k_proj"): (5, 64, 64)}
     assert not pool_last_layer(model)  # already pooled
+    # models built in one process share the pooled class (torch.compile guards on module types)
+    assert type(decoder_layers(run(True)[3])[3]) is type(layers[3])
 
 
 def test_pooled_top_layer_with_the_dequantized_weight_cache():
