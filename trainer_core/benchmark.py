@@ -127,8 +127,7 @@ def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, bud
     if cfg.model.quantization == "nf4":
         note = cache_for_training(model, cfg.model.dequant_cache, DTYPES[setup.precision], device,
                                   freeze_layers=cfg.lora.freeze_layers, seq_len=seq_len, micro_batch=micro,
-                                  budget_gib=budget_gib, fp8_backward=cfg.model.fp8_backward,
-                                  fuse_gate_up=cfg.model.fuse_gate_up)
+                                  budget_gib=budget_gib, fp8_backward=cfg.model.fp8_backward)
         plan_text += f"; {note}" if note else ""
     model.train()  # recomputation and dropout act only in training mode, as in fold.py
     params = trainable_parameters(model)

@@ -243,10 +243,6 @@ def validate(cfg: Config) -> None:
         errs.append(f"model.fp8_backward=true runs the backward through the bf16 weights model.dequant_cache keeps: it "
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
-    if m.fuse_gate_up and (m.quantization != "nf4" or m.dequant_cache == "off"):
-        errs.append(f"model.fuse_gate_up=true stacks the weights model.dequant_cache keeps: it needs "
-                    f"model.quantization=nf4 (got {m.quantization}) and model.dequant_cache auto or on (got "
-                    f"{m.dequant_cache})")
     if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
         if m.attn_implementation not in ("eager", *BLOCK_CAUSAL):

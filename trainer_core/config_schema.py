@@ -86,10 +86,6 @@ class ModelConfig:
         "~2.7% less work per Gemma-2 9B step; Gemma-2 with model.head=joint and attn_implementation eager or "
         "block_causal only",
         added=True)
-    fuse_gate_up: bool = _f(
-        False, "in the layers model.dequant_cache keeps dequantized, the MLP's gate and up projections as one matmul "
-        "against their stacked weights (same dot products; one input-gradient matmul in backward instead of two); "
-        "needs dequant_cache auto or on", added=True)
     add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
     head: Literal["joint", "pairwise"] = _f(
         "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "

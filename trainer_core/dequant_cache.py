@@ -16,7 +16,6 @@ their weight (1 byte per weight, counted in the cache's budget) for an fp8 backw
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 
 import torch
@@ -60,40 +59,6 @@ class DequantizedLinear(torch.nn.Module):
                                            self.weight_fp8_scale, self.fp8_scaled_mm).to(x.dtype)
 
 
-class FusedGateUp:
-    """Mixed in front of a gated MLP's class (Gemma-2's GeGLU, Llama's SwiGLU) by :func:`fuse_gate_up`: the gate and up
-    projections of one input as one matmul against their stacked cached weights (``gate_up_proj``), then split. Each
-    output element is the same dot product as before; the backward pass's input gradient becomes one matmul over both
-    halves instead of two plus an add."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
-
-
-def fuse_gate_up(mlp) -> bool:
-    """``model.fuse_gate_up``: stack a cached MLP's gate and up weights into one :class:`DequantizedLinear`; the two
-    layers stay (views of its halves, for anything that reads them) but the forward uses the stacked one. False (nothing
-    done) unless both are cached, unbiased and the same shape."""
-    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    if not (isinstance(gate, DequantizedLinear) and isinstance(up, DequantizedLinear) and gate.bias is None
-            and up.bias is None and gate.weight.shape == up.weight.shape and not isinstance(mlp, FusedGateUp)):
-        return False
-    stacked = torch.cat([gate.weight.data, up.weight.data])
-    mlp.gate_up_proj = DequantizedLinear(stacked, None)
-    half = gate.out_features
-    mlp.gate_proj, mlp.up_proj = DequantizedLinear(stacked[:half], None), DequantizedLinear(stacked[half:], None)
-    mlp.__class__ = _fused_class(type(mlp))
-    return True
-
-
-@functools.cache
-def _fused_class(cls: type) -> type:
-    """One subclass per MLP class, shared by every layer: torch.compile guards on a module's type, so a class per
-    layer would recompile the shared layer graph once per layer (measured: the recompilation limit, then eager)."""
-    return type(f"FusedGateUp{cls.__name__}", (FusedGateUp, cls), {"__module__": __name__})
-
-
 def _dequantize(module, dtype: torch.dtype) -> torch.Tensor:
     """The weight as ``Linear4bit`` feeds it to the matmul: dequantized in fp32 (its input, the residual stream that
     peft's k-bit preparation keeps in fp32, sets that dtype), then cast to ``dtype`` as autocast does."""
@@ -112,13 +77,12 @@ def _is_4bit(module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype, fp8_from: int | None = None,
-                              fuse: bool = False) -> tuple[int, int, float]:
+def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
+                              fp8_from: int | None = None) -> tuple[int, int, float]:
     """Replace frozen 4-bit linear layers by :class:`DequantizedLinear` copies in ``dtype`` (the autocast dtype, or
     fp32 without autocast), top decoder layer first, while the copies' total stays within ``max_bytes``. Returns
     (layers cached, decoder layers in the model, GiB used). ``fp8_from``: decoder layers from this index on (the
-    trained ones) also get the fp8 backward (``model.fp8_backward``), one more byte per weight. ``fuse``: each cached
-    layer's MLP gets :func:`fuse_gate_up` (``model.fuse_gate_up``).
+    trained ones) also get the fp8 backward (``model.fp8_backward``), one more byte per weight.
 
     Only whole decoder layers are cached (a layer's projections share one compiled graph)."""
     used, cached = 0.0, 0
@@ -133,15 +97,10 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype, fp8_f
         if used + size > max_bytes:
             break
         for parent, name, child in targets:
-            setattr(parent, name, DequantizedLinear(_dequantize(child, dtype), child.bias))
-        if fuse and hasattr(layers[index], "mlp"):
-            fuse_gate_up(layers[index].mlp)
-        if use_fp8:
-            unused = [id(m) for mlp in layers[index].modules() if isinstance(mlp, FusedGateUp)
-                      for m in (mlp.gate_proj, mlp.up_proj)]  # views of gate_up_proj's halves, never called
-            for module in layers[index].modules():
-                if isinstance(module, DequantizedLinear) and id(module) not in unused:
-                    module.enable_fp8_backward()
+            cached_linear = DequantizedLinear(_dequantize(child, dtype), child.bias)
+            if use_fp8:
+                cached_linear.enable_fp8_backward()
+            setattr(parent, name, cached_linear)
         used += size
         cached += 1
     if cached and torch.cuda.is_available():
@@ -167,7 +126,7 @@ def keep_embedding_dtype(model, dtype: torch.dtype) -> bool:
 
 
 def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float, need_bytes: float,
-                        fp8_from: int | None = None, fuse: bool = False) -> str:
+                        fp8_from: int | None = None) -> str:
     """``model.dequant_cache`` applied after the memory plan: ``on`` caches every layer, ``auto`` as many as fit in
     ``free_bytes`` beside the ``need_bytes`` the plan reserved for activations, ``off`` none (``fp8_from``: see
     :func:`cache_dequantized_weights`). Returns a note for logs and benchmark tables (empty when nothing was
@@ -175,10 +134,8 @@ def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float,
     if mode == "off":
         return ""
     room = float("inf") if mode == "on" else free_bytes - need_bytes
-    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from, fuse)
+    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from)
     note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
-    if fuse:
-        note += f"; gate and up fused in {sum(isinstance(m, FusedGateUp) for m in model.modules())} MLPs"
     if fp8_from is not None:
         fp8_linears = [m for m in model.modules() if isinstance(m, DequantizedLinear) and m.weight_fp8 is not None]
         path = "_scaled_mm" if any(m.fp8_scaled_mm for m in fp8_linears) else "emulated"
@@ -188,8 +145,7 @@ def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float,
 
 
 def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.device, *, freeze_layers: int,
-                       seq_len: int, micro_batch: int, budget_gib: float | None, fp8_backward: bool = False,
-                       fuse_gate_up: bool = False) -> str:
+                       seq_len: int, micro_batch: int, budget_gib: float | None, fp8_backward: bool = False) -> str:
     """:func:`apply_dequant_cache` after the memory plan: the room is the free memory minus the activations of a
     ``micro_batch`` x ``seq_len`` step as the model now trains (with or without recomputation). ``fp8_backward``:
     the cached layers of the trained decoder layers (from ``freeze_layers`` on) get the fp8 backward."""
@@ -200,4 +156,4 @@ def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.devic
     need = activation_bytes_per_token(model.config, len(trained), seq_len, recomputed > 0,
                                       recomputed) * micro_batch * seq_len * SAFETY
     return apply_dequant_cache(model, mode, dtype, free_device_bytes(device, budget_gib), need,
-                               freeze_layers if fp8_backward else None, fuse_gate_up)
+                               freeze_layers if fp8_backward else None)

@@ -129,8 +129,7 @@ class FoldRun:
             cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
                                freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
                                micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib,
-                               fp8_backward=cfg.model.fp8_backward,
-                               fuse_gate_up=cfg.model.fuse_gate_up)
+                               fp8_backward=cfg.model.fp8_backward)
         self.params = trainable_parameters(self.model)
         # Cross-entropy (None: train_step's default), or with soft labels the distillation loss (trainer_core.distill).
         self.loss_fn = None if self.data.train_soft is None else functools.partial(

@@ -131,21 +131,3 @@ def test_bench_numerics_check_shows_fp8_in_the_gradients_not_the_logits():
     assert num["max_abs_logit_diff"] == 0 and num["rel_loss_diff"] == 0
     assert num["grad_tensors"] == 13 and 0.001 < num["rel_grad_diff"] < 0.1  # measured 1.7%
     assert "% apart (13 shared trained tensors)" in numerics_text(num)
-
-
-def test_fp8_backward_with_fused_gate_up_quantizes_only_the_weights_the_forward_uses():
-    """With model.fuse_gate_up the trained layers' gate and up are one stacked matmul: its weight gets the fp8 copy,
-    the two half views (never called) do not, so fp8 memory stays one byte per weight: 2 layers x 6 linears."""
-    from tests.trainer_core.test_fast_path import grads_and_loss
-
-    def prepare(model):
-        note = dequant_cache.cache_for_training(model, "on", torch.bfloat16, torch.device("cpu"), freeze_layers=2,
-                                                seq_len=64, micro_batch=4, budget_gib=None, fp8_backward=True,
-                                                fuse_gate_up=True)
-        assert "fp8 backward in 12 linear layers" in note and "gate and up fused in 4 MLPs" in note, note
-        views = [m for mlp in model.modules() if isinstance(mlp, dequant_cache.FusedGateUp)
-                 for m in (mlp.gate_proj, mlp.up_proj)]
-        assert len(views) == 8 and all(m.weight_fp8 is None for m in views)
-
-    _, loss, grads = grads_and_loss("off", "bf16", prepare=prepare)
-    assert torch.isfinite(torch.tensor(loss)) and all(torch.isfinite(g).all() for g in grads.values())
