@@ -13,6 +13,10 @@ along the query axis, so one matmul serves the group (transformers' eager path c
 Each operation is eager's, in eager's order and dtypes (scale, soft-cap, mask, fp32 softmax, dropout); only the sum
 order inside the softmax differs. The mask is transformers' own 4-D additive eager mask (padding, causality, sliding
 window), sliced per block, so the function only assumes a causal model: queries never attend to later positions.
+
+``block_causal_triton`` is the same function with the scale, soft-cap, mask and softmax of each block as one custom op
+(:mod:`trainer_core.softcap_softmax`: a Triton kernel each way on CUDA, the same fp32 math in plain torch elsewhere).
+Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value
     (B, 1, T, T) additive. Returns ((B, T, H, d), None): attention weights are never materialised whole.
     ``fused``: the scale, soft-cap, mask and softmax as one op (:mod:`trainer_core.softcap_softmax`)."""
     if attention_mask is None or attention_mask.dim() != 4 or query.shape[2] != key.shape[2]:
-        raise RuntimeError(f"attn_implementation={NAME} needs the 4-D eager mask and no KV cache (training and "
-                           "prediction of a causal classifier)")
+        raise RuntimeError("attn_implementation block_causal(_triton) needs the 4-D eager mask and no KV cache "
+                           "(training and prediction of a causal classifier)")
     if not getattr(module, "is_causal", False):
-        raise RuntimeError(f"attn_implementation={NAME} serves causal attention only; {type(module).__name__} is not")
+        raise RuntimeError(f"attn_implementation block_causal(_triton) serves causal attention only; "
+                           f"{type(module).__name__} is not")
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     batch, heads, length, dim = query.shape
     heads_kv = key.shape[1]
@@ -91,5 +96,5 @@ def check_causal(model) -> None:
     after each query block would silently change its numbers."""
     for name, module in model.named_modules():
         if type(module).__name__.endswith("Attention") and not getattr(module, "is_causal", False):
-            raise ValueError(f"model.attn_implementation={NAME} serves causal decoders only; {name} "
+            raise ValueError(f"model.attn_implementation block_causal(_triton) serves causal decoders only; {name} "
                              f"({type(module).__name__}) attends both ways")
