@@ -135,3 +135,18 @@ def test_batches_are_deterministic_cover_every_row_and_cut_padding():
     two = epoch_batches(lengths[:7], 2, 2, seed=0, epoch=0, group_by_length=False)
     assert all(len(g) == 4 for g in two)  # ranks always get full, equal batches
     assert len(rank_slice(two[0], 0, 2)) == len(rank_slice(two[0], 1, 2)) == 2
+
+
+def test_fold_with_the_fast_paths_exact_keys_predicts_what_the_plain_fold_predicts(tmp_path, smoke_rows):
+    """The fast config's exact keys (model.pooled_last_layer, attn_implementation=block_causal_triton: the CPU runs its
+    plain-torch reference) through a whole fold - 3 steps, prediction with the A/B swap, files - give the plain fold's
+    held-out probabilities (fp32, LoRA dropout 0 so both draw no random masks)."""
+    common = ("train.max_steps=3", "lora.dropout=0.0", "train.eval_tta=true")
+    plain = train_fold(smoke_cfg(*common), 2, smoke_rows, tmp_path / "plain")
+    fast = train_fold(smoke_cfg(*common, "model.pooled_last_layer=true",
+                                "model.attn_implementation=block_causal_triton"), 2, smoke_rows, tmp_path / "fast")
+    a = pd.read_parquet(tmp_path / "plain" / "oof.parquet")
+    b = pd.read_parquet(tmp_path / "fast" / "oof.parquet")
+    assert list(a["id"]) == list(b["id"]) and len(a) > 0
+    np.testing.assert_allclose(b[["p_a", "p_b", "p_tie"]], a[["p_a", "p_b", "p_tie"]], rtol=1e-4, atol=1e-5)
+    assert fast.metrics.log_loss == pytest.approx(plain.metrics.log_loss, rel=1e-4)
