@@ -29,9 +29,10 @@ import torch
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, as transformers applies it (cos/sin broadcast over the head axis)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    """Rotary embedding with transformers' own ``rotate_half`` (cos/sin broadcast over the head axis)."""
+    from transformers.models.gemma2.modeling_gemma2 import rotate_half
+
+    return x * cos + rotate_half(x) * sin
 
 
 def pooled_layer_forward(layer, hidden_states: torch.Tensor, index: torch.Tensor, cos: torch.Tensor,

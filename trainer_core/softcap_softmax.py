@@ -49,24 +49,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _kernels():
+def _launch(kernel_name: str, inputs: list[torch.Tensor], mask: torch.Tensor, scaling: float,
+            softcap: float) -> torch.Tensor:
+    """Run ``softcap_triton.<kernel_name>`` over every row; ``inputs`` end with the scores, the output is shaped like
+    them (probabilities forward, the scores' gradient backward)."""
     import triton
 
     from trainer_core import softcap_triton
 
-    return triton, softcap_triton.forward, softcap_triton.backward
-
-
-def _launch(kernel_index: int, out: torch.Tensor, tensors: list[torch.Tensor], scores: torch.Tensor,
-            mask: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
-    triton, *kernels = _kernels()
+    inputs = [t.contiguous() for t in inputs]
+    scores = inputs[-1]
+    out = torch.empty_like(scores)
     batch, heads, rows, length = scores.shape
     block = triton.next_power_of_2(length)
-    kernels[kernel_index][(batch * heads * rows,)](
-        *tensors, mask, out, length, heads * rows, rows, mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2),
-        scaling, softcap or 1.0,
-        HAS_CAP=bool(softcap), BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    getattr(softcap_triton, kernel_name)[(batch * heads * rows,)](
+        *inputs, mask, out, length, heads * rows, rows, mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2),
+        scaling, softcap or 1.0, HAS_CAP=bool(softcap), BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out
 
 
@@ -83,16 +81,14 @@ def define_ops() -> None:
     def forward(scores: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
         if not _use_triton(scores, mask):
             return reference(scores, mask, scaling, softcap)
-        scores = scores.contiguous()
-        return _launch(0, torch.empty_like(scores), [scores], scores, mask, scaling, softcap)
+        return _launch("forward", [scores], mask, scaling, softcap)
 
     @torch.library.custom_op("trainer_core::softcap_softmax_backward", mutates_args=())
     def backward(grad: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, scaling: float,
                  softcap: float) -> torch.Tensor:
         if not _use_triton(scores, mask):
             return reference_backward(grad, scores, mask, scaling, softcap)
-        scores = scores.contiguous()
-        return _launch(1, torch.empty_like(scores), [grad.contiguous(), scores], scores, mask, scaling, softcap)
+        return _launch("backward", [grad, scores], mask, scaling, softcap)
 
     forward.register_fake(lambda scores, mask, scaling, softcap: torch.empty_like(scores))
     backward.register_fake(lambda grad, scores, mask, scaling, softcap: torch.empty_like(scores))

@@ -40,6 +40,7 @@ def forward(s_ptr, m_ptr, p_ptr, length, heads_rows, rows, m_batch, m_row, scali
                             HAS_CAP, BLOCK)
     tl.store(p_ptr + row * length + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
 
+
 @triton.jit
 def backward(g_ptr, s_ptr, m_ptr, d_ptr, length, heads_rows, rows, m_batch, m_row, scaling, softcap,
              HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):

@@ -7,32 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS
-from tests.trainer_core.test_last_layer import assert_same, batch
+from tests.trainer_core.test_last_layer import assert_same
+from tests.trainer_core.test_last_layer import run as run_layers
 from trainer_core import attention, softcap_softmax
 from trainer_core.config import ConfigError, load_config, validate
-from trainer_core.modeling import build_model
 
 
 def run(attn: str, compile: str = "off", pooled: bool = False, checkpointing: str = "off"):
-    """(logits, loss, LoRA/head gradients by name, the model) of one batch of 64-token rows."""
-    cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", f"model.compile={compile}",
-                                               f"model.attn_implementation={attn}",
-                                               f"model.pooled_last_layer={str(pooled).lower()}"])
-    validate(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                        checkpointing=checkpointing)
-    with torch.no_grad():  # LoRA B starts at zero; give it (and the norms) values so every tensor matters
-        for n, p in model.named_parameters():
-            if "lora_B" in n or "norm" in n:
-                p.normal_(0, 0.1)
-    input_ids, mask, labels = batch()
-    model.train()
-    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), loss.item(), grads, model
+    """(logits, loss, LoRA/head gradients by name, the model) of one batch of 64-token rows, fp32, LoRA dropout 0."""
+    return run_layers(pooled, compile=compile, checkpointing=checkpointing, attn=attn)
 
 
 @pytest.fixture

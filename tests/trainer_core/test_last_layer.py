@@ -25,11 +25,13 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def run(pooled: bool, layers: int = 4, compile: str = "off", checkpointing: str = "off", dropout: float = 0.0,
-        cache: bool = False, precision: str = "fp32"):
+        cache: bool = False, precision: str = "fp32", attn: str = "eager"):
     """(logits, loss, LoRA/head gradients by name, the model) of one batch; ``layers``=3 puts a sliding-window layer
-    on top, 4 a global one. LoRA on q/k/v of layers >= 2."""
+    on top, 4 a global one. LoRA on q/k/v of layers >= 2. Also serves tests/trainer_core/test_attention.py."""
     cfg = load_config(CONFIGS / "smoke.yaml", [f"lora.dropout={dropout}", f"model.compile={compile}",
-                                               f"model.pooled_last_layer={str(pooled).lower()}"])
+                                               f"model.pooled_last_layer={str(pooled).lower()}",
+                                               f"model.attn_implementation={attn}"])
+    validate(cfg)
     cfg.model.random_config["num_hidden_layers"] = layers
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=precision, device=torch.device("cpu"),
