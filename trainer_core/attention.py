@@ -11,8 +11,9 @@ Grouped-query attention without repeating keys and values: the query heads that 
 along the query axis, so one matmul serves the group (transformers' eager path copies K and V per query head first).
 
 Each operation is eager's, in eager's order and dtypes (scale, soft-cap, mask, fp32 softmax, dropout); only the sum
-order inside the softmax differs. The mask is transformers' own 4-D additive eager mask (padding, causality, sliding
-window), sliced per block, so the function only assumes a causal model: queries never attend to later positions.
+order inside the softmax differs. The mask is transformers' 4-D additive eager mask (padding, causality, sliding
+window; :func:`additive_mask`), sliced per block, so the function only assumes a causal model: queries never attend
+to later positions.
 
 ``block_causal_triton`` is the same function with the scale, soft-cap, mask and softmax of each block as one custom op
 (:mod:`trainer_core.softcap_softmax`: a Triton kernel each way on CUDA, the same fp32 math in plain torch elsewhere).
@@ -20,6 +21,8 @@ Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -78,17 +81,33 @@ def block_causal_triton_attention(*args, **kwargs) -> tuple[torch.Tensor, None]:
     return block_causal_attention(*args, **kwargs, fused=True)
 
 
+def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """transformers' eager mask (0 where a query may attend, the dtype's minimum elsewhere), built from its
+    ``sdpa_mask`` without a host-to-device copy. ``eager_mask`` of transformers 5.17 made its zero with
+    ``torch.tensor(0.0, device=...)``: a blocking copy, so every forward pass waited for the card to finish the previous
+    step and the card then waited for the host (2% of an H200 step, docs/PERFORMANCE.md session 6)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs.pop("allow_is_causal_skip", None)
+    if "allow_torch_fix" in inspect.signature(sdpa_mask).parameters:  # older transformers; eager_mask passes False
+        kwargs.setdefault("allow_torch_fix", False)
+    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    if mask is None:  # newer transformers may skip a mask that masks nothing (bidirectional, no padding)
+        return None
+    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+
 def register() -> None:
     """Make ``attn_implementation`` block_causal and block_causal_triton known to transformers (its public attention
-    and mask registries), with eager's additive mask. Idempotent; called by ``build_model`` before loading, never at
-    import."""
+    and mask registries), with eager's additive mask (:func:`additive_mask`). Idempotent; called by ``build_model``
+    before loading, never at import."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     define_ops()
     for name, function in ((NAME, block_causal_attention), (TRITON_NAME, block_causal_triton_attention)):
         AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, eager_mask)
+        AttentionMaskInterface.register(name, additive_mask)
 
 
 def check_causal(model) -> None:

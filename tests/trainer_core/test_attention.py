@@ -3,6 +3,8 @@ query heads on 2 key/value heads, soft-capping, a sliding-window layer) with LoR
 logits, loss and LoRA gradients, eager and compiled, on padded rows, with blocks that do and do not divide the length;
 the fused soft-capped softmax's backward against autograd, and its Triton kernels against it on a GPU."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -89,6 +91,62 @@ def test_softcap_softmax_triton_kernels_give_the_reference_numbers(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=4e-3)  # one bf16 ulp
     torch.testing.assert_close(probs, softcap_softmax.reference(scores, mask, 0.3, 50.0), **tol)
     torch.testing.assert_close(leaf.grad, softcap_softmax.reference_backward(grad, scores, mask, 0.3, 50.0), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not softcap_softmax.triton_available(),
+                    reason="the Triton kernels run on CUDA only")
+def test_softcap_softmax_triton_kernels_compiled_on_a_mask_view_give_the_reference_numbers():
+    """Inside torch.compile, with the mask a view of a larger graph input (as block_causal passes each block's rows of
+    transformers' mask), forward and backward."""
+    scores, mask, grad = scores_and_mask("cuda", torch.float32)
+    full = torch.zeros(2, 1, 12, 12, device="cuda")
+    full[:, :, 7:12] = mask
+    leaf = scores.clone().requires_grad_()
+    softcap_softmax.define_ops()
+    torch._dynamo.reset()
+    step = torch.compile(lambda s, m: softcap_softmax.softcap_softmax(s, m[:, :, 7:12], 0.3, 50.0) * 2, fullgraph=True)
+    probs = step(leaf, full)
+    probs.backward(grad)
+    torch.testing.assert_close(probs, 2 * softcap_softmax.reference(scores, mask, 0.3, 50.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, 2 * softcap_softmax.reference_backward(grad, scores, mask, 0.3, 50.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def mask_kwargs(device: str) -> dict:
+    """Arguments of transformers' mask functions for 2 rows of 10 tokens, row 1 left-padded by 3 (its signature
+    changed across transformers 5 releases: cache_position, then q_length)."""
+    from transformers.masking_utils import eager_mask
+
+    padding = torch.ones(2, 10, dtype=torch.bool, device=device)
+    padding[1, :3] = False
+    position = ({"q_length": 10} if "q_length" in inspect.signature(eager_mask).parameters
+                else {"cache_position": torch.arange(10, device=device)})
+    return dict(batch_size=2, kv_length=10, attention_mask=padding, dtype=torch.float32, **position)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_additive_mask_is_transformers_eager_mask(window):
+    from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
+
+    kwargs = mask_kwargs("cpu")
+    if window:
+        kwargs["mask_function"] = sliding_window_causal_mask_function(window)
+    ours = attention.additive_mask(**kwargs)
+    assert ours.shape == (2, 1, 10, 10) and (ours == 0).sum() < 100  # a causal, padded mask
+    torch.testing.assert_close(ours, eager_mask(**kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_additive_mask_does_not_wait_for_the_card():
+    kwargs = mask_kwargs("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = attention.additive_mask(**kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert mask.is_cuda and (mask == 0).sum().item() < 100
 
 
 def test_block_causal_is_refused_for_an_encoder_head():
