@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import CONFIGS, DATA
 from trainer_core.batching import epoch_batches, padding_waste, rank_slice
-from trainer_core.config import TrainConfig, load_config, validate
+from trainer_core.config import BLOCK_CAUSAL, TrainConfig, load_config, validate
 from trainer_core.data import assign_folds, load_rows
 from trainer_core.fold import train_fold
 from trainer_core.metrics import log_loss
@@ -138,15 +138,24 @@ def test_batches_are_deterministic_cover_every_row_and_cut_padding():
 
 
 def test_fold_with_the_fast_paths_exact_keys_predicts_what_the_plain_fold_predicts(tmp_path, smoke_rows):
-    """The fast config's exact keys (model.pooled_last_layer, attn_implementation=block_causal_triton: the CPU runs its
-    plain-torch reference) through a whole fold - 3 steps, prediction with the A/B swap, files - give the plain fold's
-    held-out probabilities (fp32, LoRA dropout 0 so both draw no random masks)."""
+    """The fast config's exact keys (model.pooled_last_layer, attn_implementation one of the block-causal ones; both
+    run here, block_causal_triton's CPU path being its plain-torch reference) through a whole fold - 3 steps,
+    prediction with the A/B swap, files - give the plain fold's held-out probabilities (fp32, LoRA dropout 0 so both
+    draw no random masks)."""
+    fast_cfg = load_config(CONFIGS / "gemma2_9b_fast.yaml")
+    assert fast_cfg.model.pooled_last_layer and fast_cfg.model.attn_implementation in BLOCK_CAUSAL
     common = ("train.max_steps=3", "lora.dropout=0.0", "train.eval_tta=true")
     plain = train_fold(smoke_cfg(*common), 2, smoke_rows, tmp_path / "plain")
-    fast = train_fold(smoke_cfg(*common, "model.pooled_last_layer=true",
-                                "model.attn_implementation=block_causal_triton"), 2, smoke_rows, tmp_path / "fast")
-    a = pd.read_parquet(tmp_path / "plain" / "oof.parquet")
-    b = pd.read_parquet(tmp_path / "fast" / "oof.parquet")
+    for attn in BLOCK_CAUSAL:
+        fast = train_fold(smoke_cfg(*common, "model.pooled_last_layer=true", f"model.attn_implementation={attn}"), 2,
+                          smoke_rows, tmp_path / attn)
+        check_same_predictions(tmp_path / "plain", tmp_path / attn, plain, fast)
+
+
+def check_same_predictions(a_dir, b_dir, plain, fast) -> None:
+    """Two folds wrote the same held-out probabilities and log loss."""
+    a = pd.read_parquet(a_dir / "oof.parquet")
+    b = pd.read_parquet(b_dir / "oof.parquet")
     assert list(a["id"]) == list(b["id"]) and len(a) > 0
     np.testing.assert_allclose(b[["p_a", "p_b", "p_tie"]], a[["p_a", "p_b", "p_tie"]], rtol=1e-4, atol=1e-5)
     assert fast.metrics.log_loss == pytest.approx(plain.metrics.log_loss, rel=1e-4)
