@@ -22,6 +22,7 @@ Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -81,6 +82,11 @@ def block_causal_triton_attention(*args, **kwargs) -> tuple[torch.Tensor, None]:
     return block_causal_attention(*args, **kwargs, fused=True)
 
 
+@functools.cache
+def _takes_torch_fix(function) -> bool:
+    return "allow_torch_fix" in inspect.signature(function).parameters
+
+
 def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
     """transformers' eager mask (0 where a query may attend, the dtype's minimum elsewhere), built from its
     ``sdpa_mask`` without a host-to-device copy. ``eager_mask`` of transformers 5.17 made its zero with
@@ -89,7 +95,7 @@ def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.
     from transformers.masking_utils import sdpa_mask
 
     kwargs.pop("allow_is_causal_skip", None)
-    if "allow_torch_fix" in inspect.signature(sdpa_mask).parameters:  # older transformers; eager_mask passes False
+    if _takes_torch_fix(sdpa_mask):  # older transformers; their eager_mask passes False
         kwargs.setdefault("allow_torch_fix", False)
     mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
     if mask is None:  # newer transformers may skip a mask that masks nothing (bidirectional, no padding)
