@@ -17,7 +17,9 @@ to later positions.
 
 ``block_causal_triton`` is the same function with the scale, soft-cap, mask and softmax of each block as one custom op
 (:mod:`trainer_core.softcap_softmax`: a Triton kernel each way on CUDA, the same fp32 math in plain torch elsewhere).
-Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each.
+Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each. Once the mask no longer made each step
+wait for the previous one (session 6), ``block_causal`` was 1.02x ``block_causal_triton``: the custom op's host time per
+call outweighs the card time its kernels save in a nearly host-bound forward pass.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.
     """transformers' eager mask (0 where a query may attend, the dtype's minimum elsewhere), built from its
     ``sdpa_mask`` without a host-to-device copy. ``eager_mask`` of transformers 5.17 made its zero with
     ``torch.tensor(0.0, device=...)``: a blocking copy, so every forward pass waited for the card to finish the previous
-    step and the card then waited for the host (2% of an H200 step, docs/PERFORMANCE.md session 6)."""
+    step and the card then waited for the host (this mask: 1.01x the step on an H200, docs/PERFORMANCE.md session 6)."""
     from transformers.masking_utils import sdpa_mask
 
     kwargs.pop("allow_is_causal_skip", None)
