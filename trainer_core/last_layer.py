@@ -10,7 +10,8 @@ The logits, loss and gradients are the same numbers up to float rounding (tests/
 
 The layer's output holds the computed rows at the pooled positions; every other position holds the layer's input
 unchanged (anything would do: nothing reads it). So ``output_hidden_states`` is not the plain model's for the top
-layer, and the key only serves the joint head (``model.head=joint``) of a Gemma-2 with eager attention.
+layer, and the key only serves the joint head (``model.head=joint``) of a Gemma-2 with eager attention's mask
+(``attn_implementation`` eager, block_causal or block_causal_triton).
 
 The layer object stays where it is and keeps its parameters' names (checkpoints and adapters load either way): only its
 class becomes a subclass whose ``forward`` is the pooled one. It calls the layer's own submodules at call time, so LoRA
@@ -84,7 +85,8 @@ class PooledLastLayer:
             raise RuntimeError("model.pooled_last_layer: needs position embeddings and no KV cache (use_cache=False)")
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
                 and attention_mask.is_floating_point()):
-            raise RuntimeError("model.pooled_last_layer: needs the 4-D additive mask of attn_implementation=eager, got "
+            raise RuntimeError("model.pooled_last_layer: needs the 4-D additive mask of attn_implementation=eager or "
+                               "block_causal, got "
                                f"{type(attention_mask).__name__}")
         batch, length = hidden_states.shape[:2]
         index = self.pooled_index
