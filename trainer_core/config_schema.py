@@ -99,6 +99,11 @@ class LoraConfig:
     r: int = _f(16, "LoRA rank")
     alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
     dropout: float = _f(0.05, "dropout on the LoRA input")
+    shared_dropout: bool = _f(
+        False, "draw the dropout masks of adapted siblings that read one input (q/k/v of an attention, gate/up of an "
+        "MLP) from one random 62-bit integer per element, a 20-bit field each: independent masks, the same "
+        "distribution with lora.dropout rounded to a multiple of 2**-20, one draw instead of three "
+        "(trainer_core/lora_dropout.py); not torch's random stream, so other masks than off", added=True)
     target_modules: list = _f(["q_proj", "k_proj", "v_proj"], "module names that get adapters")
     freeze_layers: int = _f(0, "adapters only on decoder layers >= this index (counted from the model's own layers)")
     bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")

@@ -186,6 +186,10 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
             layers_to_transform=list(range(lora_cfg.freeze_layers, n_layers)) if lora_cfg.freeze_layers else None,
         )
         model = get_peft_model(model, peft_cfg)
+        if lora_cfg.shared_dropout:
+            from trainer_core.lora_dropout import share_dropout_draws
+
+            share_dropout_draws(model)
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
     if model_cfg.pooled_last_layer:  # before compiling: the layer's compile() compiles its pooled computation

@@ -66,8 +66,11 @@ def test_lora_only_on_layers_from_freeze_layers(smoke_rows):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, smoke_rows):
-    cfg = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.log_every=100")
+@pytest.mark.parametrize("shared_dropout", [False, True], ids=["peft-dropout", "shared-dropout"])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, smoke_rows, shared_dropout):
+    """Also with lora.shared_dropout (the fast config's): a resumed fold draws the masks the uninterrupted one drew."""
+    cfg = smoke_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.log_every=100",
+                    f"lora.shared_dropout={str(shared_dropout).lower()}")
     saved = {}
 
     def keep(m, ckpt):
