@@ -19,7 +19,7 @@ to later positions.
 (:mod:`trainer_core.softcap_softmax`: a Triton kernel each way on CUDA, the same fp32 math in plain torch elsewhere).
 Measured on an H200 (docs/PERFORMANCE.md, session 5): 1.01x the step each. Once the mask no longer made each step
 wait for the previous one (session 6), ``block_causal`` was 1.02x ``block_causal_triton``: the custom op's host time per
-call outweighs the card time its kernels save in a nearly host-bound forward pass.
+call (264 calls a step) outweighs the card time its kernels save.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ recomputes the probabilities from the saved scores (cheap arithmetic instead of 
 scores' gradient. torch.compile's own kernel for the same chain took 274 µs a layer on an H200 (docs/PERFORMANCE.md,
 session 5 profile), several times what reading the scores and writing the probabilities once costs; with these
 kernels the whole step was 1.01x faster (block_causal_triton against block_causal, same process). Session 6, once the
-mask no longer made each step wait for the previous one, measured the opposite: block_causal 1.02x, because each call
-of these ops costs about 0.1 ms of host time in a nearly host-bound forward pass (docs/PERFORMANCE.md).
+mask no longer made each step wait for the previous one, measured the opposite: block_causal 1.02x; each call of these
+ops costs about 0.1 ms of host time (264 calls a step), more than their kernels save (docs/PERFORMANCE.md).
 
 The numbers are those of the plain chain computed in fp32, which is what the compiled eager path computes too:
 :func:`reference` (and :func:`reference_backward`) is the same function in plain torch, used on the CPU, without
