@@ -29,10 +29,10 @@ import inspect
 
 import torch
 
+from trainer_core.config import BLOCK_CAUSAL
 from trainer_core.softcap_softmax import define_ops, softcap_softmax
 
-NAME = "block_causal"
-TRITON_NAME = "block_causal_triton"  # the same, with the soft-capped softmax as one Triton kernel each way on CUDA
+NAME, TRITON_NAME = BLOCK_CAUSAL  # the second: the soft-capped softmax as one Triton kernel each way on CUDA
 BLOCK = 256  # queries per block: 4 blocks for 1,024 tokens (62.5% of the scores); smaller blocks, smaller matmuls
 
 

@@ -35,6 +35,11 @@ class Draw:
     bits: torch.Tensor | None = None
 
 
+def threshold(p: float) -> int:
+    """A field keeps its element when it is at least this: ``round(p * 2**20)``, so ``p' = threshold / 2**20``."""
+    return round(p * (FIELD + 1))
+
+
 class SharedDropout(torch.nn.Module):
     """Inverted dropout whose keep/drop decision is field ``slot`` of the parent's draw (plain dropout without one)."""
 
@@ -43,8 +48,8 @@ class SharedDropout(torch.nn.Module):
         if not 0.0 < p < 1.0:
             raise ValueError(f"lora.shared_dropout needs 0 < lora.dropout < 1, got {p}")
         self.p, self.slot, self.draw = p, slot, draw
-        self.threshold = round(p * (1 << FIELD_BITS))  # keep where the field >= threshold
-        self.scale = 1.0 / (1.0 - self.threshold / (1 << FIELD_BITS))
+        self.threshold = threshold(p)
+        self.scale = 1.0 / (1.0 - self.threshold / (FIELD + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -56,7 +61,7 @@ class SharedDropout(torch.nn.Module):
         return x * keep * self.scale
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, slot={self.slot}, p_effective={self.threshold / (1 << FIELD_BITS):.7f}"
+        return f"p={self.p}, slot={self.slot}, p_effective={self.threshold / (FIELD + 1):.7f}"
 
 
 def _parent_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -93,7 +98,7 @@ def share_dropout_draws(model, adapter: str = "default") -> int:
             if isinstance(layer, torch.nn.Dropout) and layer.p > 0:
                 dropouts.append((module_dict, layer.p))
         rates = {p for _, p in dropouts}
-        if len(dropouts) < 2 or len(rates) != 1 or not 0 < round(rates.pop() * (1 << FIELD_BITS)) < (1 << FIELD_BITS):
+        if len(dropouts) < 2 or len(rates) != 1 or not 0 < threshold(dropouts[0][1]) <= FIELD:
             continue  # one adapted sibling gains nothing; different rates, or one finer than 2**-20, stay peft's
         draw = Draw()
         for slot, (module_dict, p) in enumerate(dropouts):
