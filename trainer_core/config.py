@@ -203,6 +203,44 @@ def get_value(cfg: Config, key: str) -> Any:
     return node
 
 
+def compile_options(m: ModelConfig) -> dict:
+    """``model.compile_options`` as torch.compile takes them: nested mappings joined into dotted names
+    (``{'triton': {'multi_kernel': 1}}`` -> ``{'triton.multi_kernel': 1}``); a later entry wins over an earlier one
+    of the same name (a command-line override over the YAML)."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            else:
+                flat.pop(name, None)
+                flat[name] = value
+    walk(m.compile_options, "")
+    return flat
+
+
+def _compile_option_errors(m: ModelConfig) -> list[str]:
+    """Problems with ``model.compile_options``, found before anything starts (torch itself only checks the names when
+    the first layer compiles, inside a fold)."""
+    options = compile_options(m)
+    if not options:
+        return []
+    if m.compile == "off":
+        return [f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or dynamic"]
+    errs = [f"model.compile_options.{k}: expected a number, string or true/false, got {v!r}"
+            for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
+    import torch._inductor  # only here: reading the names torch.compile knows needs torch
+
+    known = set(torch._inductor.list_options())
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        errs.append(f"model.compile_options: unknown torch.compile (inductor) option(s) {', '.join(unknown)}; "
+                    f"torch._inductor.list_options() lists the {len(known)} known ones")
+    return errs
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError listing every problem at once."""
     errs = []
@@ -243,6 +281,7 @@ def validate(cfg: Config) -> None:
         errs.append(f"model.fp8_backward=true runs the backward through the bf16 weights model.dequant_cache keeps: it "
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
+    errs.extend(_compile_option_errors(m))
     if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
         if m.attn_implementation not in ("eager", *BLOCK_CAUSAL):

@@ -70,6 +70,12 @@ class ModelConfig:
         "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
         "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
         added=True)
+    compile_options: dict = _f(
+        {}, "torch.compile options for the compiled layers (model.compile on/dynamic), nested or dotted, with the "
+        "names torch._inductor.list_options() gives, e.g. {coordinate_descent_tuning: true}; checked before anything "
+        "runs. Not every option survives inductor's cache: triton.multi_kernel=1 (1.01x the Gemma-2 9B step on an "
+        "H200) fails when compiled code is reloaded from it with torch 2.11 (docs/PERFORMANCE.md, session 8)",
+        added=True)
     dequant_cache: Literal["off", "auto", "on"] = _f(
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
         "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
@@ -187,6 +193,7 @@ class Config:
             sub = getattr(self, name)
             if dataclasses.is_dataclass(sub):
                 for f in dataclasses.fields(sub):
-                    if f.metadata.get("added") and getattr(sub, f.name) == f.default:
+                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    if f.metadata.get("added") and getattr(sub, f.name) == default:
                         section.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

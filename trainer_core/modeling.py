@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig
+from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig, compile_options
 from trainer_core.paths import atomic_write_dir, resolve_model_path
 from trainer_core.step import DTYPES
 from trainer_core.weights import check_quantization
@@ -197,7 +197,8 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
 
         pool_last_layer(model)
     if model_cfg.compile != "off":
-        compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None)
+        compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None,
+                       options=compile_options(model_cfg))
     return model
 
 
@@ -210,16 +211,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def compile_layers(model, dynamic: bool | None = None) -> None:
+def compile_layers(model, dynamic: bool | None = None, options: dict | None = None) -> None:
     """Regional compilation: ``torch.compile`` each decoder layer in place (parameter names and state dicts do not
     change). Layers of one kind share compiled code, so a 42-layer model compiles a few graphs, not 42; lengths that
-    vary between batches get one dynamic-shape graph after the second length seen."""
+    vary between batches get one dynamic-shape graph after the second length seen. ``options``: torch.compile's
+    (inductor's) options, dotted names (``model.compile_options``)."""
     import torch._dynamo
 
     # frozen vs adapted layers, sliding vs global attention, train vs eval, fixed vs dynamic length: a dozen graphs
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in decoder_layers(model):
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, options=options or None)
 
 
 def enable_checkpointing(model, reentrant: bool = False, only: range | None = None) -> None:

@@ -8,6 +8,7 @@ from trainer_core.config import (
     Config,
     ConfigError,
     DataConfig,
+    compile_options,
     config_from_dict,
     load_config,
     parse_override,
@@ -128,8 +129,9 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("model", "dequant_cache"), ("model", "fp8_backward"),
-                         ("model", "pooled_last_layer"), ("model", "head"), ("lora", "shared_dropout"),
+    for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "dequant_cache"),
+                         ("model", "fp8_backward"), ("model", "pooled_last_layer"), ("model", "head"),
+                         ("lora", "shared_dropout"),
                          ("data", "fold_by"), ("data", "prompt_share"), ("data", "extra_train_path"),
                          ("train", "swap_augment"), ("train", "soft_labels"), ("train", "distill_weight"),
                          ("train", "distill_temperature")):  # keys added later
@@ -145,6 +147,36 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg.train.soft_labels = "soft.parquet"
     assert cfg.fingerprint() != Config().fingerprint()
     assert Config(data=DataConfig(extra_train_path="x.csv")).fingerprint() != Config().fingerprint()
+
+
+def test_compile_options_nested_or_dotted_and_the_override_wins(tmp_path):
+    """model.compile_options reach torch.compile as dotted names, nested or dotted in the YAML; a command-line
+    override of the same name replaces the YAML's value."""
+    y = tmp_path / "c.yaml"
+    y.write_text("data: {path: d.csv}\nmodel: {name_or_path: x, compile: 'on', compile_options: "
+                 "{triton: {multi_kernel: 1}, 'coordinate_descent_tuning': true}}\n")
+    cfg = load_config(y)
+    validate(cfg)
+    assert compile_options(cfg.model) == {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
+    cfg = load_config(y, ["model.compile_options.triton.multi_kernel=0"])
+    assert compile_options(cfg.model) == {"triton.multi_kernel": 0, "coordinate_descent_tuning": True}
+    assert compile_options(Config().model) == {}
+
+
+def test_compile_options_are_checked_before_anything_runs():
+    """Every problem in one error: options without compiled layers, a name torch.compile does not know, a value that
+    is not a scalar."""
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x",
+                                    "model.compile_options={triton.multi_kernel: 1}"]))
+    assert "set model.compile on or dynamic" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
+                                    "model.compile_options={triton.multi_kernal: 1, epilogue_fusion: [1]}"]))
+    msg = str(e.value)
+    assert "unknown torch.compile (inductor) option(s) epilogue_fusion, triton.multi_kernal" not in msg  # known name
+    assert "unknown torch.compile (inductor) option(s) triton.multi_kernal;" in msg
+    assert "model.compile_options.epilogue_fusion: expected a number, string or true/false, got [1]" in msg
 
 
 def test_parse_override_reads_yaml_values():

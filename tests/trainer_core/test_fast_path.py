@@ -76,6 +76,23 @@ def test_compiled_layers_match_eager():
         torch.testing.assert_close(g_comp[k], g_eager[k], rtol=1e-4, atol=1e-6)
 
 
+def test_compile_options_reach_every_compiled_layer(monkeypatch):
+    """model.compile_options go to torch.compile of each decoder layer as dotted names; without them, no options."""
+    calls = []
+    real = torch.compile
+
+    def recording(target, *args, **kwargs):
+        if type(getattr(target, "__self__", None)).__name__.endswith("DecoderLayer"):  # not the library's own compiles
+            calls.append(kwargs.get("options"))
+        return real(target, *args, **kwargs)
+    monkeypatch.setattr(torch, "compile", recording)
+    for options, expected in (({"triton": {"multi_kernel": 1}}, {"triton.multi_kernel": 1}), ({}, None)):
+        calls.clear()
+        cfg = load_config(CONFIGS / "smoke.yaml", {"model.compile": "on", "model.compile_options": options})
+        build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        assert calls == [expected] * cfg.model.random_config["num_hidden_layers"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_dequantized_weight_cache_matches_nf4(precision):
     """model.dequant_cache: frozen nf4 layers replaced by their dequantized weights give the nf4 path's logits, loss
