@@ -215,7 +215,6 @@ def compile_options(m: ModelConfig) -> dict:
             if isinstance(value, dict):
                 walk(value, f"{name}.")
             else:
-                flat.pop(name, None)
                 flat[name] = value
     walk(m.compile_options, "")
     return flat
@@ -227,10 +226,11 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
     options = compile_options(m)
     if not options:
         return []
-    if m.compile == "off":
-        return [f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or dynamic"]
     errs = [f"model.compile_options.{k}: expected a number, string or true/false, got {v!r}"
             for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
+    if m.compile == "off":
+        errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
+                    "dynamic")
     import torch._inductor  # only here: reading the names torch.compile knows needs torch
 
     known = set(torch._inductor.list_options())
