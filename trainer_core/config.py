@@ -28,6 +28,7 @@ from trainer_core.config_schema import (  # noqa: F401 (re-exported: the config 
 )
 
 BLOCK_CAUSAL = ("block_causal", "block_causal_triton")  # model.attn_implementation values of trainer_core.attention
+PERSISTENT_REDUCTION_CAP = 16384  # model.persistent_reduction_max: longer rows would not fit in registers
 
 # ----------------------------------------------------------------------------------------------------------------
 # merging
@@ -205,7 +206,7 @@ def get_value(cfg: Config, key: str) -> Any:
 
 def compile_options(m: ModelConfig) -> dict:
     """``model.compile_options`` as torch.compile takes them: nested mappings joined into dotted names
-    (``{'triton': {'multi_kernel': 1}}`` -> ``{'triton.multi_kernel': 1}``); a later entry wins over an earlier one
+    (``{'triton': {'cudagraphs': False}}`` -> ``{'triton.cudagraphs': False}``); a later entry wins over an earlier one
     of the same name (a command-line override over the YAML)."""
     flat: dict = {}
 
@@ -228,6 +229,10 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
         return []
     errs = [f"model.compile_options.{k}: expected a number, string or true/false, got {v!r}"
             for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
+    if options.get("triton.multi_kernel"):
+        errs.append("model.compile_options.triton.multi_kernel: refused, it gave wrong gradients in the compiled "
+                    "layers (torch 2.11, H200: docs/PERFORMANCE.md, session 9); model.persistent_reduction_max=1024 "
+                    "gives the kernels it was meant to pick")
     if m.compile == "off":
         errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
                     "dynamic")
@@ -282,6 +287,12 @@ def validate(cfg: Config) -> None:
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     errs.extend(_compile_option_errors(m))
+    if not 0 <= m.persistent_reduction_max <= PERSISTENT_REDUCTION_CAP:
+        errs.append(f"model.persistent_reduction_max: must be in [0, {PERSISTENT_REDUCTION_CAP}] (elements a row keeps "
+                    f"in registers), got {m.persistent_reduction_max}")
+    elif m.persistent_reduction_max and m.compile == "off":
+        errs.append("model.persistent_reduction_max: applies to compiled layers; set model.compile on or dynamic, or "
+                    "set it to 0")
     if m.pooled_last_layer:  # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.last_layer)
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
         if m.attn_implementation not in ("eager", *BLOCK_CAUSAL):

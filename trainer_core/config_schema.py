@@ -73,8 +73,15 @@ class ModelConfig:
     compile_options: dict = _f(
         {}, "torch.compile options for the compiled layers (model.compile on/dynamic), nested or dotted, with the "
         "names torch._inductor.list_options() gives, e.g. {coordinate_descent_tuning: true}; checked before anything "
-        "runs. Not every option survives inductor's cache: triton.multi_kernel=1 (1.01x the Gemma-2 9B step on an "
-        "H200) fails when compiled code is reloaded from it with torch 2.11 (docs/PERFORMANCE.md, session 8)",
+        "runs. triton.multi_kernel is refused: with torch 2.11 it gave wrong gradients in these layers on an H200 "
+        "(docs/PERFORMANCE.md, session 9)",
+        added=True)
+    persistent_reduction_max: int = _f(
+        0, "compiled layers (model.compile on/dynamic): reductions over rows of a fixed length up to this many "
+        "elements keep the whole row in registers (inductor's persistent reduction, read once) instead of looping "
+        "over it twice; inductor itself does so only up to 64 elements when a reduction has many rows, such as the "
+        "soft-capped softmax over attention's key blocks. 0 = inductor's rule; 1,024 made the Gemma-2 9B step 1.5% "
+        "faster on an H200, the same sums in another order (trainer_core.persistent_reduction)",
         added=True)
     dequant_cache: Literal["off", "auto", "on"] = _f(
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "

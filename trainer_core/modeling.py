@@ -198,7 +198,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         pool_last_layer(model)
     if model_cfg.compile != "off":
         compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None,
-                       options=compile_options(model_cfg))
+                       options=compile_options(model_cfg), persistent_max=model_cfg.persistent_reduction_max)
     return model
 
 
@@ -211,15 +211,20 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def compile_layers(model, dynamic: bool | None = None, options: dict | None = None) -> None:
+def compile_layers(model, dynamic: bool | None = None, options: dict | None = None, persistent_max: int = 0) -> None:
     """Regional compilation: ``torch.compile`` each decoder layer in place (parameter names and state dicts do not
     change). Layers of one kind share compiled code, so a 42-layer model compiles a few graphs, not 42; lengths that
     vary between batches get one dynamic-shape graph after the second length seen. ``options``: torch.compile's
-    (inductor's) options, dotted names (``model.compile_options``)."""
+    (inductor's) options, dotted names (``model.compile_options``). ``persistent_max``: rows of up to that many
+    elements kept in registers (``model.persistent_reduction_max``, :mod:`trainer_core.persistent_reduction`)."""
     import torch._dynamo
+
+    from trainer_core import persistent_reduction
 
     # frozen vs adapted layers, sliding vs global attention, train vs eval, fixed vs dynamic length: a dozen graphs
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    persistent_reduction.install(persistent_max)
+    options = {**(options or {}), **persistent_reduction.compile_options(persistent_max)}
     for layer in decoder_layers(model):
         layer.compile(dynamic=dynamic, options=options or None)
 

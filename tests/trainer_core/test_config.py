@@ -129,8 +129,9 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     d = cfg.to_dict()
     d.pop("cluster")
-    for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "dequant_cache"),
-                         ("model", "fp8_backward"), ("model", "pooled_last_layer"), ("model", "head"),
+    for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "persistent_reduction_max"),
+                         ("model", "dequant_cache"), ("model", "fp8_backward"), ("model", "pooled_last_layer"),
+                         ("model", "head"),
                          ("lora", "shared_dropout"),
                          ("data", "fold_by"), ("data", "prompt_share"), ("data", "extra_train_path"),
                          ("train", "swap_augment"), ("train", "soft_labels"), ("train", "distill_weight"),
@@ -154,22 +155,32 @@ def test_compile_options_nested_or_dotted_and_the_override_wins(tmp_path):
     override of the same name replaces the YAML's value."""
     y = tmp_path / "c.yaml"
     y.write_text("data: {path: d.csv}\nmodel: {name_or_path: x, compile: 'on', compile_options: "
-                 "{triton: {multi_kernel: 1}, 'coordinate_descent_tuning': true}}\n")
+                 "{triton: {cudagraphs: false}, 'coordinate_descent_tuning': true}}\n")
     cfg = load_config(y)
     validate(cfg)
-    assert compile_options(cfg.model) == {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
-    cfg = load_config(y, ["model.compile_options.triton.multi_kernel=0"])
-    assert compile_options(cfg.model) == {"triton.multi_kernel": 0, "coordinate_descent_tuning": True}
+    assert compile_options(cfg.model) == {"triton.cudagraphs": False, "coordinate_descent_tuning": True}
+    cfg = load_config(y, ["model.compile_options.triton.cudagraphs=true"])
+    assert compile_options(cfg.model) == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
     assert compile_options(Config().model) == {}
 
 
 def test_compile_options_are_checked_before_anything_runs():
     """Every problem in one error: options without compiled layers, a name torch.compile does not know, a value that
-    is not a scalar."""
+    is not a scalar, inductor's multi-kernels (wrong gradients, session 9); model.persistent_reduction_max out of
+    range or without compiled layers."""
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x",
-                                    "model.compile_options={triton.multi_kernel: 1}"]))
-    assert "set model.compile on or dynamic" in str(e.value)
+                                    "model.compile_options={triton.multi_kernel: 1}",
+                                    "model.persistent_reduction_max=1024"]))
+    msg = str(e.value)
+    assert "model.compile_options: ['triton.multi_kernel'] apply to compiled layers; set model.compile on" in msg
+    assert "model.compile_options.triton.multi_kernel: refused, it gave wrong gradients" in msg
+    assert "model.persistent_reduction_max: applies to compiled layers" in msg
+    with pytest.raises(ConfigError, match=r"model.persistent_reduction_max: must be in \[0, 16384\].*got 20000"):
+        validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
+                                    "model.persistent_reduction_max=20000"]))
+    validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
+                                "model.persistent_reduction_max=1024", "model.compile_options.triton.multi_kernel=0"]))
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
                                     "model.compile_options={triton.multi_kernal: 1, epilogue_fusion: [1]}"]))

@@ -3,12 +3,15 @@
 
 import pytest
 import torch
+from torch._inductor.choices import InductorChoices
+from torch._inductor.virtualized import V
 
 from tests.conftest import CONFIGS
 from trainer_core import dequant_cache
 from trainer_core.batching import collate
 from trainer_core.config import load_config
 from trainer_core.modeling import build_model, trainable_parameters
+from trainer_core.persistent_reduction import PersistentRows
 from trainer_core.step import DTYPES, make_autocast
 
 
@@ -77,7 +80,9 @@ def test_compiled_layers_match_eager():
 
 
 def test_compile_options_reach_every_compiled_layer(monkeypatch):
-    """model.compile_options go to torch.compile of each decoder layer as dotted names; without them, no options."""
+    """model.compile_options go to torch.compile of each decoder layer as dotted names; without them, no options.
+    model.persistent_reduction_max: inductor's heuristics replaced in this thread, the limit in every layer's options
+    (inductor's cache key)."""
     calls = []
     real = torch.compile
 
@@ -86,11 +91,21 @@ def test_compile_options_reach_every_compiled_layer(monkeypatch):
             calls.append(kwargs.get("options"))
         return real(target, *args, **kwargs)
     monkeypatch.setattr(torch, "compile", recording)
-    for options, expected in (({"triton": {"multi_kernel": 1}}, {"triton.multi_kernel": 1}), ({}, None)):
+    for options, expected in (({"triton": {"cudagraphs": False}}, {"triton.cudagraphs": False}), ({}, None)):
         calls.clear()
         cfg = load_config(CONFIGS / "smoke.yaml", {"model.compile": "on", "model.compile_options": options})
         build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
         assert calls == [expected] * cfg.model.random_config["num_hidden_layers"]
+    calls.clear()
+    cfg = load_config(CONFIGS / "smoke.yaml", {"model.compile": "on", "model.persistent_reduction_max": 1024})
+    try:
+        build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        assert isinstance(V.choices, PersistentRows) and V.choices.limit == 1024  # this thread compiles the forward
+    finally:
+        V.set_choices_handler(InductorChoices())
+    assert [{k: v.uuid() for k, v in c.items()} for c in calls] == [
+        {"post_grad_custom_post_pass": "trainer_core.persistent_reduction:1024"}] * cfg.model.random_config[
+            "num_hidden_layers"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
