@@ -231,8 +231,8 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
             for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
     if options.get("triton.multi_kernel"):
         errs.append("model.compile_options.triton.multi_kernel: refused, it gave wrong gradients in the compiled "
-                    "layers (torch 2.11, H200: docs/PERFORMANCE.md, session 9); model.persistent_reduction_max=1024 "
-                    "gives the kernels it was meant to pick")
+                    "layers (torch 2.11, H200: docs/PERFORMANCE.md, session 9); the persistent softmax rows it "
+                    "found come from model.persistent_reduction_max=1024")
     if m.compile == "off":
         errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
                     "dynamic")
