@@ -26,11 +26,7 @@ from torch._inductor.virtualized import V
 def keeps_in_registers(reduction_numel, limit: int) -> bool:
     """Whether a row of ``reduction_numel`` elements (an int or a sympy expression) is kept whole: only a length known
     at compile time, at most ``limit``. A dynamic length keeps inductor's own rule."""
-    if limit <= 0:
-        return False
-    if isinstance(reduction_numel, int):
-        return reduction_numel <= limit
-    return bool(sympy.sympify(reduction_numel).is_number) and int(reduction_numel) <= limit
+    return limit > 0 and bool(sympy.sympify(reduction_numel).is_number) and int(reduction_numel) <= limit
 
 
 class PersistentRows(InductorChoices):
