@@ -88,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
-    from trainer_core.benchmark import compare_numerics, free_cuda, our_setup, profile_setup, run_setup, seed_setup
-    from trainer_core.benchmark_hf import run_seed_hf
+    from orchestrator.perf.seed_hf import run_seed_hf
+    from orchestrator.perf.step_bench import (
+        compare_numerics,
+        free_cuda,
+        our_setup,
+        profile_setup,
+        run_setup,
+        seed_setup,
+    )
 
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:

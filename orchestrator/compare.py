@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import bootstrap
-from orchestrator.reducer import PROB_COLUMNS
-from orchestrator.runs import RunMismatch, check_aligned, load_oof
+from orchestrator.reporting import bootstrap
+from orchestrator.reporting.reducer import PROB_COLUMNS
+from orchestrator.runs.align import RunMismatch, check_aligned, load_oof
 from trainer_core import metrics
 
 

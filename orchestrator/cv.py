@@ -17,26 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from orchestrator.run_data import file_sha256, load_run_data, write_data_parquet
-from orchestrator.sweep_space import model_fit_problem
+from orchestrator.runs.rundir import RunDirError, prepare_run_dir
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
-from trainer_core.data import DataError, parse_folds
-from trainer_core.paths import atomic_write_json, atomic_write_text
-from trainer_core.soft_labels import check_soft_labels
-from trainer_core.weights import WeightsError, check_weights
+from trainer_core.data.arena import DataError, parse_folds
+from trainer_core.model.weights import WeightsError, check_weights, model_fit_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
 log = logging.getLogger("orchestrator.cv")
-
-
-class RunDirError(RuntimeError):
-    """The run directory belongs to a different config or data file."""
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -73,51 +65,6 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
-def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str, data_notes: dict | None = None) -> dict:
-    """What ``run.json`` records: enough to refuse a run directory that belongs to another config or data file, how
-    rows were split (``fold_by``), what loading repaired (``data_notes`` of orchestrator.run_data) and the kind of soft
-    labels a student learns from (checked here, before Ray: DataError on any problem)."""
-    meta = {"experiment": cfg.experiment, "fingerprint": cfg.fingerprint(), "data_path": cfg.data.path,
-            "n_folds": cfg.data.n_folds, "fold_by": cfg.data.fold_by, "data_sha256": data_sha256,
-            "n_rows": int(len(rows)), "folds": folds, "command": command, **(data_notes or {})}
-    if cfg.train.soft_labels:
-        kind = check_soft_labels(cfg.train.soft_labels, rows, folds, cfg.data.n_folds)
-        meta["soft_labels"] = {"path": cfg.train.soft_labels, "kind": kind,
-                               "sha256": file_sha256(cfg.train.soft_labels),
-                               "distill_weight": cfg.train.distill_weight}
-    return meta
-
-
-def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
-    """Check or claim ``run_dir`` for ``meta`` (RunDirError if it holds another config or data file), then write
-    ``data.parquet`` once and the resolved ``config.yaml`` and ``run.json``. Shared by cv runs and sweep trials."""
-    meta_path = run_dir / "run.json"
-    if meta_path.exists() and not restart:
-        old = json.loads(meta_path.read_text())
-        changed = [k for k in ("fingerprint", "data_sha256") if old.get(k) != meta[k]]
-        if changed:
-            what = " and ".join({"fingerprint": "config", "data_sha256": "data file"}[k] for k in changed)
-            raise RunDirError(f"{run_dir} holds a run with a different {what}; use another --out, or --restart to "
-                              f"discard its results")
-    if restart and run_dir.exists():
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_data_parquet(run_dir, rows)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(meta_path, meta)
-
-
-def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, argv: list[str]):
-    """Validate the data (before any Ray work), claim or check the run directory, write data.parquet once.
-
-    Returns the rows with folds assigned."""
-    data = load_run_data(cfg)
-    meta = run_meta(cfg, data.rows, folds, data.sha256, " ".join(["python -m orchestrator.cv", *argv]), data.notes)
-    claim_run_dir(run_dir, cfg, data.rows, meta, restart)
-    return data.rows
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
@@ -146,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if misfit:
             print(f"error: {misfit}", file=sys.stderr)
             return 2
-        rows = prepare_run_dir(cfg, run_dir, folds, args.restart, argv)
+        rows = prepare_run_dir(cfg, run_dir, folds, args.restart, " ".join(["python -m orchestrator.cv", *argv]))
     except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     # Ray is imported only once the config and data are known to be good.
-    from orchestrator import ray_folds, schedule
-    from orchestrator.reducer import ReduceError, fold_is_complete, format_table, reduce_run
+    from orchestrator.cluster import folds as ray_folds
+    from orchestrator.cluster import schedule
+    from orchestrator.reporting.reducer import ReduceError, fold_is_complete, format_table, reduce_run
 
     done = [k for k in folds if fold_is_complete(run_dir, k, rows)]
     todo = [k for k in folds if k not in done]

@@ -6,7 +6,7 @@ ran data-parallel over several GPUs counts as the mean one-GPU fold time; a fold
 (``cluster.rotate_folds``) counts its training plus one model load and prediction. Wall time is the whole command,
 Ray start and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
 Also prints where each run of a fold spent its wall time (start, compile, train, prediction and files:
-:mod:`orchestrator.fold_timeline`), the figures a choice between packing and rotation rests on.
+:mod:`orchestrator.perf.fold_timeline`), the figures a choice between packing and rotation rests on.
 
 Example::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
+from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
 from trainer_core.config import load_config
 
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.init == "random":
-        from trainer_core.modeling import random_weights_dir
-        from trainer_core.tokenization import build_tokenizer
+        from trainer_core.data.tokenization import build_tokenizer
+        from trainer_core.model.build import random_weights_dir
 
         pad = build_tokenizer(cfg.model).pad_token_id
         random_weights_dir(cfg.model, pad, cfg.train.seed,

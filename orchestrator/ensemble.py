@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import ensemble_weights
-from orchestrator.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise, write_reports
-from orchestrator.runs import RunMismatch, check_aligned, load_oof, read_report
+from orchestrator.reporting.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise, write_reports
+from orchestrator.runs import ensemble_weights
+from orchestrator.runs.align import RunMismatch, check_aligned, load_oof, read_report
 from trainer_core import metrics
 from trainer_core.paths import atomic_write, atomic_write_json
 

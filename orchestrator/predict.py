@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator import calibration
-from orchestrator.soft_label_export import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
+from orchestrator.reporting import calibration
+from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
-from trainer_core.data import DataError, load_rows, parse_folds
+from trainer_core.data.arena import DataError, load_rows, parse_folds
+from trainer_core.data.tta import swap_responses, tta_average
+from trainer_core.model.weights import WeightsError, check_weights
 from trainer_core.paths import atomic_write
-from trainer_core.tta import swap_responses, tta_average
-from trainer_core.weights import WeightsError, check_weights
 
 SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 
@@ -122,7 +122,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
     directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights (fitted on
     all OOF rows; ``cross_fitted``: fold k's own weights, fitted without fold k's labels, for in-fold soft labels)."""
     from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
-    from orchestrator.ensemble_weights import combine
+    from orchestrator.runs.ensemble_weights import combine
 
     if is_ensemble(run_dir):
         spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
@@ -132,9 +132,9 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
         return
-    from trainer_core.inference import load_fold_model, predict_probs, resolve_eval_batch_size
-    from trainer_core.step import make_autocast
-    from trainer_core.tokenization import encode
+    from trainer_core.data.tokenization import encode
+    from trainer_core.fold.inference import load_fold_model, predict_probs, resolve_eval_batch_size
+    from trainer_core.model.precision import make_autocast
 
     cfg = load_config(run_dir / "config.yaml")
     for k in folds:

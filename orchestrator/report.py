@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.reducer import ReduceError, format_table, reduce_run
-from trainer_core.data import parse_folds
+from orchestrator.reporting.reducer import ReduceError, format_table, reduce_run
+from trainer_core.data.arena import parse_folds
 
 
 def main(argv: list[str] | None = None) -> int:

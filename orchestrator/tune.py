@@ -34,15 +34,15 @@ import time
 from pathlib import Path
 
 from orchestrator.cv import REPO_ROOT, resolve_config
-from orchestrator.run_data import load_run_data, write_data_parquet
-from orchestrator.sweep_space import SpaceError, load_space, n_trials, space_fingerprint
-from trainer_core.batching import per_rank_batch, planned_steps
+from orchestrator.runs.data import load_run_data, write_data_parquet
+from orchestrator.sweep.space import SpaceError, load_space, n_trials, space_fingerprint
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
-from trainer_core.data import DataError, parse_folds
+from trainer_core.data.arena import DataError, parse_folds
+from trainer_core.data.batching import per_rank_batch, planned_steps
+from trainer_core.data.soft_labels import check_soft_labels
+from trainer_core.data.train_rows import fold_training_rows, load_extra_rows
+from trainer_core.model.weights import WeightsError, check_weights
 from trainer_core.paths import atomic_write_json
-from trainer_core.soft_labels import check_soft_labels
-from trainer_core.train_rows import fold_training_rows, load_extra_rows
-from trainer_core.weights import WeightsError, check_weights
 
 DEFAULT_SPACE = REPO_ROOT / "configs" / "sweeps" / "lr_rank_freeze.yaml"
 EVALS_PER_FOLD = 4  # interim evaluations + the final one, when ASHA needs train.eval_every and none was given
@@ -169,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, steps: int, resumable: bool) -> int:
     # Ray is imported only once the config, space and data are known to be good.
-    from orchestrator import leaderboard as lb
-    from orchestrator import ray_folds, ray_sweep, schedule
-    from orchestrator.sweep_space import to_param_space
+    from orchestrator.cluster import folds as ray_folds
+    from orchestrator.cluster import schedule
+    from orchestrator.cluster import sweep_trials as ray_sweep
+    from orchestrator.sweep import leaderboard as lb
+    from orchestrator.sweep.space import to_param_space
 
     total = n_trials(space, args.num_samples) if args.search == "random" else args.num_samples
     try:

@@ -27,10 +27,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from orchestrator.run_data import write_data_parquet  # noqa: E402
+from orchestrator.runs.data import write_data_parquet  # noqa: E402
 from trainer_core.config import load_config  # noqa: E402
-from trainer_core.data import FOLD_BY, assign_folds, load_dataset  # noqa: E402
-from trainer_core.tokenization import build_tokenizer, encode_rows, format_text  # noqa: E402
+from trainer_core.data.arena import FOLD_BY, assign_folds, load_dataset  # noqa: E402
+from trainer_core.data.tokenization import build_tokenizer, encode_rows, format_text  # noqa: E402
 
 LOAD = "load + validate (read, JSON, ids, labels, UTF-8)"
 

@@ -1,4 +1,5 @@
-"""Train folds with ``trainer_core.fold.train_fold`` directly - the function every Ray fold calls - and append one JSON
+"""Train folds with ``trainer_core.fold.loop.train_fold`` directly - the function every Ray fold calls - and append
+one JSON
 line per fold (log loss, class prior, rows, extra/swapped row counts, seconds) to a file. A measurement, not a test:
 how docs/QUALITY.md compares recipes and levers on the bundled data without Ray, several configs side by side.
 
@@ -27,8 +28,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from trainer_core.config import load_config, validate
-    from trainer_core.data import assign_folds, load_rows, parse_folds
-    from trainer_core.fold import train_fold
+    from trainer_core.data.arena import assign_folds, load_rows, parse_folds
+    from trainer_core.fold.loop import train_fold
 
     cfg = load_config(args.config, args.overrides)
     validate(cfg)

@@ -1,18 +1,33 @@
-"""The README's layout section lists every module of both packages exactly once."""
+"""The README's layout tree names every folder of both packages, with a phrase, and no folder that does not exist."""
 
 import re
-
-import pytest
 
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("package", ["trainer_core", "orchestrator"])
-def test_layout_lists_every_module_once(package):
+def layout_tree() -> dict[str, str]:
     text = (REPO / "README.md").read_text()
     layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    bullet = next(b for b in layout.split("\n- ") if b.lstrip("- ").startswith(f"`{package}/`"))
-    listed = re.findall(r"`([a-z_0-9]+\.py)`", bullet)
-    modules = sorted(p.name for p in (REPO / package).glob("*.py") if p.name != "__init__.py")
-    assert sorted(set(listed)) == modules, f"README layout of {package}/ differs from its modules"
-    assert len(listed) == len(set(listed)), f"listed twice: {sorted({m for m in listed if listed.count(m) > 1})}"
+    tree = layout.split("```\n", 1)[1].split("```", 1)[0]
+    entries, parent = {}, ""
+    for line in tree.splitlines():
+        m = re.match(r"( *)(\S+/)\s+(.+)", line)
+        assert m, f"layout line without a folder and a phrase: {line!r}"
+        indent, name, phrase = m.groups()
+        path = name if not indent else parent + name
+        parent = name if not indent else parent
+        entries[path.rstrip("/")] = phrase.strip()
+    return entries
+
+
+def test_layout_tree_names_every_package_folder():
+    listed = layout_tree()
+    folders = {str(p.parent.relative_to(REPO)) for pkg in ("trainer_core", "orchestrator")
+               for p in (REPO / pkg).rglob("__init__.py")}
+    assert folders <= set(listed), f"folders missing from the README layout: {sorted(folders - set(listed))}"
+    assert all(len(phrase.split()) >= 3 for phrase in listed.values())
+
+
+def test_layout_tree_names_only_folders_that_exist():
+    missing = [p for p in layout_tree() if not (REPO / p).is_dir()]
+    assert missing == [], f"README layout names folders that do not exist: {missing}"

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrator.reducer import reduce_run
+from orchestrator.reporting.reducer import reduce_run
 from tests.conftest import DATA
-from trainer_core.data import assign_folds, load_rows
+from trainer_core.data.arena import assign_folds, load_rows
 
 P = ["p_a", "p_b", "p_tie"]
 

@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.ensemble import build_ensemble
 from orchestrator.ensemble import main as ensemble_main
-from orchestrator.ensemble_weights import combine
-from orchestrator.reducer import PROB_COLUMNS
+from orchestrator.reporting.reducer import PROB_COLUMNS
+from orchestrator.runs.ensemble_weights import combine
 from tests.orchestrator.synthetic_runs import bundled_rows, make_run, noisy_probs
 from trainer_core import metrics
 
@@ -98,7 +98,7 @@ def test_members_over_other_folds_are_refused_and_nothing_is_written(members, tm
 
 @pytest.mark.parametrize("kind, words", [("oof", "optimistic"), ("in_fold", "stays honest")])
 def test_a_students_report_says_whether_its_cv_is_optimistic(tmp_path, kind, words):
-    from orchestrator.reducer import format_table, reduce_run
+    from orchestrator.reporting.reducer import format_table, reduce_run
 
     rows = bundled_rows(60)
     run = make_run(tmp_path / "student", rows, noisy_probs(rows["label"].to_numpy(), 1.0, seed=3))

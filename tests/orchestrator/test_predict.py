@@ -13,15 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.calibration import apply_temperature, calibrate_by_fold
-from orchestrator.cv import prepare_run_dir
 from orchestrator.predict import predict_submission
-from orchestrator.reducer import reduce_run
+from orchestrator.reporting.calibration import apply_temperature, calibrate_by_fold
+from orchestrator.reporting.reducer import reduce_run
+from orchestrator.runs.rundir import prepare_run_dir
 from tests.conftest import CONFIGS, DATA, REPO
 from trainer_core.config import load_config, to_yaml, validate
-from trainer_core.data import load_rows
-from trainer_core.fold import train_fold
-from trainer_core.tta import swap_probs, swap_responses
+from trainer_core.data.arena import load_rows
+from trainer_core.data.tta import swap_probs, swap_responses
+from trainer_core.fold.loop import train_fold
 
 N_ROWS = 60
 SUB_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("predict") / "run"
     cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true"])
     validate(cfg)
-    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, ["--config", "configs/smoke.yaml"])
+    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, "python -m orchestrator.cv --config configs/smoke.yaml")
     for k in range(5):
         train_fold(cfg, k, rows, out / f"fold={k}")
     reduce_run(out, [0, 1, 2, 3, 4])
@@ -134,8 +134,8 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
     import shutil
 
     from orchestrator.ensemble import main as ensemble_main
-    from orchestrator.ensemble_weights import combine
     from orchestrator.predict import fold_predictions
+    from orchestrator.runs.ensemble_weights import combine
 
     member_b = tmp_path / "b"
     shutil.copytree(run_dir, member_b, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
@@ -162,7 +162,7 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
 
 
 def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_training_rows(run_dir, tmp_path):
-    from trainer_core.soft_labels import IN_FOLD, check_soft_labels
+    from trainer_core.data.soft_labels import IN_FOLD, check_soft_labels
 
     res = predict("--run", run_dir, "--soft-labels", tmp_path / "in_fold.parquet", "--in-fold", "--folds", "0,2")
     assert res.returncode == 0, res.stderr[-3000:]

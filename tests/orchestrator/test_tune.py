@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator.sweep_space import SpaceError, load_space, n_trials, parse_space, to_param_space
+from orchestrator.sweep.space import SpaceError, load_space, n_trials, parse_space, to_param_space
 from orchestrator.tune import DEFAULT_SPACE, auto_eval_every, default_space
 from tests.conftest import CONFIGS, REPO
 from trainer_core.config import load_config
-from trainer_core.data import assign_folds, load_rows
+from trainer_core.data.arena import assign_folds, load_rows
 
 N_ROWS, MAX_STEPS = 80, 8
 HOPELESS_LR = 50.0

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from trainer_core.data import assign_folds, load_dataset
+from trainer_core.data.arena import assign_folds, load_dataset
 
 SCRIPT = REPO / "scripts" / "make_synthetic_arena.py"
 

@@ -1,0 +1,257 @@
+"""Folds on Ray: one Ray Tune trial per fold (concurrency = what the cluster holds), each trial a Ray Train
+``TorchTrainer`` with one worker per GPU (or CPU workers) that calls ``trainer_core.fold.loop.train_fold``.
+
+Ray Train V2 (Ray >= 2.51) cannot be passed to a Tuner directly: a trial is a function that builds a TorchTrainer and
+calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. Each fold's Train run is named
+``fold=<k>`` under ``<run_dir>/ray``, so a rerun of the same run directory resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+
+from orchestrator.cluster.progress import Progress
+from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
+from trainer_core.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+# A trial's driver, and with it the Ray Train controller (Ray places it on the driver's node), runs on the head node:
+# losing the head loses the cluster anyway (the GCS runs there), and losing any other node then costs only the Train
+# workers on it, which Ray Train restarts from the fold's last checkpoint. A driver on the lost node would take the
+# fold down for good ("the actor's node was terminated unexpectedly"). The custom resource also keeps Tune from
+# refusing an empty request. Tests: test_multinode.py.
+TRIAL_RESOURCES = {"cpu": TRIAL_DRIVER_CPU, "node:__internal_head__": 0.001}
+
+# Quieter, faster Ray on small machines. Each is a default: a value set in the environment wins. Nothing is set when
+# this module is imported; init_ray applies them. Read by this process (the driver), and on a local cluster by the Ray
+# processes it starts:
+DRIVER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+# Read inside Ray workers (trial drivers, Train controllers, Train workers): passed as the job's runtime_env, which
+# reaches every node, those of a cluster joined with --address included.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # variable-length batches fragment the cache
+}
+
+
+def worker_env(environ: dict | None = None) -> dict[str, str]:
+    """The environment variables for Ray workers: :data:`WORKER_ENV`, each overridden by ``environ``'s value."""
+    environ = os.environ if environ is None else environ
+    return {k: environ.get(k, v) for k, v in WORKER_ENV.items()}
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> dict:
+    """Join ``address`` or start a local cluster; returns the cluster's total resources.
+
+    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env`. Ray's own
+    authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local cluster)."""
+    if not ray.is_initialized():
+        for key, value in DRIVER_ENV.items():
+            os.environ.setdefault(key, value)
+        kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
+                            runtime_env={"env_vars": worker_env()})
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
+            # trials through the State API, which needs it.
+            dash = os.environ.get("ORCHESTRATOR_RAY_DASHBOARD")  # "0" starts without it (to test that path)
+            ray.init(num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1", **kwargs)
+    # Tune logs every failed trial's full traceback at ERROR; cv prints the root cause and keeps the traceback on disk.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    return ray.cluster_resources()
+
+
+def link_ray_logs(run_dir: Path) -> Path | None:
+    """``<run_dir>/logs/ray`` -> this Ray session's log folder on this node (every local worker's stdout/stderr), so
+    the full logs of a run are reachable from its run directory while the console stays quiet."""
+    context = ray.get_runtime_context()
+    logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    if not logs.is_dir():  # e.g. a driver outside the cluster it joined: the logs live on the nodes
+        return None
+    link = run_dir / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(logs, target_is_directory=True)
+    return link
+
+
+def fold_worker(config: dict) -> dict:
+    """Runs on every Ray Train worker of one fold: a thin adapter around ``trainer_core.fold.loop.train_fold``."""
+    import pandas as pd
+    import torch
+
+    from trainer_core.fold.loop import train_fold
+
+    cfg = config_from_dict(config["cfg"])
+    fold, run_dir, placement = config["fold"], Path(config["run_dir"]), config["placement"]
+    if not placement.use_gpu:
+        torch.set_num_threads(max(1, int(placement.cpus_per_worker)))  # a packed CPU fold uses all it reserved
+    rows = pd.read_parquet(run_dir / "data.parquet")
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix=f"fold{fold}-resume-"))
+        checkpoint.to_directory(str(resume_dir))
+    try:
+        result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
+                            tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device(),
+                            stop_at=placement.stop_at)
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    return {"paused": True} if result is None else result.metrics.to_dict()
+
+
+def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """Fold ``fold``'s Ray Train run, placed as ``placement`` (default: as ``cluster.*`` asks, the whole fold)."""
+    placement = placement or base_placement(cfg)
+    scaling = ray.train.ScalingConfig(
+        num_workers=placement.workers,
+        use_gpu=placement.use_gpu,
+        resources_per_worker={"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
+    )
+    return TorchTrainer(
+        fold_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "placement": placement},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
+    """One Tune trial = one fold's Ray Train run; ``config`` holds the fold, ``phase`` its placement."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    fold = config["fold"]
+    trainer = build_trainer(config_from_dict(cfg), fold, Path(run_dir), phase[fold], callbacks=[TuneReportCallback()])
+    trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
+
+
+def state_api_available() -> bool:
+    """Whether Ray's State API answers (it needs the dashboard, from ray[default])."""
+    try:
+        from ray.util.state import list_actors
+
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means Train cannot use it either
+        return False
+
+
+def remove_leftover_placement_groups() -> int:
+    """Remove every live placement group of this (private, local) cluster; returns how many."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    n = 0
+    for pg_hex, info in ray.util.placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            except Exception as e:  # noqa: BLE001 - Train's own cleanup may have removed it meanwhile
+                log.debug("placement group %s: %s", pg_hex, e)
+                continue
+            n += 1
+    return n
+
+
+def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+    """Train the folds of ``phase``, each placed as it says, as concurrent Tune trials; returns {fold: None if it
+    finished (or paused at its placement's ``stop_at``, a piece of a rotated schedule), else the error text}.
+
+    Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
+    reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
+    of ``concurrency`` and leftover placement groups are removed between waves. With the State API Train frees them
+    itself, but not always: on a loaded machine two finished folds' groups outlived their Tuner and the next phase
+    waited for their CPUs forever (seen 2026-11-29). So on a cluster this process started, whatever a phase leaves
+    reserved is removed once its Tuner returns (every trial of it has ended by then)."""
+    folds = list(phase)
+    if not folds:
+        return {}
+    if not state_api_available():
+        if cfg.cluster.address:
+            log.warning("Ray's State API is not available on %s (install ray[default] there): placement groups of "
+                        "finished folds may never be freed", cfg.cluster.address)
+        else:
+            print(f"Ray dashboard not running: folds train in waves of {concurrency}, placement groups freed between "
+                  f"waves (install ray[default] for continuous scheduling)")
+            out: dict[int, str | None] = {}
+            for i in range(0, len(folds), concurrency):
+                wave = {k: phase[k] for k in folds[i:i + concurrency]}
+                out.update(_tune_folds(cfg, wave, run_dir, concurrency))
+                remove_leftover_placement_groups()
+            return out
+    out = _tune_folds(cfg, phase, run_dir, concurrency)
+    if not cfg.cluster.address:
+        freed = remove_leftover_placement_groups()
+        if freed:
+            log.warning("freed %d placement group(s) that finished folds had left reserved", freed)
+    return out
+
+
+def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+    storage = (run_dir / "ray").resolve()
+    shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
+    trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trial, TRIAL_RESOURCES),
+        param_space={"fold": ray.tune.grid_search(list(phase))},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
+                                      callbacks=[Progress(len(phase), concurrency)],
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    out: dict[int, str | None] = {}
+    for r in results:
+        fold = r.config["fold"]
+        if r.error is None:
+            out[fold] = None
+            continue
+        full = str(r.error)
+        log_path = run_dir / "logs" / f"fold={fold}.error.txt"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(full)
+        out[fold] = f"{root_cause(full)} (full traceback: {log_path})"
+    return out
+
+
+def root_cause(text: str) -> str:
+    """The innermost exception line of a Ray error text, e.g. "ValueError: ..." rather than Ray's wrappers."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ":" in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
+              and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Interrupt"))
+              and "WorkerGroupError" not in ln and "RayTaskError" not in ln]
+    return causes[-1] if causes else (lines[-1] if lines else "unknown error")

@@ -1,0 +1,208 @@
+"""The config schema: one dataclass per section (data, model, lora, train, cluster), every field with its default and
+a one-line doc. Merging, validation and YAML live in :mod:`trainer_core.config`, which re-exports these classes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem, one per line."""
+
+
+def _f(default: Any, doc: str, *, added: bool = False, **kw: Any) -> Any:
+    """A documented config field. ``added=True``: a key introduced after run directories already existed, whose
+    default is exactly the behaviour from before; at its default it stays out of the fingerprint, so adding it does
+    not make earlier runs unresumable."""
+    meta = {"doc": doc, "added": added}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "CSV or parquet file in the Chatbot Arena schema (relative in a YAML: against its folder)")
+    n_folds: int = _f(5, "number of folds; data.fold_by decides which fold a row is in")
+    fold_by: Literal["id", "row", "prompt"] = _f(
+        "id", "how rows are split into folds: 'id' = id % n_folds; 'row' = row position % n_folds (the seed notebook's "
+        "code); 'prompt' = scikit-learn StratifiedGroupKFold (fixed seed): stratified by label, rows sharing a prompt "
+        "text in the same fold, so a repeated prompt never sits on both sides of a split (the honest CV on arena data)",
+        added=True)
+    max_rows: Optional[int] = _f(None, "use only the first N rows of the file (quick runs and tests); null = all rows")
+    max_length: int = _f(1024, "maximum tokens per row, EOS included")
+    truncation: Literal["end", "left", "balanced"] = _f(
+        "end", "'end' keeps the start of the joined text, cut at max_length (seed); 'left' keeps its end (the last "
+        "max_length tokens: a long response b pushes out the prompt first); 'balanced' gives prompt, a and b each a "
+        "share of the budget (see data.prompt_share), each keeping its start"
+    )
+    extra_train_path: Optional[str] = _f(
+        None, "extra rows (same schema, own ids) added to every fold's training, never held out; those whose prompt "
+        "is also in the held-out fold are dropped for that fold (counted as extra_dropped_shared_prompt)", added=True)
+    prompt_share: Optional[float] = _f(
+        None, "truncation=balanced: the share of the token budget the prompt may take when the row is too long "
+        "(e.g. 0.2); responses a and b split the rest equally, and tokens a part leaves unused go to the others. "
+        "null = prompt, a and b share equally", added=True)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "HF model id or local dir; 'pkg:<module>/<subdir>' = a folder in an installed package")
+    tokenizer: Optional[str] = _f(None, "tokenizer id or dir (null = name_or_path); 'bytes' = built-in byte tokenizer")
+    init: Literal["pretrained", "random"] = _f("pretrained", "'random' = architecture from random_config, no weights")
+    random_config: dict = _f({}, "architecture kwargs (e.g. Gemma2Config fields plus model_type) used when init=random")
+    quantization: Literal["nf4", "int8", "none"] = _f("none", "base-weight quantization through bitsandbytes")
+    double_quant: bool = _f(True, "nf4 double quantization of the quantization constants")
+    attn_implementation: Optional[str] = _f(
+        "eager", "attention kernel passed to transformers; eager keeps Gemma-2 logit soft-capping exactly; "
+        "block_causal = eager's numbers, computed only for the key blocks causality allows and without copying keys "
+        "and values per query head (causal models; 62.5% of the scores at 1,024 tokens; "
+        "trainer_core.fastpath.attention); "
+        "block_causal_triton = the same with the soft-capped softmax as one Triton kernel forward and one backward on "
+        "CUDA (plain torch elsewhere)")
+    gradient_checkpointing: Literal["off", "on", "auto", "reentrant"] = _f(
+        "auto", "recompute activations in backward: on/off, auto = only as many trained layers as the GPU's free "
+        "memory demands, reentrant = the seed's way (backward through every layer)")
+    compile: Literal["off", "on", "dynamic"] = _f(
+        "off", "torch.compile each decoder layer (fuses norms, GeGLU, RoPE and soft-capped attention): on = one graph "
+        "for the first shape, one dynamic-shape graph from the second; dynamic = dynamic-shape graph from the start",
+        added=True)
+    compile_options: dict = _f(
+        {}, "torch.compile options for the compiled layers (model.compile on/dynamic), nested or dotted, with the "
+        "names torch._inductor.list_options() gives, e.g. {coordinate_descent_tuning: true}; checked before anything "
+        "runs. triton.multi_kernel is refused: with torch 2.11 it gave wrong gradients in these layers on an H200 "
+        "(docs/PERFORMANCE.md, session 9)",
+        added=True)
+    persistent_reduction_max: int = _f(
+        0, "compiled layers (model.compile on/dynamic): reductions over rows of a fixed length up to this many "
+        "elements keep the whole row in registers (inductor's persistent reduction, read once) instead of looping "
+        "over it twice; inductor itself does so only up to 64 elements when a reduction has many rows, such as the "
+        "soft-capped softmax over attention's key blocks. 0 = inductor's rule; 1,024 made the Gemma-2 9B step 1.5% "
+        "faster on an H200, the same sums in another order (trainer_core.fastpath.persistent_reduction)",
+        added=True)
+    dequant_cache: Literal["off", "auto", "on"] = _f(
+        "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
+        "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
+        added=True)
+    fp8_backward: bool = _f(
+        False, "opt-in, changes numerics: in the frozen layers model.dequant_cache keeps dequantized (trained decoder "
+        "layers only), the backward's activation gradient grad_y @ W runs in fp8 (row-scaled e4m3 x e4m3, "
+        "torch._scaled_mm on GPUs of compute capability >= 8.9, emulated elsewhere); the forward stays exact bf16; "
+        "needs quantization=nf4, dequant_cache auto/on and bf16 precision; +1 byte per cached weight",
+        added=True)
+    pooled_last_layer: bool = _f(
+        False, "the top decoder layer computes queries, attention, o_proj, norms and MLP only at the token the head "
+        "reads (keys and values still at every position): the same logits, loss and gradients up to float rounding, "
+        "~2.7% less work per Gemma-2 9B step; Gemma-2 with model.head=joint and attn_implementation eager or "
+        "block_causal only",
+        added=True)
+    add_eos_token: bool = _f(True, "append the tokenizer's EOS token to every row (seed)")
+    head: Literal["joint", "pairwise"] = _f(
+        "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "
+        "reads (prompt, a) and (prompt, b), max_length tokens each, mean-pooled and scored, Bradley-Terry logits with "
+        "a learned tie term (swap-symmetric; needs lora.enabled=false)", added=True)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "train LoRA adapters (plus the score head); false = full fine-tuning")
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    shared_dropout: bool = _f(
+        False, "draw the dropout masks of adapted siblings that read one input (q/k/v of an attention, gate/up of an "
+        "MLP) from one random 62-bit integer per element, a 20-bit field each: independent masks, the same "
+        "distribution with lora.dropout rounded to a multiple of 2**-20, one draw instead of three "
+        "(trainer_core/fastpath/lora_dropout.py); not torch's random stream, so other masks than off", added=True)
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj"], "module names that get adapters")
+    freeze_layers: int = _f(0, "adapters only on decoder layers >= this index (counted from the model's own layers)")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "passes over the training folds (fractions allowed)")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (null = epochs decide)")
+    lr: float = _f(2e-4, "peak learning rate")
+    warmup_steps: int = _f(20, "linear warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warmup")
+    batch_size: int = _f(4, "rows per device per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    eval_batch_size: Union[int, Literal["auto"]] = _f(
+        4, "rows per device when predicting the held-out fold; auto = on a GPU the largest power of two up to 64 "
+        "whose inference activations fit in the memory free after training "
+        "(trainer_core.model.memory.eval_batch_size), "
+        "on the CPU train.batch_size")
+    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
+        "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW (32-bit states, fused on GPUs)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm (null = off)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
+    seed: int = _f(42, "seed for weights of new layers, dropout and data order")
+    memory_budget_gib: Optional[float] = _f(None, "cap GPU memory per fold process (emulates a smaller card)")
+    group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
+    log_every: int = _f(10, "optimizer steps between logged training scalars")
+    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
+    eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
+    interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    swap_augment: bool = _f(False, "also train on every training row with responses a/b swapped (labels a<->b, ties "
+                            "kept): twice the rows per epoch; a no-op for model.head=pairwise, symmetric already",
+                            added=True)
+    eval_tta: bool = _f(False, "also score held-out rows with responses a/b swapped; oof.parquet gains p_*_tta columns")
+    soft_labels: Optional[str] = _f(
+        None, "distil from a teacher: parquet/CSV with id, p_a, p_b, p_tie [, fold]; in-fold files (predict "
+        "--soft-labels PATH --in-fold) keep CV honest, plain OOF ones make it optimistic (the report says so)",
+        added=True)
+    distill_weight: float = _f(0.5, "with train.soft_labels: loss = (1 - w) * CE(label) + w * KL(teacher || student), "
+                               "w in [0, 1]", added=True)
+    distill_temperature: float = _f(1.0, "with train.soft_labels: T softening teacher and student in the KL term "
+                                    "(scaled by T^2)", added=True)
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = _f(None, "Ray address to join ('auto' = the running cluster); null starts a local one")
+    gpus_per_fold: int = _f(0, "GPUs (= Ray Train workers) per fold; 0 trains on CPU workers")
+    cpu_workers_per_fold: int = _f(1, "Ray Train CPU workers per fold when gpus_per_fold = 0")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved for each Ray Train worker")
+    max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
+    pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
+                              "instead of leaving GPUs idle")
+    rotate_folds: Optional[bool] = _f(
+        None, "when folds do not divide evenly over the slots (5 folds, 4 GPUs), train every fold in pieces that take "
+        "turns, resuming from checkpoints: 1.25 fold-times for 5 folds on 4 GPUs plus a restart per piece, no "
+        "data-parallel split (overrides pack_folds); null = GPU folds rotate when their estimated training time is "
+        "past the crossover measured against packing (orchestrator.cluster.schedule), CPU folds do not")
+    max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
+    num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
+
+
+@dataclass
+class Config:
+    experiment: str = _f("cv", "run name: the default run directory is runs/<experiment>")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not cluster placement; keys added later, at their default)."""
+        d = self.to_dict()
+        d.pop("cluster")
+        for name, section in d.items():
+            sub = getattr(self, name)
+            if dataclasses.is_dataclass(sub):
+                for f in dataclasses.fields(sub):
+                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    if f.metadata.get("added") and getattr(sub, f.name) == default:
+                        section.pop(f.name)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

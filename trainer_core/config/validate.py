@@ -1,0 +1,156 @@
+"""Cross-field checks of a merged config: :func:`validate` reports every problem at once, before Ray starts."""
+
+from __future__ import annotations
+
+from trainer_core.config.schema import (
+    Config,
+    ConfigError,
+    ModelConfig,
+)
+
+# model.attn_implementation values of trainer_core.fastpath.attention
+BLOCK_CAUSAL = ("block_causal", "block_causal_triton")
+PERSISTENT_REDUCTION_CAP = 16384  # model.persistent_reduction_max: longer rows would not fit in registers
+
+
+def compile_options(m: ModelConfig) -> dict:
+    """``model.compile_options`` as torch.compile takes them: nested mappings joined into dotted names
+    (``{'triton': {'cudagraphs': False}}`` -> ``{'triton.cudagraphs': False}``); a later entry wins over an earlier one
+    of the same name (a command-line override over the YAML)."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            else:
+                flat[name] = value
+    walk(m.compile_options, "")
+    return flat
+
+
+def _compile_option_errors(m: ModelConfig) -> list[str]:
+    """Problems with ``model.compile_options``, found before anything starts (torch itself only checks the names when
+    the first layer compiles, inside a fold)."""
+    options = compile_options(m)
+    if not options:
+        return []
+    errs = [f"model.compile_options.{k}: expected a number, string or true/false, got {v!r}"
+            for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
+    if options.get("triton.multi_kernel"):
+        errs.append("model.compile_options.triton.multi_kernel: refused, it gave wrong gradients in the compiled "
+                    "layers (torch 2.11, H200: docs/PERFORMANCE.md, session 9); the persistent softmax rows it "
+                    "found come from model.persistent_reduction_max=1024")
+    if m.compile == "off":
+        errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
+                    "dynamic")
+    import torch._inductor  # only here: reading the names torch.compile knows needs torch
+
+    known = set(torch._inductor.list_options())
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        errs.append(f"model.compile_options: unknown torch.compile (inductor) option(s) {', '.join(unknown)}; "
+                    f"torch._inductor.list_options() lists the {len(known)} known ones")
+    return errs
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError listing every problem at once."""
+    errs = []
+    d, m, lo, t, c = cfg.data, cfg.model, cfg.lora, cfg.train, cfg.cluster
+    if not d.path:
+        errs.append("data.path: no data file given")
+    if d.n_folds < 2:
+        errs.append(f"data.n_folds: need at least 2 folds, got {d.n_folds}")
+    if d.max_rows is not None and d.max_rows < d.n_folds:
+        errs.append(f"data.max_rows: {d.max_rows} rows cannot fill {d.n_folds} folds")
+    if d.max_length < 8:
+        errs.append(f"data.max_length: {d.max_length} is too short to hold a row")
+    if d.prompt_share is not None:
+        if not 0 < d.prompt_share < 1:
+            errs.append(f"data.prompt_share: must be in (0, 1) or null, got {d.prompt_share}")
+        if d.truncation != "balanced":
+            errs.append(f"data.prompt_share: applies to data.truncation=balanced only (got {d.truncation!r})")
+    if not m.name_or_path and m.init == "pretrained":
+        errs.append("model.name_or_path: no model given")
+    if m.init == "random" and not m.random_config:
+        errs.append("model.random_config: init=random needs the architecture (model_type plus its config fields)")
+    if m.init == "random" and m.tokenizer is None and not m.name_or_path:
+        errs.append("model.tokenizer: init=random without name_or_path needs a tokenizer ('bytes' or a path)")
+    if lo.enabled:
+        if lo.r < 1:
+            errs.append(f"lora.r: must be >= 1, got {lo.r}")
+        if lo.alpha < 1:
+            errs.append(f"lora.alpha: must be >= 1, got {lo.alpha}")
+        if not 0 <= lo.dropout < 1:
+            errs.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+        if not lo.target_modules:
+            errs.append("lora.target_modules: empty")
+        if lo.freeze_layers < 0:
+            errs.append(f"lora.freeze_layers: must be >= 0, got {lo.freeze_layers}")
+    elif m.quantization != "none":
+        errs.append(f"lora.enabled=false with model.quantization={m.quantization}: quantized weights cannot be trained")
+    if m.fp8_backward and (m.quantization != "nf4" or m.dequant_cache == "off" or t.precision not in ("bf16", "auto")):
+        errs.append(f"model.fp8_backward=true runs the backward through the bf16 weights model.dequant_cache keeps: it "
+                    f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
+                    f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
+    errs.extend(_compile_option_errors(m))
+    if not 0 <= m.persistent_reduction_max <= PERSISTENT_REDUCTION_CAP:
+        errs.append(f"model.persistent_reduction_max: must be in [0, {PERSISTENT_REDUCTION_CAP}] (elements a row keeps "
+                    f"in registers), got {m.persistent_reduction_max}")
+    elif m.persistent_reduction_max and m.compile == "off":
+        errs.append("model.persistent_reduction_max: applies to compiled layers; set model.compile on or dynamic, or "
+                    "set it to 0")
+    # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.fastpath.last_layer)
+    if m.pooled_last_layer:
+        needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []
+        if m.attn_implementation not in ("eager", *BLOCK_CAUSAL):
+            needs.append(f"model.attn_implementation eager or block_causal (got {m.attn_implementation})")
+        if m.init == "random" and m.random_config.get("model_type", "gemma2") != "gemma2":
+            needs.append(f"a Gemma-2 (got random_config.model_type={m.random_config['model_type']})")
+        if needs:
+            errs.append("model.pooled_last_layer=true computes the top layer only at the last non-pad token, the one "
+                        "the joint head reads, from eager attention's mask on a Gemma-2: it needs " + ", ".join(needs))
+    if m.attn_implementation in BLOCK_CAUSAL and m.head != "joint":
+        errs.append(f"model.attn_implementation={m.attn_implementation} skips the keys a causal decoder masks; "
+                    f"model.head={m.head} mean-pools every position of an encoder: use model.head=joint or another "
+                    "attention")
+    if m.head == "pairwise" and lo.enabled:
+        errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
+                    "with this head yet)")
+    if t.epochs <= 0 and t.max_steps is None:
+        errs.append(f"train.epochs: must be > 0, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps < 1:
+        errs.append(f"train.max_steps: must be >= 1, got {t.max_steps}")
+    if t.lr <= 0:
+        errs.append(f"train.lr: must be > 0, got {t.lr}")
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        if getattr(t, name) != "auto" and getattr(t, name) < 1:
+            errs.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.warmup_steps < 0:
+        errs.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.eval_every is not None and t.eval_every < 1:
+        errs.append(f"train.eval_every: must be >= 1 or null, got {t.eval_every}")
+    if t.interim_eval_rows < 1:
+        errs.append(f"train.interim_eval_rows: must be >= 1, got {t.interim_eval_rows}")
+    if not 0 <= t.distill_weight <= 1:
+        errs.append(f"train.distill_weight: must be in [0, 1], got {t.distill_weight}")
+    if t.distill_temperature <= 0:
+        errs.append(f"train.distill_temperature: must be > 0, got {t.distill_temperature}")
+    if t.checkpoint_every is not None and t.checkpoint_every < 1:
+        errs.append(f"train.checkpoint_every: must be >= 1 or null, got {t.checkpoint_every}")
+    if c.gpus_per_fold < 0:
+        errs.append(f"cluster.gpus_per_fold: must be >= 0, got {c.gpus_per_fold}")
+    if c.cpu_workers_per_fold < 1:
+        errs.append(f"cluster.cpu_workers_per_fold: must be >= 1, got {c.cpu_workers_per_fold}")
+    if c.cpus_per_worker <= 0:
+        errs.append(f"cluster.cpus_per_worker: must be > 0, got {c.cpus_per_worker}")
+    if c.max_concurrent_folds is not None and c.max_concurrent_folds < 1:
+        errs.append(f"cluster.max_concurrent_folds: must be >= 1 or null, got {c.max_concurrent_folds}")
+    if c.max_failures < 0:
+        errs.append(f"cluster.max_failures: must be >= 0, got {c.max_failures}")
+    if c.gpus_per_fold == 0 and m.quantization != "none" and t.precision == "fp16":
+        errs.append("train.precision=fp16 needs a GPU; CPU folds (cluster.gpus_per_fold=0) use bf16 or fp32")
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -1,0 +1,161 @@
+"""Exact memory-for-speed trades on a 4-bit model: frozen nf4 weights kept dequantized, the embedding table kept in
+its checkpoint precision.
+
+``model.dequant_cache``: bitsandbytes dequantizes every nf4 weight at every call - once in the forward pass and once
+more in the backward pass of each adapted layer (7% of the compiled step's device time on an H200) - and for more than
+256 rows (every training micro-batch) it computes ``linear(x, dequantize_4bit(W).to(x.dtype))``. The nf4 weights are
+frozen, so that dequantized matrix is the same every step: :func:`cache_dequantized_weights` computes it once and
+replaces the ``Linear4bit`` with a plain linear layer holding it. Same numbers, 4x the weight memory (bf16 instead of
+4 bits): about 17 GiB more for Gemma-2 9B, so it is only done where free memory allows (``auto``), top layers first
+(those are dequantized twice a step).
+
+``model.fp8_backward`` (opt-in, changes numerics): the cached layers of trained decoder layers also keep an fp8 copy of
+their weight (1 byte per weight, counted in the cache's budget) for an fp8 backward matmul:
+:mod:`trainer_core.fastpath.fp8`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from trainer_core.fastpath import fp8
+from trainer_core.model.build import decoder_layers
+from trainer_core.model.memory import SAFETY, activation_bytes_per_token, free_device_bytes
+
+log = logging.getLogger(__name__)
+
+
+class DequantizedLinear(torch.nn.Module):
+    """A frozen ``Linear4bit`` with its weight dequantized once: casts the input to the compute dtype and the output
+    back to the input's dtype, as ``Linear4bit.forward`` does."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # (out, in), compute dtype
+        self.bias = None if bias is None else torch.nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # model.fp8_backward: the weight quantized once for the backward matmul. Plain attributes, not buffers: never
+        # saved (rebuilt from the weight) and never broadcast by DDP (it syncs buffers at every forward).
+        self.weight_fp8: torch.Tensor | None = None
+        self.weight_fp8_scale: torch.Tensor | None = None
+        self.fp8_scaled_mm = False
+
+    def enable_fp8_backward(self) -> bool:
+        """Quantize the weight for :class:`trainer_core.fastpath.fp8.LinearFp8Backward`; False (nothing done) when the
+        shapes
+        do not fit ``_scaled_mm``."""
+        if not fp8.shapes_fit(self.out_features, self.in_features):
+            return False
+        self.weight_fp8, self.weight_fp8_scale = fp8.quantize_weight(self.weight)
+        self.fp8_scaled_mm = fp8.scaled_mm_available(self.weight.device, self.weight.dtype)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_fp8 is None:
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return fp8.LinearFp8Backward.apply(x.to(self.weight.dtype), self.weight, self.bias, self.weight_fp8,
+                                           self.weight_fp8_scale, self.fp8_scaled_mm).to(x.dtype)
+
+
+def _dequantize(module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as ``Linear4bit`` feeds it to the matmul: dequantized in fp32 (its input, the residual stream that
+    peft's k-bit preparation keeps in fp32, sets that dtype), then cast to ``dtype`` as autocast does."""
+    import bitsandbytes.functional as bnb_functional
+
+    state = copy.copy(module.weight.quant_state)
+    state.dtype = torch.float32
+    return bnb_functional.dequantize_4bit(module.weight.data, state).to(dtype)
+
+
+def _is_4bit(module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no bitsandbytes: no 4-bit layers to cache
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
+                              fp8_from: int | None = None) -> tuple[int, int, float]:
+    """Replace frozen 4-bit linear layers by :class:`DequantizedLinear` copies in ``dtype`` (the autocast dtype, or
+    fp32 without autocast), top decoder layer first, while the copies' total stays within ``max_bytes``. Returns
+    (layers cached, decoder layers in the model, GiB used). ``fp8_from``: decoder layers from this index on (the
+    trained ones) also get the fp8 backward (``model.fp8_backward``), one more byte per weight.
+
+    Only whole decoder layers are cached (a layer's projections share one compiled graph)."""
+    used, cached = 0.0, 0
+    layers = decoder_layers(model)
+    for index in reversed(range(len(layers))):
+        targets = [(parent, name, child) for parent in layers[index].modules()
+                   for name, child in parent.named_children() if _is_4bit(child)]
+        if not targets:
+            continue
+        use_fp8 = fp8_from is not None and index >= fp8_from
+        size = sum(c.out_features * c.in_features * (dtype.itemsize + use_fp8) for _, _, c in targets)
+        if used + size > max_bytes:
+            break
+        for parent, name, child in targets:
+            cached_linear = DequantizedLinear(_dequantize(child, dtype), child.bias)
+            if use_fp8:
+                cached_linear.enable_fp8_backward()
+            setattr(parent, name, cached_linear)
+        used += size
+        cached += 1
+    if cached and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the nf4 storage of the replaced layers
+    return cached, len(layers), used / 2**30
+
+
+def keep_embedding_dtype(model, dtype: torch.dtype) -> bool:
+    """Store the input embedding table in ``dtype`` (its checkpoint precision) and hand out fp32 rows.
+
+    peft's k-bit preparation upcasts every non-quantized tensor to fp32, the 256,000 x 3,584 embedding table too
+    (3.7 GB for Gemma-2 9B). Its values came from ``dtype``, so casting the table back is exact, and casting the
+    looked-up rows to fp32 gives the fp32 table's output bit for bit. Returns whether the table was changed."""
+    emb = model.get_input_embeddings()
+    if emb is None or emb.weight.dtype != torch.float32 or dtype == torch.float32 or emb.weight.requires_grad:
+        return False
+    low = emb.weight.data.to(dtype)
+    if not torch.equal(low.float(), emb.weight.data):  # not exactly representable: keep fp32
+        return False
+    emb.weight.data = low
+    emb.register_forward_hook(lambda _module, _inputs, out: out.float())
+    return True
+
+
+def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float, need_bytes: float,
+                        fp8_from: int | None = None) -> str:
+    """``model.dequant_cache`` applied after the memory plan: ``on`` caches every layer, ``auto`` as many as fit in
+    ``free_bytes`` beside the ``need_bytes`` the plan reserved for activations, ``off`` none (``fp8_from``: see
+    :func:`cache_dequantized_weights`). Returns a note for logs and benchmark tables (empty when nothing was
+    cached)."""
+    if mode == "off":
+        return ""
+    room = float("inf") if mode == "on" else free_bytes - need_bytes
+    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from)
+    note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
+    if fp8_from is not None:
+        fp8_linears = [m for m in model.modules() if isinstance(m, DequantizedLinear) and m.weight_fp8 is not None]
+        path = "_scaled_mm" if any(m.fp8_scaled_mm for m in fp8_linears) else "emulated"
+        note += f"; fp8 backward in {len(fp8_linears)} linear layers ({path})"
+    log.info(note)
+    return note
+
+
+def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.device, *, freeze_layers: int,
+                       seq_len: int, micro_batch: int, budget_gib: float | None, fp8_backward: bool = False) -> str:
+    """:func:`apply_dequant_cache` after the memory plan: the room is the free memory minus the activations of a
+    ``micro_batch`` x ``seq_len`` step as the model now trains (with or without recomputation). ``fp8_backward``:
+    the cached layers of the trained decoder layers (from ``freeze_layers`` on) get the fp8 backward."""
+    if mode == "off":
+        return ""
+    trained = list(decoder_layers(model))[freeze_layers:]
+    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in trained)
+    need = activation_bytes_per_token(model.config, len(trained), seq_len, recomputed > 0,
+                                      recomputed) * micro_batch * seq_len * SAFETY
+    return apply_dequant_cache(model, mode, dtype, free_device_bytes(device, budget_gib), need,
+                               freeze_layers if fp8_backward else None)

@@ -1,0 +1,80 @@
+"""Batched prediction of class probabilities, and loading a finished fold's model to predict new rows with it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer_core.data.batching import collate, row_tokens
+from trainer_core.model.memory import eval_batch_size, free_device_bytes
+
+
+@torch.no_grad()
+def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
+                  autocast) -> np.ndarray:
+    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort([-row_tokens(x) for x in ids], kind="stable")
+    out = np.zeros((len(ids), 3), dtype=np.float64)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        input_ids, mask = collate([ids[j] for j in idx], pad_id, device)
+        with autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
+        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def resolve_eval_batch_size(setting: int | str, model, ids: list, device: torch.device, *, train_batch: int,
+                            budget_gib: float | None = None) -> int:
+    """``train.eval_batch_size`` in rows: a number as given; ``auto`` on a GPU: :func:`trainer_core.model.memory.
+    eval_batch_size` for the longest sequence of ``ids`` and the memory free now (PyTorch's cached but unused blocks
+    count as free); ``auto`` elsewhere: ``train_batch``."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda" or not ids:
+        return train_batch
+    pairwise = isinstance(ids[0], tuple)
+    seq_len = max(len(seq) for row in ids for seq in (row if pairwise else (row,)))
+    free = (free_device_bytes(device, budget_gib) + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+    return eval_batch_size(model.config, seq_len=seq_len, free_bytes=free, seqs_per_row=2 if pairwise else 1)
+
+
+def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple[object, object, str]:
+    """(model in eval mode, tokenizer, precision) of a finished fold, from its ``adapter/`` folder.
+
+    With LoRA the base model is rebuilt exactly as training built it (same quantization, same preparation, same
+    random-init seed for ``model.init=random``) and the saved adapter plus score head are loaded onto it; without
+    LoRA the folder holds the whole fine-tuned model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainer_core.data.tokenization import ensure_pad_token
+    from trainer_core.model.build import build_model
+    from trainer_core.model.precision import DTYPES, resolve_precision
+
+    adapter_dir = Path(adapter_dir)
+    precision = resolve_precision(cfg.train.precision, device)
+    tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    if cfg.model.head == "pairwise":
+        from trainer_core.model.pairwise import PairwisePreferenceModel
+
+        model = PairwisePreferenceModel.from_pretrained(adapter_dir, dtype=DTYPES[precision]).to(device)
+    elif cfg.lora.enabled:
+        from peft import PeftModel
+
+        # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.
+        base = build_model(replace(cfg.model, gradient_checkpointing="off"),
+                           replace(cfg.lora, enabled=False, freeze_layers=0), pad_token_id=tok.pad_token_id,
+                           precision=precision, device=device, seed=cfg.train.seed)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
+        model.to(device)
+    model.eval()
+    return model, tok, precision

@@ -1,0 +1,291 @@
+"""Train one fold and predict its held-out rows: setup, the training loop, evaluation, the fold's files.
+
+Runs in one process, or as one rank of a ``torch.distributed`` group (the caller sets that up; this module never
+imports Ray). Only rank 0 writes files; every rank calls ``report`` the same number of times, with the same keys.
+
+Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (id, fold, label, p_a, p_b, p_tie),
+``config.yaml``, ``adapter/`` (adapter or model weights plus tokenizer) and, last, ``metrics.json``: a fold whose
+``metrics.json`` exists finished. With ``train.eval_tta`` the OOF file also holds p_a_tta, p_b_tta, p_tie_tta.
+
+The story, as in a torchtune recipe: ``FoldRun.setup`` (data, model, optimizer, a resumed checkpoint),
+``FoldRun.train`` (the loop, one optimizer step at a time, with logging, checkpoints and interim evaluations),
+``FoldRun.evaluate`` (held-out rows, sharded over ranks), ``FoldRun.finish`` (metrics and the fold's files).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trainer_core.config import Config
+from trainer_core.data.tokenization import build_tokenizer, encode
+from trainer_core.data.tta import swap_responses, tta_average
+from trainer_core.fastpath.dequant_cache import cache_for_training
+from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches
+from trainer_core.fold.distill import distill_loss
+from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
+from trainer_core.fold.optim import build_optimizer, lr_at
+from trainer_core.fold.ranks import dist_info, gather_objects, gather_rows, rank_seed
+from trainer_core.fold.state import (
+    FoldMetrics,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    write_fold_files,
+)
+from trainer_core.fold.step import train_step
+from trainer_core.fold.telemetry import Telemetry
+from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
+from trainer_core.model.build import build_model, trainable_parameters
+from trainer_core.model.memory import apply_budget
+from trainer_core.model.precision import DTYPES, make_autocast, resolve_precision
+
+log = logging.getLogger(__name__)
+
+# report(metrics, checkpoint_dir): checkpoint_dir is a folder on rank 0 when a checkpoint was written, else None.
+ReportFn = Callable[[dict, Optional[Path]], None]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    metrics: FoldMetrics
+    oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
+               resume_from: str | Path | None = None, report: ReportFn | None = None,
+               tb_dir: str | Path | None = None, device: torch.device | None = None,
+               stop_at: float | None = None) -> FoldResult | None:
+    """Train on every row whose ``fold`` != ``fold``, predict the rows of ``fold``, write the fold's files.
+
+    ``rows``: validated data with columns id, prompt, response_a, response_b, label, fold.
+    ``resume_from``: a checkpoint folder written by this function for the same config and fold.
+    ``report``: called with metrics at every log step, with a checkpoint folder every ``train.checkpoint_every``
+    steps, and once at the end with the fold's final metrics.
+    ``stop_at``: pause after this fraction of the fold's steps (a piece of a rotated schedule): report a checkpoint
+    there (metrics carry ``paused: True``) and return None; a later call resumed from it continues the fold."""
+    run = FoldRun(cfg, fold, device=device, report=report)
+    run.setup(rows, resume_from, tb_dir)
+    try:
+        if not run.train(stop_at):
+            return None  # paused: the checkpoint reported at the last step is where a later piece continues
+        metrics, oof = run.evaluate_fold()
+        run.finish(Path(out_dir), metrics, oof)
+        return FoldResult(fold=fold, metrics=metrics, oof=oof)
+    finally:
+        run.close()
+
+
+class FoldRun:
+    """The state of one fold's run on this rank: what setup builds, what the loop advances."""
+
+    def __init__(self, cfg: Config, fold: int, *, device: torch.device | None, report: ReportFn | None):
+        self.cfg, self.fold, self.report = cfg, fold, report
+        self.rank, self.world = dist_info()
+        self.device = device or default_device()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.autocast = make_autocast(self.precision, self.device)
+        self.fingerprint = f"{cfg.fingerprint()}:fold={fold}"
+        self.t_fold = time.perf_counter()
+        self.before: dict = {}  # seconds and samples spent by earlier runs of this fold (pieces, restarts)
+        self.telemetry: Telemetry | None = None
+        self.ckpt_root: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, rows: pd.DataFrame, resume_from: str | Path | None, tb_dir: str | Path | None) -> None:
+        """Tokenized rows, the model (with the memory plan), optimizer and loss scaler; then a checkpoint, if any."""
+        cfg, t = self.cfg, self.cfg.train
+        seed_everything(t.seed + self.fold)
+        self.tok = build_tokenizer(cfg.model)
+        self.data = FoldData.build(cfg, self.fold, rows, self.tok)
+        apply_budget(self.device, t.memory_budget_gib)
+        self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
+                                 device=self.device, seed=t.seed)
+        self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.model, self.data.lengths, self.device,
+                                                   self.world)
+        if cfg.model.quantization == "nf4":  # after the memory plan: the cache takes only what activations leave
+            cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
+                               freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
+                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib,
+                               fp8_backward=cfg.model.fp8_backward)
+        self.params = trainable_parameters(self.model)
+        # Cross-entropy (None: train_step's default), or with soft labels the distillation loss
+        # (trainer_core.fold.distill).
+        self.loss_fn = None if self.data.train_soft is None else functools.partial(
+            distill_loss, weight=t.distill_weight, temperature=t.distill_temperature)
+        self.optimizer = build_optimizer(self.params, t, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False)
+            # Same seed above, so every rank built the same new weights; from here each rank draws its own dropout
+            # masks (one seed would repeat the same masks on every rank's rows).
+            seed_everything(rank_seed(t.seed + self.fold, self.rank))
+        self.step = 0
+        if resume_from is not None:
+            self.step, self.before = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scaler,
+                                                     self.fingerprint, rank=self.rank, device=self.device)
+            log.info("fold %d: resumed at step %d/%d from %s", self.fold, self.step, self.batches.total_steps,
+                     resume_from)
+        self.telemetry = Telemetry(tb_dir if self.rank == 0 else None, self.device)
+        self.ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{self.fold}-ckpt-")) if self.rank == 0 else None
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self, stop_at: float | None) -> bool:
+        """Optimizer steps until the fold's last step (True) or the ``stop_at`` share of them (False: paused)."""
+        t, total = self.cfg.train, self.batches.total_steps
+        stop = total if stop_at is None else min(total, max(self.step + 1, round(total * stop_at)))
+        self.start_step, self.t_start = self.step, time.perf_counter()
+        self.samples = self.tokens = 0
+        window_loss, window_n = torch.zeros((), device=self.device), 0
+        self.ddp_model.train()
+        while self.step < stop:
+            lr = lr_at(self.step, total, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(self.ddp_model, self.micro_batches(self.step), self.optimizer, self.scaler,
+                                         self.params, self.autocast, t.max_grad_norm, ddp=self.world > 1,
+                                         loss_fn=self.loss_fn)
+            window_loss, window_n, self.step = window_loss + loss, window_n + 1, self.step + 1
+
+            pause = self.step == stop < total
+            do_log = self.step % t.log_every == 0 or self.step == total or pause
+            do_ckpt = pause or (bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+                                and self.step < total)
+            do_eval = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < total
+            if not (do_log or do_ckpt or do_eval):
+                continue
+            logs = {"fold": self.fold, "step": self.step, "total_steps": total, "start_step": self.start_step,
+                    "elapsed_s": time.perf_counter() - self.t_start, **({"paused": True} if pause else {})}
+            if do_log:
+                logs.update(self.throughput(), train_loss=float(window_loss) / window_n, lr=lr,
+                            grad_norm=float(grad_norm))
+                window_loss, window_n = torch.zeros((), device=self.device), 0
+            if do_eval:
+                logs.update(self.interim_eval())
+            self.telemetry.scalars(logs, self.step)
+            self.send(logs, checkpoint=do_ckpt)
+        return self.step == total
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), targets)]."""
+        out = []
+        for idx in self.batches.step_rows(step, self.rank):
+            self.samples += len(idx) * self.world
+            self.tokens += int(self.data.lengths[idx].sum()) * self.world
+            # Compiled layers: a short last batch is filled with ignored rows (a new batch size would recompile).
+            fill_to = self.batches.micro_batch if self.cfg.model.compile != "off" else None
+            out.append(self.data.batch(idx, self.tok.pad_token_id, self.device, fill_to=fill_to))
+        return out
+
+    def throughput(self) -> dict:
+        elapsed = time.perf_counter() - self.t_start
+        return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
+                **self.telemetry.memory()}
+
+    def interim_eval(self) -> dict:
+        """Interim held-out score (early stopping of sweeps): the first ``train.interim_eval_rows`` rows by id."""
+        n = min(len(self.data.val_ids), self.cfg.train.interim_eval_rows)
+        probs = self.evaluate(self.data.val_ids[:n])
+        labels = self.data.val_labels[:n]
+        return {"interim_log_loss": log_loss(labels, probs), "interim_accuracy": accuracy(labels, probs),
+                "interim_rows": n}
+
+    def send(self, logs: dict, *, checkpoint: bool) -> None:
+        """Report ``logs`` (every rank), with a checkpoint of this step written by rank 0 when asked."""
+        ckpt = None
+        rngs = gather_objects(rng_state(self.device), self.world) if checkpoint else None  # every rank's RNG
+        if checkpoint and self.rank == 0:
+            ckpt = self.ckpt_root / f"step={self.step:07d}"
+            ckpt.mkdir()
+            save_checkpoint(ckpt, self.model, self.optimizer, self.scaler, self.step, self.fingerprint,
+                            self.totals(), rngs)
+        if self.report is not None:
+            self.report(logs, ckpt)  # the reporter copies the checkpoint to durable storage before returning
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    def totals(self) -> dict:
+        """Seconds and samples of every run of this fold so far, this one included."""
+        now = time.perf_counter()
+        return {"train_seconds": self.before.get("train_seconds", 0.0) + now - self.t_start,
+                "fold_seconds": self.before.get("fold_seconds", 0.0) + now - self.t_fold,
+                "samples": self.before.get("samples", 0) + self.samples}
+
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self, ids: list[list[int]]) -> np.ndarray:
+        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
+        t = self.cfg.train
+        local_idx = np.arange(self.rank, len(ids), self.world)
+        local_ids = [ids[i] for i in local_idx]
+        batch = resolve_eval_batch_size(t.eval_batch_size, self.model, local_ids, self.device,
+                                        train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
+        if t.eval_batch_size == "auto":
+            log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, batch)
+        local = predict_probs(self.model, local_ids, batch, self.tok.pad_token_id, self.device, self.autocast)
+        return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
+
+    def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:
+        """Every held-out row (and, with ``train.eval_tta``, the same rows with responses a/b swapped)."""
+        run_train_seconds = time.perf_counter() - self.t_start
+        data, done = self.data, self.totals()
+        probs, labels = self.evaluate(data.val_ids), data.val_labels
+        oof = pd.DataFrame({"id": data.val_rows["id"].values, "fold": self.fold, "label": labels,
+                            "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
+        tta = None
+        if self.cfg.train.eval_tta:  # p_a/p_b/p_tie stay the plain figure; the averages go beside them
+            swapped = encode(swap_responses(data.val_rows), self.tok, self.cfg)
+            tta = clip_probs(tta_average(probs, self.evaluate(swapped)))
+            oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
+        metrics = FoldMetrics(
+            fold=self.fold, log_loss=log_loss(labels, probs), accuracy=accuracy(labels, probs),
+            n_rows=len(data.val_rows), n_train_rows=data.n_fold_rows, **data.row_counts,
+            prior_log_loss=log_loss(labels, prior_probs(data.prior_labels, len(data.val_rows))),
+            steps=self.step, train_seconds=done["train_seconds"],
+            train_samples_per_s=done["samples"] / done["train_seconds"] if done["train_seconds"] > 0 else None,
+            fold_seconds=self.totals()["fold_seconds"], last_run_seconds=time.perf_counter() - self.t_fold,
+            last_run_train_seconds=run_train_seconds, resumed_from_step=self.start_step, precision=self.precision,
+            device=str(self.device), world_size=self.world, fingerprint=self.fingerprint,
+            log_loss_tta=None if tta is None else log_loss(labels, tta),
+            accuracy_tta=None if tta is None else accuracy(labels, tta))
+        self.telemetry.scalars({"eval_log_loss": metrics.log_loss, "eval_accuracy": metrics.accuracy}, self.step)
+        return metrics, oof
+
+    # ------------------------------------------------------------------------------------------------ finish
+    def finish(self, out_dir: Path, metrics: FoldMetrics, oof: pd.DataFrame) -> None:
+        """Rank 0 writes the fold's files (``metrics.json`` last); every rank reports the final metrics."""
+        if self.rank == 0:
+            write_fold_files(out_dir, self.cfg, self.model, self.tok, oof, metrics.to_dict())
+        if self.report is not None:
+            self.report({**metrics.to_dict(), "done": True}, None)
+
+    def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
+        if self.ckpt_root is not None:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)

@@ -1,0 +1,277 @@
+"""Model building: any ``AutoModelForSequenceClassification`` backbone, Gemma-2 first-class (4-bit/8-bit QLoRA)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig, compile_options
+from trainer_core.model.precision import DTYPES
+from trainer_core.model.weights import check_quantization
+from trainer_core.paths import atomic_write_dir, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+NUM_LABELS = 3
+
+
+def _quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
+    if model_cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=model_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def random_weights_dir(model_cfg: ModelConfig, pad_token_id: int, seed: int, dtype: torch.dtype) -> Path:
+    """Save a randomly initialised model of ``model_cfg.random_config``'s architecture once per machine and return its
+    folder. Quantization happens only through ``from_pretrained``, hence the save; the cache key covers everything
+    that changes the weights, so concurrent folds on one machine share one copy."""
+    spec = dict(model_cfg.random_config)
+    key = hashlib.sha256(json.dumps([spec, pad_token_id, seed, str(dtype)], sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TRAINER_CORE_CACHE", Path(tempfile.gettempdir()) / "trainer_core_random"))
+    out = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # folds sharing a machine build it once; the others wait, then reuse it
+        if not (out / "config.json").exists():
+            _save_random_model(spec, pad_token_id, seed, dtype, out)
+    return out
+
+
+def _save_random_model(spec: dict, pad_token_id: int, seed: int, dtype: torch.dtype, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_type = spec.pop("model_type", "gemma2")
+    cfg = AutoConfig.for_model(model_type, **spec, num_labels=NUM_LABELS, pad_token_id=pad_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Weight init draws from the global RNG; seeding it here would move it for whatever the caller builds next (the
+    # LoRA adapters), so a model's adapters would depend on whether this cache was warm. fork_rng restores it.
+    cuda_devices = list(range(torch.cuda.device_count())) if device == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+    atomic_write_dir(out, lambda tmp, m=model: m.save_pretrained(str(tmp)))
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _prequantized_config(path: str, model_cfg: ModelConfig, compute_dtype: torch.dtype):
+    """For a checkpoint stored quantized (``quantization_config`` in its config.json): its config, checked against
+    ``model.quantization`` (a conflict raises WeightsError; transformers would silently use the stored one), with the
+    compute dtype of ``train.precision`` (a load-time choice, not part of the stored weights). Else None."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(path)
+    stored = getattr(hf_cfg, "quantization_config", None)
+    if not stored:
+        return None
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
+    check_quantization(model_cfg, stored, model_cfg.name_or_path)
+    hf_cfg.quantization_config = {**stored, "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch.")}
+    hf_cfg.num_labels = NUM_LABELS
+    return hf_cfg
+
+
+def decoder_layer_count(model) -> int:
+    cfg = model.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise ValueError(f"cannot tell how many layers {type(model).__name__} has")
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
+                device: torch.device, seed: int = 0, checkpointing: str | None = None):
+    """The sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.model.pairwise``) ready to train:
+    quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of
+    those layers with LoRA disabled), on ``device``.
+
+    ``checkpointing`` overrides ``model_cfg.gradient_checkpointing``; "auto" is left to the caller (it needs the
+    loaded model's memory, see ``trainer_core.model.memory``) and builds without checkpointing."""
+    checkpointing = checkpointing or model_cfg.gradient_checkpointing
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = DTYPES[precision]
+    if model_cfg.init == "random":
+        path = str(random_weights_dir(model_cfg, pad_token_id, seed, torch.bfloat16 if dtype != torch.float32
+                                      else torch.float32))
+    else:
+        path = resolve_model_path(model_cfg.name_or_path)
+    quant = _quantization_config(model_cfg, dtype)
+    stored = _prequantized_config(path, model_cfg, dtype) if model_cfg.init == "pretrained" else None
+    # with config= given, from_pretrained takes no config fields (num_labels) as keywords: the config carries them
+    kwargs = dict(config=stored) if stored is not None else dict(num_labels=NUM_LABELS)
+    kwargs["dtype"] = dtype
+    if model_cfg.attn_implementation:
+        if model_cfg.attn_implementation in BLOCK_CAUSAL:
+            from trainer_core.fastpath import attention
+            attention.register()  # transformers' public registries: the name must be known before loading
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quant is not None:
+        # Inside a Ray Train worker the device is already set; never "auto" (spreads layers over other GPUs).
+        kwargs["device_map"] = {"": device}
+        if stored is None:  # quantized while loading; a pre-quantized checkpoint brings its own quantization_config
+            kwargs["quantization_config"] = quant
+    if model_cfg.head == "pairwise":
+        from trainer_core.model.pairwise import build_pairwise
+
+        model = build_pairwise(path, kwargs["dtype"], model_cfg.attn_implementation)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if model_cfg.attn_implementation in BLOCK_CAUSAL:
+        from trainer_core.fastpath import attention
+        attention.check_causal(model)
+    if quant is None:
+        model.to(device)
+    n_layers = decoder_layer_count(model)
+
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # peft's default would turn on reentrant checkpointing plus input grads, which sends the backward pass through
+        # every frozen layer; checkpointing is chosen separately (enable_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # ...and it upcasts the embedding table to fp32 (3.7 GB for Gemma-2 9B): stored back in its load dtype, with
+        # fp32 rows handed out, it gives the same numbers (trainer_core.fastpath.dequant_cache.keep_embedding_dtype)
+        from trainer_core.fastpath.dequant_cache import keep_embedding_dtype
+
+        keep_embedding_dtype(model, dtype)
+    if checkpointing in ("on", "reentrant"):
+        enable_checkpointing(model, reentrant=checkpointing == "reentrant")
+
+    if lora_cfg.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if lora_cfg.freeze_layers >= n_layers:
+            raise ValueError(f"lora.freeze_layers={lora_cfg.freeze_layers} leaves no layer to adapt: the model has "
+                             f"{n_layers} layers")
+        peft_cfg = PeftLoraConfig(
+            task_type="SEQ_CLS",
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            bias=lora_cfg.bias,
+            target_modules=list(lora_cfg.target_modules),
+            layers_to_transform=list(range(lora_cfg.freeze_layers, n_layers)) if lora_cfg.freeze_layers else None,
+        )
+        model = get_peft_model(model, peft_cfg)
+        if lora_cfg.shared_dropout:
+            from trainer_core.fastpath.lora_dropout import share_dropout_draws
+
+            share_dropout_draws(model)
+    else:
+        _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
+    if model_cfg.pooled_last_layer:  # before compiling: the layer's compile() compiles its pooled computation
+        from trainer_core.fastpath.last_layer import pool_last_layer
+
+        pool_last_layer(model)
+    if model_cfg.compile != "off":
+        compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None,
+                       options=compile_options(model_cfg), persistent_max=model_cfg.persistent_reduction_max)
+    return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as the layer count)."""
+    n = decoder_layer_count(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def compile_layers(model, dynamic: bool | None = None, options: dict | None = None, persistent_max: int = 0) -> None:
+    """Regional compilation: ``torch.compile`` each decoder layer in place (parameter names and state dicts do not
+    change). Layers of one kind share compiled code, so a 42-layer model compiles a few graphs, not 42; lengths that
+    vary between batches get one dynamic-shape graph after the second length seen. ``options``: torch.compile's
+    (inductor's) options, dotted names (``model.compile_options``). ``persistent_max``: rows of up to that many
+    elements kept in registers (``model.persistent_reduction_max``,
+    :mod:`trainer_core.fastpath.persistent_reduction`)."""
+    import torch._dynamo
+
+    from trainer_core.fastpath import persistent_reduction
+    # frozen vs adapted layers, sliding vs global attention, train vs eval, fixed vs dynamic length: a dozen graphs
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    persistent_reduction.install(persistent_max)
+    options = {**(options or {}), **persistent_reduction.compile_options(persistent_max)}
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=dynamic, options=options or None)
+
+
+def enable_checkpointing(model, reentrant: bool = False, only: range | None = None) -> None:
+    """Recompute each decoder layer's activations in backward (``only``: just the layers of that index range; the
+    others keep their activations - partial recomputation for a card that almost fits).
+
+    Non-reentrant (ours) needs no grad on the embeddings, so backward stops below the lowest trained layer. Reentrant
+    (the seed, via peft's default) needs input grads, which carries the backward pass through every frozen layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_*
+    if enable is not None:
+        enable(kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        base.enable_input_require_grads()
+    else:
+        base.disable_input_require_grads()
+    if only is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            if i not in only:
+                layer.gradient_checkpointing = False  # read per call by transformers' GradientCheckpointingLayer
+
+
+def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:
+    """Full fine-tuning of layers >= freeze_layers and the head; embeddings and lower layers stay fixed."""
+    if freeze_layers <= 0:
+        return
+    if freeze_layers >= n_layers:
+        raise ValueError(f"lora.freeze_layers={freeze_layers} freezes all {n_layers} layers")
+    import re
+
+    layer_re = re.compile(r"\.(\d+)\.")
+    for name, p in model.named_parameters():
+        m = layer_re.search(name)
+        if "embed" in name or (m and int(m.group(1)) < freeze_layers):
+            p.requires_grad_(False)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Only the trained tensors (adapters and head): a few MB where the full model is many GB. Read from the parameters,
+    not ``model.state_dict()``: that would serialise every quantized layer, and bitsandbytes' state-dict hook on the
+    CPU rewrites a 4-bit weight's layout in place, so the rank that saves a checkpoint would predict differently."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params or not params[k].requires_grad]
+    if unknown:
+        raise ValueError(f"checkpoint has tensors the model does not train: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
