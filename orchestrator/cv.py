@@ -104,6 +104,7 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     # Ray is imported only once the config and data are known to be good.
     from orchestrator.cluster import folds as ray_folds
     from orchestrator.cluster import schedule
+    from orchestrator.cluster.eta import later_fold_times
     from orchestrator.reporting.reducer import ReduceError, fold_is_complete, format_table, reduce_run
 
     done = [k for k in folds if fold_is_complete(run_dir, k, rows)]
@@ -123,7 +124,10 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         train_rows = int(len(rows) * (cfg.data.n_folds - 1) / cfg.data.n_folds)  # per fold, for rotate_folds=null
         phases = schedule.plan_fold_phases(cfg, todo, resources, train_rows)
         pieces = any(p.stop_at is not None for phase in phases for p in phase.values())  # a rotated schedule
-        for planned in phases:
+        concurrencies = [schedule.plan_concurrency(cfg, resources, len(ph), next(iter(ph.values())))
+                         for ph in phases]
+        shares = schedule.phase_shares(phases)  # the share of a fold each piece trains, for the run's ETA
+        for i, planned in enumerate(phases):
             phase = {k: p for k, p in planned.items() if errors.get(k) is None}  # a fold that failed stays failed
             if not phase:
                 continue
@@ -134,7 +138,8 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
             print(f"training folds {list(phase)} on Ray ({resources.get('CPU', 0):g} CPUs, "
                   f"{resources.get('GPU', 0):g} GPUs): {where.describe()}, {concurrency} at a time{stops}; run "
                   f"directory {run_dir}")
-            errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency))
+            later = later_fold_times(shares[i + 1:], concurrencies[i + 1:])
+            errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency, later))
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

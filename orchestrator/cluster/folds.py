@@ -187,9 +187,11 @@ def remove_leftover_placement_groups() -> int:
     return n
 
 
-def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
+              later_fold_times: float = 0.0) -> dict[int, str | None]:
     """Train the folds of ``phase``, each placed as it says, as concurrent Tune trials; returns {fold: None if it
     finished (or paused at its placement's ``stop_at``, a piece of a rotated schedule), else the error text}.
+    ``later_fold_times``: whole-fold durations of the phases after this one, for the console's run ETA.
 
     Without the State API (no dashboard), Ray 2.60's Train V2 leaves each finished run's worker placement group
     reserved, and later folds wait for resources forever. Then, on a cluster this process started, folds run in waves
@@ -210,10 +212,10 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
             out: dict[int, str | None] = {}
             for i in range(0, len(folds), concurrency):
                 wave = {k: phase[k] for k in folds[i:i + concurrency]}
-                out.update(_tune_folds(cfg, wave, run_dir, concurrency))
+                out.update(_tune_folds(cfg, wave, run_dir, concurrency, later_fold_times))
                 remove_leftover_placement_groups()
             return out
-    out = _tune_folds(cfg, phase, run_dir, concurrency)
+    out = _tune_folds(cfg, phase, run_dir, concurrency, later_fold_times)
     if not cfg.cluster.address:
         freed = remove_leftover_placement_groups()
         if freed:
@@ -221,7 +223,8 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
     return out
 
 
-def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
+                later_fold_times: float) -> dict[int, str | None]:
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
@@ -230,7 +233,8 @@ def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> d
         param_space={"fold": ray.tune.grid_search(list(phase))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
-                                      callbacks=[Progress(len(phase), concurrency)],
+                                      callbacks=[Progress(len(phase), concurrency,
+                                                         later_fold_times=later_fold_times)],
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()

@@ -1,29 +1,33 @@
-"""The console while folds train: one line per fold report (step/total, loss, throughput, ETA) and an overall ETA."""
+"""The console while folds train: a line when a fold starts, one per fold report (step/total, loss, throughput, ETA)
+and the whole run's ETA. The ETAs come from :mod:`orchestrator.cluster.eta`: "warming up" until a fold's step rate is
+steady, never an average over compilation."""
 
 from __future__ import annotations
 
-import collections
-import math
 import sys
 import time
 
 import ray.tune
 
-ETA_WINDOW = 8  # progress reports per fold that its ETA is measured over
+from orchestrator.cluster.eta import FoldPace, fmt_s, run_eta_s
 
 
 class Progress(ray.tune.Callback):
-    """One console line per fold report: step/total, loss, throughput, ETA; and an overall ETA."""
+    """Console lines for one phase of folds (``n_folds`` of them, ``concurrency`` at a time); ``later_fold_times``:
+    whole-fold durations the phases after this one still take (:func:`orchestrator.cluster.eta.later_fold_times`)."""
 
-    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout):
-        self.n_folds, self.concurrency = n_folds, concurrency
+    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout, later_fold_times: float = 0.0):
+        self.n_folds, self.concurrency, self.later = n_folds, concurrency, later_fold_times
         self.finished = 0
         self.stream = stream
         self.t0 = time.time()
-        self.state: dict[int, dict] = {}
-        self.recent: dict[int, collections.deque] = {}  # fold -> last (elapsed_s, step) pairs
-        self.pace: dict[int, float] = {}  # fold -> seconds per step, from ``recent``
+        self.state: dict[int, dict] = {}  # fold -> its last result
+        self.pace: dict[int, FoldPace] = {}
         self.last_print = 0.0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(f"fold {trial.config.get('fold')}: started (loading the model; a compiled model's first steps "
+                   f"compile, so the ETA shows once the step rate is steady)")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         fold = trial.config.get("fold")
@@ -41,55 +45,37 @@ class Progress(ray.tune.Callback):
         if "step" not in result:
             return
         self.state[fold] = result
-        window = self.recent.setdefault(fold, collections.deque(maxlen=ETA_WINDOW))
-        if window and result["step"] <= window[-1][1]:  # the fold restarted from a checkpoint
-            window.clear()
-        window.append((result.get("elapsed_s", 0.0), result["step"]))
-        self.pace[fold] = self._s_per_step(result, window)
+        pace = self.pace.setdefault(fold, FoldPace(result["total_steps"]))
+        pace.add(result.get("elapsed_s", 0.0), result["step"], result.get("compiles", 0), result.get("start_step"))
         if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
             return
         self.last_print = time.time()
         loss = f"  loss {result['train_loss']:.4f}" if "train_loss" in result else ""
         sps = f"  {result['samples_per_s']:.1f} samples/s" if "samples_per_s" in result else ""
-        self._line(f"fold {fold}: step {result['step']}/{result['total_steps']}{loss}{sps}"
-                   f"  eta {_fmt_s(self.eta(fold))}  (all folds: {_fmt_s(self._overall_eta(trials))})")
+        eta = self.eta(fold)
+        when = f"eta {fmt_s(eta)}" if eta is not None else (
+            "compiling" if pace.compiling() and result.get("compiles") else "warming up")
+        overall = self.overall_eta()
+        self._line(f"fold {fold}: step {result['step']}/{result['total_steps']}{loss}{sps}  {when}"
+                   f"  (all folds: {fmt_s(overall) if overall is not None else 'after warm-up'})")
 
-    @staticmethod
-    def _s_per_step(r: dict, window) -> float:
-        """Seconds per step over the last ``ETA_WINDOW`` reports, so one-off start-up costs (compilation, the first
-        batches) stop inflating the ETA once the window has moved past them; before that, the fold's average."""
-        if len(window) >= 2 and window[-1][1] > window[0][1]:
-            return (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
-        done = r["step"] - r.get("start_step", 0)
-        return r.get("elapsed_s", 0) / done if done > 0 else math.inf
+    def eta(self, fold: int) -> float | None:
+        """Seconds until ``fold`` finishes at its steady pace; None while it warms up."""
+        return self.pace[fold].eta_s()
 
-    def eta(self, fold: int) -> float:
-        """Seconds until ``fold`` finishes at its recent pace."""
-        r = self.state[fold]
-        return self.pace[fold] * (r["total_steps"] - r["step"])
+    def overall_eta(self) -> float | None:
+        """The running folds, this phase's folds not started yet (Tune creates trials lazily, so they are counted
+        from the total), then the phases still to come; None until every running fold is steady."""
+        running = list(self.pace.values())
+        waiting = max(0, self.n_folds - self.finished - len(running))
+        return run_eta_s(running, waiting, self.concurrency, self.later)
 
     def _forget(self, fold: int) -> None:
-        for d in (self.state, self.recent, self.pace):
-            d.pop(fold, None)
-
-    def _overall_eta(self, trials) -> float:
-        """Longest running fold plus the not-yet-started folds in waves of ``concurrency`` (Tune creates trials lazily,
-        so they are counted from the total, not from ``trials``)."""
-        running = [self.eta(f) for f in self.state]
-        not_started = max(0, self.n_folds - self.finished - len(running))
-        per_fold = [self.pace[f] * r["total_steps"] for f, r in self.state.items() if math.isfinite(self.pace[f])]
-        mean = sum(per_fold) / len(per_fold) if per_fold else 0.0
-        return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
+        self.state.pop(fold, None)
+        self.pace.pop(fold, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"fold {trial.config.get('fold')}: FAILED (details in {trial.local_path or 'the Ray logs'})")
 
     def _line(self, text: str) -> None:
-        print(f"[{_fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)
-
-
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+        print(f"[{fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)

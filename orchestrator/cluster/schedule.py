@@ -197,3 +197,18 @@ def rotation_is_faster(cfg: Config, n_folds: int, slots: int, train_rows_per_fol
     share = slots // rest  # slots each packed fold would train on
     speedup = DDP_SPEEDUP.get(share, DDP_SPEEDUP_MANY) if share > 1 else 1.0
     return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PIECE_OVERHEAD_S, speedup)
+
+
+def phase_shares(phases: list[Phase]) -> list[list[float]]:
+    """For each phase, the share of a whole fold each of its folds trains there: 1.0 without rotation, the piece
+    between the previous stop and this one (``stop_at``; None = to the end) with it."""
+    done: dict[int, float] = {}
+    out = []
+    for phase in phases:
+        shares = []
+        for fold, placement in phase.items():
+            stop = 1.0 if placement.stop_at is None else placement.stop_at
+            shares.append(max(0.0, stop - done.get(fold, 0.0)))
+            done[fold] = stop
+        out.append(shares)
+    return out

@@ -1,32 +1,83 @@
-"""The console's per-fold ETA follows the recent step rate, so a slow start (compilation, the first batches) stops
-inflating it, and a fold restarted from a checkpoint starts its window afresh."""
+"""The console's ETA tells the truth: no number while a fold warms up or compiles, the steady rate once there is one
+(not an average over compilation), a restarted fold starts afresh, and the run's ETA counts the phases still to come."""
 
 import io
 import math
 from types import SimpleNamespace
 
-from orchestrator.cluster.progress import ETA_WINDOW, Progress
+import pytest
+
+from orchestrator.cluster.eta import FoldPace, later_fold_times, run_eta_s
+from orchestrator.cluster.progress import Progress
+from orchestrator.cluster.schedule import Placement, phase_shares
 
 
-def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 1000, start: int = 0) -> dict:
-    result = {"step": step, "total_steps": total, "elapsed_s": elapsed, "start_step": start}
+def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 1000, start: int = 0,
+         compiles: int = 0) -> str:
+    result = {"step": step, "total_steps": total, "elapsed_s": elapsed, "start_step": start, "compiles": compiles}
+    progress.last_print = 0.0  # print every report
     progress.on_trial_result(0, [], SimpleNamespace(config={"fold": fold}), result)
-    return progress.state[fold]
+    return progress.stream.getvalue().splitlines()[-1]
 
 
-def test_eta_uses_the_recent_rate_after_a_slow_start():
+def test_a_slow_start_gives_no_eta_then_the_steady_rate():
+    """The H100 case: compilation, then 1 s a step while recompiling, then 0.26 s a step. An average would have said
+    hours; the console says "compiling"/"warming up" and then the steady rate's ETA."""
     p = Progress(n_folds=1, concurrency=1, stream=io.StringIO())
-    r = feed(p, 0, elapsed=60.0, step=1)  # the first step took a minute (compiling)
-    assert math.isclose(p.eta(0), 60.0 * 999)  # nothing better known yet
-    for i in range(1, ETA_WINDOW + 1):
-        r = feed(p, 0, elapsed=60.0 + 0.25 * 10 * i, step=1 + 10 * i)  # then 0.25 s a step
-    assert math.isclose(p.eta(0), 0.25 * (1000 - r["step"]))
-    assert math.isclose(p._overall_eta([]), 0.25 * (1000 - r["step"]))
+    assert "compiling" in feed(p, 0, elapsed=150.0, step=10, compiles=3)
+    assert p.eta(0) is None
+    t, line = 150.0, ""
+    for step, compiles in [(20, 4), (30, 5), (40, 6)]:  # each interval recompiled something
+        t += 10.0
+        line = feed(p, 0, elapsed=t, step=step, compiles=compiles)
+        assert p.eta(0) is None and "compiling" in line and "after warm-up" in line
+    t += 2.6  # nothing compiled since: 0.26 s a step
+    line = feed(p, 0, elapsed=t, step=50, compiles=6)
+    assert "warming up" in line and p.eta(0) is None  # one quiet interval is not a rate yet
+    t += 2.6
+    line = feed(p, 0, elapsed=t, step=60, compiles=6)
+    assert p.eta(0) == pytest.approx(0.26 * (1000 - 60))
+    assert "eta 4m04s" in line and "all folds: 4m04s" in line
 
 
-def test_a_restarted_fold_starts_a_new_window():
-    p = Progress(n_folds=1, concurrency=1, stream=io.StringIO())
+def test_without_a_compile_count_two_agreeing_intervals_make_a_rate():
+    pace = FoldPace(total_steps=100)
+    for t, step in [(60.0, 10), (70.0, 20), (71.0, 30), (72.0, 40)]:  # 1 s a step, then 0.1 s
+        pace.add(t, step)
+    assert pace.steady_s_per_step() == pytest.approx(0.1)
+    assert pace.eta_s() == pytest.approx(6.0)
+    # the fold's whole time: the 70 s spent before the steady rate beyond that rate, plus every step at it
+    assert pace.fold_s() == pytest.approx(72.0 - 0.1 * 40 + 0.1 * 100)
+
+
+def test_a_restarted_fold_starts_its_clock_again():
+    pace = FoldPace(total_steps=1000)
     for i in range(1, 5):
-        feed(p, 0, elapsed=1.0 * i, step=10 * i)  # 0.1 s a step
-    feed(p, 0, elapsed=30.0, step=25, start=20)  # restarted from step 20, 30 s spent loading
-    assert math.isclose(p.eta(0), 30.0 / 5 * (1000 - 25))  # its own average, not a rate across the restart
+        pace.add(1.0 * i, 10 * i)  # 0.1 s a step
+    pace.add(30.0, 25, start_step=20)  # restarted from step 20, 30 s spent loading
+    assert pace.start_step == 20 and pace.steady_s_per_step() is None
+    pace.add(31.0, 35)
+    pace.add(32.0, 45)
+    assert pace.steady_s_per_step() == pytest.approx(0.1)
+
+
+def test_the_run_eta_counts_waves_and_later_phases():
+    fold = FoldPace(total_steps=100)
+    for t, step in [(20.0, 10), (30.0, 20), (40.0, 30)]:  # 1 s a step, 10 s of warm-up
+        fold.add(t, step)
+    whole = fold.fold_s()
+    assert whole == pytest.approx(110.0)
+    # 70 s left on the running fold, 3 more folds of this phase in waves of 2 (2 waves), then 1.5 fold-times later
+    assert run_eta_s([fold], 3, 2, 1.5) == pytest.approx(70.0 + 2 * 110.0 + 1.5 * 110.0)
+    assert run_eta_s([fold, FoldPace(total_steps=100)], 0, 2, 0.0) is None  # one fold still warming up
+
+
+def test_later_fold_times_of_waves_and_rotated_pieces():
+    whole = Placement(gpus=1, cpu_workers=0, cpus_per_worker=1.0)
+    piece = Placement(gpus=1, cpu_workers=0, cpus_per_worker=1.0, stop_at=0.25)
+    # two phases of whole folds: 4 folds on 2 slots (2 waves), then 1 fold
+    assert later_fold_times([[1.0] * 4, [1.0]], [2, 1]) == 3.0
+    shares = phase_shares([{0: piece, 1: whole}, {0: whole}])
+    assert shares == [[0.25, 1.0], [0.75]]
+    assert later_fold_times(shares[1:], [1]) == 0.75
+    assert math.isclose(later_fold_times([[0.25, 1.0]], [2]), 1.0)
