@@ -6,7 +6,8 @@ other position of the top layer's output is never read, yet the layer computes q
 RMSNorms and the MLP for all T positions, forward and backward. Only its keys and values are needed everywhere. With
 this on, the top layer normalises all positions and computes K and V for them, and everything else for the pooled row
 alone: ~93% of that layer's work saved, ~2.7% of a Gemma-2 9B training step (measured: 1.02x the step on an H200).
-The logits, loss and gradients are the same numbers up to float rounding (tests/trainer_core/fastpath/test_last_layer.py).
+The logits, loss and gradients are the same numbers up to float rounding
+(tests/trainer_core/fastpath/test_last_layer.py).
 
 The layer's output holds the computed rows at the pooled positions; every other position holds the layer's input
 unchanged (anything would do: nothing reads it). So ``output_hidden_states`` is not the plain model's for the top
