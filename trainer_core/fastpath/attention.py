@@ -97,11 +97,12 @@ def additive_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 
     Built here, in a few lines of torch, on the padding mask's device, with no host sync and no data-dependent
     branch. transformers' own ``sdpa_mask`` (from 5.4) builds its index tensors on its ``device`` argument, "cpu"
-    unless given, and indexes the padding mask with them: a caller that leaves ``device`` out gets a blocking
-    host-to-device copy of the indices on a GPU (``called a synchronizing CUDA operation`` at masking_utils.py:178 of
-    5.17). Its signature also changed across 5.x (``cache_position`` until 5.3, ``allow_torch_fix`` until 5.18). The
-    zero is made on the device too: ``torch.tensor(0.0, device=...)``, as transformers 5.17's ``eager_mask`` has it,
-    is a blocking copy that made every step wait for the previous one (1.01x the step, docs/PERFORMANCE.md)."""
+    unless given, and indexes the padding mask with them: a caller that leaves ``device`` out (transformers' own
+    ``create_causal_mask`` passes it; the GPU test's call did not) gets a blocking host-to-device copy of the indices
+    (``called a synchronizing CUDA operation`` at masking_utils.py:178 of 5.17). Its signature also changed across
+    5.x (``cache_position`` until 5.3, ``allow_torch_fix`` until 5.17). The zero is made on the device too:
+    ``torch.tensor(0.0, device=...)``, as transformers 5.17's ``eager_mask`` has it, is a blocking copy that made every
+    step wait for the previous one (1.01x the step, docs/PERFORMANCE.md)."""
     if use_vmap:  # transformers asks for vmap only for patterns that are not index arithmetic (multimodal masks)
         raise NotImplementedError("attn_implementation block_causal(_triton) builds index-based masks only; this "
                                   "model's mask needs vmap: use attn_implementation=eager")
