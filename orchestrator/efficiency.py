@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.init == "random":
         from trainer_core.data.tokenization import build_tokenizer
         from trainer_core.model.build import random_weights_dir
+        from trainer_core.model.precision import random_weights_dtype
 
         pad = build_tokenizer(cfg.model).pad_token_id
-        random_weights_dir(cfg.model, pad, cfg.train.seed,
-                           torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16)
+        device = torch.device("cuda" if cfg.cluster.gpus_per_fold > 0 else "cpu")  # where the folds will train
+        random_weights_dir(cfg.model, pad, cfg.train.seed, random_weights_dtype(cfg.train.precision, device))
     n_gpus = torch.cuda.device_count()
     t0, t0_wall = time.perf_counter(), time.time()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(args.config), "--folds",

@@ -6,7 +6,11 @@ the user asked for, and what the fold's files record) is never rewritten to carr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
 
 from trainer_core.config import Config
 
@@ -170,33 +174,53 @@ def prefer_rotation(n_folds: int, slots: int, train_s: float, phase_overhead_s: 
     return crossover is not None and train_s > crossover
 
 
-# Measured in one call on 2 x H200 (docs/PERFORMANCE.md, "Issue 15: packing against rotation, one call"), compiled
-# fast config, 3 folds, warm inductor cache: packing 124.6 s of wall = 2 phases + 12.0 s of one-GPU training + 7.0 s of
-# the packed fold's data-parallel training -> 52.8 s per phase (Tune trial, Ray Train workers, imports, model load,
-# compilation, prediction and files); rotation 199.6 s = 3 phases + 3 x 6.0 s of training -> 60.5 s per piece (the
-# same plus a checkpoint written and read). A full-length step of the fast config takes 0.233 s on an H200
-# (orchestrator.bench).
-PHASE_OVERHEAD_S = 52.8
-PIECE_OVERHEAD_S = 60.5
-STEP_S = 0.233
-# A fold split over GPUs: over 2 GPUs (2 of the batch's 4 rows each) 1.68x one GPU (0.116 vs 0.195 s a step, same
-# call as above); over 4 GPUs (1 row each) 1.1x (session 2, 4 x H200, eager step; not measured compiled).
-DDP_SPEEDUP = {2: 1.68}
-DDP_SPEEDUP_MANY = 1.1
+OVERHEADS_FILE = Path(__file__).with_name("overheads.yaml")  # the measured figures, each with its card and source
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """The measured figures :func:`rotation_is_faster` decides from (:data:`OVERHEADS_FILE` says what each is)."""
+
+    phase_overhead_s: float
+    piece_overhead_s: float
+    step_s: float
+    ddp_speedup: dict[int, float]  # GPUs a fold is split over -> speed-up over one GPU
+    ddp_speedup_many: float  # for GPU counts ddp_speedup does not list
+
+    def speedup(self, gpus: int) -> float:
+        return 1.0 if gpus <= 1 else self.ddp_speedup.get(gpus, self.ddp_speedup_many)
+
+
+def load_overheads(path: Path | None = None) -> Overheads:
+    """The measured figures from ``path`` (default :data:`OVERHEADS_FILE`), each entry's ``value``."""
+    path = Path(path or OVERHEADS_FILE)
+    return _read_overheads(path, path.stat().st_mtime_ns)
+
+
+@functools.cache  # read once per file version
+def _read_overheads(path: Path, mtime_ns: int) -> Overheads:
+    data = yaml.safe_load(path.read_text()) or {}
+    names = [f.name for f in fields(Overheads)]
+    missing = [n for n in names if not isinstance(data.get(n), dict) or "value" not in data[n]]
+    if missing:
+        raise ValueError(f"{path}: no value for {', '.join(missing)} (each entry: value, what, card, source)")
+    values = {n: data[n]["value"] for n in names}
+    values["ddp_speedup"] = {int(k): float(v) for k, v in values["ddp_speedup"].items()}
+    return Overheads(**values)
 
 
 def rotation_is_faster(cfg: Config, n_folds: int, slots: int, train_rows_per_fold: int) -> bool:
     """Whether rotation beats packing for ``n_folds`` GPU folds of ``train_rows_per_fold`` rows on ``slots``
-    one-fold slots, from the measured overheads above (:func:`prefer_rotation`). Training time per fold is estimated
-    at full-length steps, so short rows make it an upper bound."""
+    one-fold slots, from the measured overheads of :data:`OVERHEADS_FILE` (:func:`prefer_rotation`). Training time
+    per fold is estimated at full-length steps, so short rows make it an upper bound."""
     t = cfg.train
     steps = t.max_steps or -(-train_rows_per_fold // (t.batch_size * t.grad_accum)) * t.epochs
     rest = n_folds % slots
     if rest == 0 or slots >= n_folds:
         return False  # nothing left over to pack or rotate
     share = slots // rest  # slots each packed fold would train on
-    speedup = DDP_SPEEDUP.get(share, DDP_SPEEDUP_MANY) if share > 1 else 1.0
-    return prefer_rotation(n_folds, slots, steps * STEP_S, PHASE_OVERHEAD_S, PIECE_OVERHEAD_S, speedup)
+    o = load_overheads()
+    return prefer_rotation(n_folds, slots, steps * o.step_s, o.phase_overhead_s, o.piece_overhead_s, o.speedup(share))
 
 
 def phase_shares(phases: list[Phase]) -> list[list[float]]:

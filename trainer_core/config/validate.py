@@ -30,6 +30,22 @@ def compile_options(m: ModelConfig) -> dict:
     return flat
 
 
+def _noop() -> None:
+    """What :func:`_torch_compile_refusal` hands torch.compile: never called, so nothing compiles."""
+
+
+def _torch_compile_refusal(name: str, value) -> str | None:
+    """Why torch.compile refuses the option ``name: value``, or None. torch.compile checks its options' names and
+    types when called, before anything compiles (the public way to ask; the same check a fold's first layer meets)."""
+    import torch  # only here: the options torch.compile knows come from torch
+
+    try:
+        torch.compile(_noop, options={name: value})
+    except RuntimeError as e:
+        return str(e).split(", known options are")[0]  # the full list of names follows: too long for a config error
+    return None
+
+
 def _compile_option_errors(m: ModelConfig) -> list[str]:
     """Problems with ``model.compile_options``, found before anything starts (torch itself only checks the names when
     the first layer compiles, inside a fold)."""
@@ -39,19 +55,24 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
     errs = [f"model.compile_options.{k}: expected a number, string or true/false, got {v!r}"
             for k, v in options.items() if not isinstance(v, (bool, int, float, str))]
     if options.get("triton.multi_kernel"):
-        errs.append("model.compile_options.triton.multi_kernel: refused, it gave wrong gradients in the compiled "
-                    "layers (torch 2.11, H200: docs/PERFORMANCE.md, session 9); the persistent softmax rows it "
-                    "found come from model.persistent_reduction_max=1024")
+        errs.append("model.compile_options.triton.multi_kernel: not allowed, it computes wrong gradients in these "
+                    "compiled layers (docs/PERFORMANCE.md); remove it, and set model.persistent_reduction_max=1024 "
+                    "for the persistent softmax rows it would choose")
     if m.compile == "off":
         errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
                     "dynamic")
-    import torch._inductor  # only here: reading the names torch.compile knows needs torch
-
-    known = set(torch._inductor.list_options())
-    unknown = sorted(k for k in options if k not in known)
+    unknown = []
+    for name, value in options.items():
+        if not isinstance(value, (bool, int, float, str)):
+            continue  # reported above
+        refusal = _torch_compile_refusal(name, value)
+        if refusal and refusal.startswith("Unexpected optimization option"):
+            unknown.append(name)
+        elif refusal:
+            errs.append(f"model.compile_options.{name}: torch.compile refuses {value!r}: {refusal}")
     if unknown:
-        errs.append(f"model.compile_options: unknown torch.compile (inductor) option(s) {', '.join(unknown)}; "
-                    f"torch._inductor.list_options() lists the {len(known)} known ones")
+        errs.append(f"model.compile_options: torch.compile (inductor) has no option(s) {', '.join(sorted(unknown))}; "
+                    "fix the name (torch._inductor.list_options() prints the known ones)")
     return errs
 
 

@@ -25,9 +25,6 @@ call (264 calls a step) outweighs the card time its kernels save.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
 from trainer_core.config import BLOCK_CAUSAL
@@ -85,33 +82,51 @@ def block_causal_triton_attention(*args, **kwargs) -> tuple[torch.Tensor, None]:
     return block_causal_attention(*args, **kwargs, fused=True)
 
 
-@functools.cache
-def _takes_torch_fix(function) -> bool:
-    return "allow_torch_fix" in inspect.signature(function).parameters
+def causal(batch_idx, head_idx, q_idx, kv_idx) -> torch.Tensor:
+    """transformers' mask-function form (index tensors in, booleans out) of plain causality."""
+    return kv_idx <= q_idx
 
 
-def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
-    """transformers' eager mask (0 where a query may attend, the dtype's minimum elsewhere), built from its
-    ``sdpa_mask`` without a host-to-device copy. ``eager_mask`` of transformers 5.17 made its zero with
-    ``torch.tensor(0.0, device=...)``: a blocking copy, so every forward pass waited for the card to finish the previous
-    step and the card then waited for the host (this mask: 1.01x the step on an H200, docs/PERFORMANCE.md session 6)."""
-    from transformers.masking_utils import sdpa_mask
+def additive_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                  mask_function=causal, attention_mask: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                  use_vmap: bool = False, **kwargs) -> torch.Tensor:
+    """transformers' eager mask (B, 1, Q, K): 0 where a query may attend, the dtype's minimum elsewhere. Registered in
+    transformers' public mask registry (``AttentionMaskInterface``), which calls it with these keywords: the pattern
+    (causal, sliding window) as ``mask_function`` over index tensors, the 2-D padding mask as ``attention_mask``.
 
-    kwargs.pop("allow_is_causal_skip", None)
-    if _takes_torch_fix(sdpa_mask):  # older transformers; their eager_mask passes False
-        kwargs.setdefault("allow_torch_fix", False)
-    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
-    if mask is None:  # newer transformers may skip a mask that masks nothing (bidirectional, no padding)
-        return None
-    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+    Built here, in a few lines of torch, on the padding mask's device, with no host sync and no data-dependent
+    branch. transformers' own ``sdpa_mask`` (from 5.4) builds its index tensors on its ``device`` argument, "cpu"
+    unless given, and indexes the padding mask with them: a caller that leaves ``device`` out (transformers' own
+    ``create_causal_mask`` passes it; the GPU test's call did not) gets a blocking host-to-device copy of the indices
+    (``called a synchronizing CUDA operation`` at masking_utils.py:178 of 5.17). Its signature also changed across
+    5.x (``cache_position`` until 5.3, ``allow_torch_fix`` until 5.17). The zero is made on the device too:
+    ``torch.tensor(0.0, device=...)``, as transformers 5.17's ``eager_mask`` has it, is a blocking copy that made every
+    step wait for the previous one (1.01x the step, docs/PERFORMANCE.md)."""
+    if use_vmap:  # transformers asks for vmap only for patterns that are not index arithmetic (multimodal masks)
+        raise NotImplementedError("attn_implementation block_causal(_triton) builds index-based masks only; this "
+                                  "model's mask needs vmap: use attn_implementation=eager")
+    if attention_mask is not None:
+        device = attention_mask.device if device is None else device
+    device = torch.device("cpu" if device is None else device)
+    q_idx = torch.arange(q_length, device=device) + q_offset
+    kv_idx = torch.arange(kv_length, device=device) + kv_offset
+    allowed = mask_function(torch.arange(batch_size, device=device)[:, None, None, None],
+                            torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                            q_idx[None, None, :, None], kv_idx[None, None, None, :])
+    if attention_mask is not None:  # keys kv_offset.. of each row; past the 2-D mask's end: padding, as transformers
+        padding = attention_mask.to(device=device, dtype=torch.bool)[:, kv_offset:kv_offset + kv_length]
+        padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]))
+        allowed = allowed & padding[:, None, None, :]
+    allowed = allowed.expand(batch_size, 1, q_length, kv_length)
+    return torch.where(allowed, torch.zeros((), device=device, dtype=dtype), torch.finfo(dtype).min)
 
 
 def register() -> None:
     """Make ``attn_implementation`` block_causal and block_causal_triton known to transformers (its public attention
     and mask registries), with eager's additive mask (:func:`additive_mask`). Idempotent; called by ``build_model``
     before loading, never at import."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     define_ops()
     for name, function in ((NAME, block_causal_attention), (TRITON_NAME, block_causal_triton_attention)):

@@ -24,3 +24,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def random_weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a ``model.init=random`` model is saved in (part of its cache key) for ``train.precision`` on
+    ``device``: fp32 for fp32 runs, bf16 for bf16 and fp16 runs (one copy serves both). 'auto' is resolved first, as a
+    fold resolves it, so a caller that builds the cache ahead of the folds (``orchestrator.efficiency``) builds the
+    copy they load. ``build_model`` and every such caller use this one rule."""
+    return torch.float32 if resolve_precision(precision, device) == "fp32" else torch.bfloat16

@@ -139,3 +139,28 @@ def test_rotate_folds_null_rotates_gpu_folds_only_past_the_measured_crossover():
     assert len(plan_fold_phases(gpu, [0, 1, 2, 3, 4], resources, 46_000)) == 2
     cpu = Config()  # CPU folds never rotate unless asked
     assert len(plan_fold_phases(cpu, [0, 1, 2, 3, 4], {"CPU": 2}, 46_000)) == 2
+
+
+def test_the_rotation_decision_reads_the_measured_overheads_file(monkeypatch, tmp_path):
+    """The figures come from orchestrator/cluster/overheads.yaml, each with the card and the write-up that measured
+    it; a changed value there changes the decision."""
+    import yaml
+
+    from orchestrator.cluster import schedule
+
+    data = yaml.safe_load(schedule.OVERHEADS_FILE.read_text())
+    for name, entry in data.items():
+        assert entry["card"] and "NVIDIA" in entry["card"] and entry["source"].startswith("docs/"), name
+    gpu = Config()
+    gpu.cluster.gpus_per_fold = 1
+    assert schedule.rotation_is_faster(gpu, 5, 4, 46_000)  # the shipped figures: a Kaggle-sized fold rotates
+    data["piece_overhead_s"]["value"] = 5_000.0  # pieces that cost more than they save
+    edited = tmp_path / "overheads.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(schedule, "OVERHEADS_FILE", edited)
+    assert not schedule.rotation_is_faster(gpu, 5, 4, 46_000)
+    del data["step_s"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="broken.yaml: no value for step_s"):
+        schedule.load_overheads(broken)

@@ -1,8 +1,14 @@
-"""The efficiency figure's numerator: what each fold would take alone on one GPU, in one run."""
+"""The efficiency figure's numerator: what each fold would take alone on one GPU, in one run; the random weights it
+builds before the clock starts are the ones the folds load."""
+
+import subprocess
 
 import pytest
+import torch
 
+from orchestrator import efficiency
 from orchestrator.efficiency import one_gpu_seconds
+from tests.conftest import CONFIGS
 
 
 def test_a_fold_in_pieces_counts_one_load_and_one_prediction():
@@ -13,3 +19,34 @@ def test_a_fold_in_pieces_counts_one_load_and_one_prediction():
     plain = {"fold_seconds": 172.0, "train_seconds": 138.0, "last_run_seconds": 172.0, "last_run_train_seconds": 138.0}
     assert one_gpu_seconds(plain) == pytest.approx(172.0)
     assert one_gpu_seconds({"fold_seconds": 90.0, "train_seconds": 70.0}) == 90.0  # metrics from before the split
+
+
+class Built(Exception):
+    """Stops build_model once it has asked for the random weights."""
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_efficiency_builds_the_random_weights_the_folds_load(monkeypatch, tmp_path, precision):
+    """The cache key's dtype: orchestrator.efficiency (before the clock) and build_model (in each fold) agree, also for
+    train.precision=auto on CPU folds (fp32 there; efficiency used to build a bf16 copy no fold loaded)."""
+    import trainer_core.model.build as build
+    from trainer_core.config import load_config
+    from trainer_core.model.precision import resolve_precision
+
+    asked = []
+
+    def fake_dir(model_cfg, pad_token_id, seed, dtype):
+        asked.append(dtype)
+        raise Built
+
+    monkeypatch.setattr(build, "random_weights_dir", fake_dir)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))  # no cv run
+    overrides = [f"train.precision={precision}"]
+    with pytest.raises(Built):
+        efficiency.main(["--config", str(CONFIGS / "smoke.yaml"), "--folds", "0", "--out", str(tmp_path), *overrides])
+    cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+    device = torch.device("cpu")  # smoke.yaml: CPU folds
+    with pytest.raises(Built):
+        build.build_model(cfg.model, cfg.lora, pad_token_id=0, device=device, seed=cfg.train.seed,
+                          precision=resolve_precision(cfg.train.precision, device))
+    assert asked[0] == asked[1] == (torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -166,15 +166,16 @@ def test_compile_options_nested_or_dotted_and_the_override_wins(tmp_path):
 
 def test_compile_options_are_checked_before_anything_runs():
     """Every problem in one error: options without compiled layers, a name torch.compile does not know, a value that
-    is not a scalar, inductor's multi-kernels (wrong gradients, session 9); model.persistent_reduction_max out of
-    range or without compiled layers."""
+    is not a scalar or of the wrong type, inductor's multi-kernels (wrong gradients); model.persistent_reduction_max
+    out of range or without compiled layers."""
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x",
                                     "model.compile_options={triton.multi_kernel: 1}",
                                     "model.persistent_reduction_max=1024"]))
     msg = str(e.value)
     assert "model.compile_options: ['triton.multi_kernel'] apply to compiled layers; set model.compile on" in msg
-    assert "model.compile_options.triton.multi_kernel: refused, it gave wrong gradients" in msg
+    assert "model.compile_options.triton.multi_kernel: not allowed, it computes wrong gradients" in msg
+    assert "remove it, and set model.persistent_reduction_max=1024" in msg
     assert "model.persistent_reduction_max: applies to compiled layers" in msg
     with pytest.raises(ConfigError, match=r"model.persistent_reduction_max: must be in \[0, 16384\].*got 20000"):
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
@@ -183,10 +184,14 @@ def test_compile_options_are_checked_before_anything_runs():
                                 "model.persistent_reduction_max=1024", "model.compile_options.triton.multi_kernel=0"]))
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
-                                    "model.compile_options={triton.multi_kernal: 1, epilogue_fusion: [1]}"]))
+                                    "model.compile_options={triton.multi_kernal: 1, epilogue_fusion: [1], "
+                                    "triton.cudagraphs: fast}"]))
     msg = str(e.value)
-    assert "unknown torch.compile (inductor) option(s) triton.multi_kernal;" in msg  # epilogue_fusion is a known name
+    # epilogue_fusion and triton.cudagraphs are known names; torch.compile refuses a string for a true/false option
+    assert "torch.compile (inductor) has no option(s) triton.multi_kernal; fix the name" in msg
     assert "model.compile_options.epilogue_fusion: expected a number, string or true/false, got [1]" in msg
+    assert "model.compile_options.triton.cudagraphs: torch.compile refuses 'fast'" in msg
+    assert msg.count("epilogue_fusion") == 1  # a non-scalar is reported once, not again by torch.compile
 
 
 def test_parse_override_reads_yaml_values():

@@ -3,8 +3,6 @@ query heads on 2 key/value heads, soft-capping, a sliding-window layer) with LoR
 logits, loss and LoRA gradients, eager and compiled, on padded rows, with blocks that do and do not divide the length;
 the fused soft-capped softmax's backward against autograd, and its Triton kernels against it on a GPU."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -113,23 +111,21 @@ def test_softcap_softmax_triton_kernels_compiled_on_a_mask_view_give_the_referen
                                rtol=1e-5, atol=1e-6)
 
 
-def mask_kwargs(device: str) -> dict:
-    """Arguments of transformers' mask functions for 2 rows of 10 tokens, row 1 left-padded by 3 (its signature
-    changed across transformers 5 releases: cache_position, then q_length)."""
-    from transformers.masking_utils import eager_mask
-
+def mask_kwargs(device: str, pass_device: bool = True) -> dict:
+    """Arguments of transformers' mask functions for 2 rows of 10 tokens, row 1 left-padded by 3, as its
+    ``create_causal_mask`` passes them (``device`` included; ``pass_device=False``: a caller that leaves it out)."""
     padding = torch.ones(2, 10, dtype=torch.bool, device=device)
     padding[1, :3] = False
-    position = ({"q_length": 10} if "q_length" in inspect.signature(eager_mask).parameters
-                else {"cache_position": torch.arange(10, device=device)})
-    return dict(batch_size=2, kv_length=10, attention_mask=padding, dtype=torch.float32, **position)
+    kwargs = dict(batch_size=2, q_length=10, kv_length=10, attention_mask=padding, dtype=torch.float32)
+    return {**kwargs, "device": device} if pass_device else kwargs
 
 
 @pytest.mark.parametrize("window", [None, 4])
-def test_additive_mask_is_transformers_eager_mask(window):
+@pytest.mark.parametrize("pass_device", [True, False])
+def test_additive_mask_is_transformers_eager_mask(window, pass_device):
     from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
 
-    kwargs = mask_kwargs("cpu")
+    kwargs = mask_kwargs("cpu", pass_device)
     if window:
         kwargs["mask_function"] = sliding_window_causal_mask_function(window)
     ours = attention.additive_mask(**kwargs)
@@ -137,16 +133,36 @@ def test_additive_mask_is_transformers_eager_mask(window):
     torch.testing.assert_close(ours, eager_mask(**kwargs), rtol=0, atol=0)
 
 
+def test_additive_mask_with_offsets_and_a_short_padding_mask_is_transformers_eager_mask():
+    """Queries 6..9 over keys 2..11 of a 2-D mask of 10 (keys past its end count as padding, as transformers has it)."""
+    from transformers.masking_utils import eager_mask
+
+    kwargs = {**mask_kwargs("cpu"), "q_length": 4, "q_offset": 6, "kv_offset": 2}
+    torch.testing.assert_close(attention.additive_mask(**kwargs), eager_mask(**kwargs), rtol=0, atol=0)
+
+
+def test_additive_mask_is_built_where_the_padding_mask_lives():
+    """No tensor crosses devices: with the padding mask on the meta device (no data, so any copy to or from it
+    raises) and no ``device`` given, the mask is built on meta. transformers' ``sdpa_mask`` made its indices on the CPU
+    here, the copy that synchronized with the card on CUDA."""
+    mask = attention.additive_mask(**mask_kwargs("meta", pass_device=False))
+    assert mask.device.type == "meta" and mask.shape == (2, 1, 10, 10)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
-def test_additive_mask_does_not_wait_for_the_card():
-    kwargs = mask_kwargs("cuda")
+@pytest.mark.parametrize("pass_device", [True, False])
+def test_additive_mask_does_not_wait_for_the_card(pass_device):
+    from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
+
+    kwargs = {**mask_kwargs("cuda", pass_device), "mask_function": sliding_window_causal_mask_function(4)}
     torch.cuda.set_sync_debug_mode("error")
     try:
         mask = attention.additive_mask(**kwargs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert mask.is_cuda and (mask == 0).sum().item() < 100
+    assert mask.is_cuda
+    torch.testing.assert_close(mask, eager_mask(**{**kwargs, "device": "cuda"}), rtol=0, atol=0)
 
 
 def test_block_causal_is_refused_for_an_encoder_head():
