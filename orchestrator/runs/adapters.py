@@ -34,7 +34,7 @@ def _norm(value):
 def check_same_recipe(adapters: dict[int, Path]) -> None:
     """Every fold's adapter_config.json agrees with the first one's on :data:`MUST_MATCH`, and their tensors have
     the same names and shapes; AdapterError naming the first difference otherwise."""
-    from peft.utils import load_peft_weights
+    from safetensors import safe_open  # shapes from the headers: no tensor read, no peft/bitsandbytes import yet
 
     configs = {k: json.loads((d / "adapter_config.json").read_text()) for k, d in adapters.items()}
     first = min(configs)
@@ -44,8 +44,10 @@ def check_same_recipe(adapters: dict[int, Path]) -> None:
                 raise AdapterError(f"fold {k}'s adapter has {field}={c.get(field)!r}, fold {first}'s "
                                    f"{configs[first].get(field)!r}: --folds average needs adapters of one recipe "
                                    f"(use --folds each)")
-    shapes = {k: {n: tuple(t.shape) for n, t in load_peft_weights(str(d), device="cpu").items()}
-              for k, d in adapters.items()}
+    shapes = {}
+    for k, d in adapters.items():
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            shapes[k] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     for k, s in shapes.items():
         if s != shapes[first]:
             diff = sorted(set(s.items()) ^ set(shapes[first].items()))[0][0]
