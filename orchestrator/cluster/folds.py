@@ -19,6 +19,7 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
+from orchestrator.cluster.address import SETUP_HOOK
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
 from trainer_core.config import Config, config_from_dict
@@ -61,20 +62,24 @@ def worker_env(environ: dict | None = None) -> dict[str, str]:
 def init_ray(address: str | None, num_cpus: int | None) -> dict:
     """Join ``address`` or start a local cluster; returns the cluster's total resources.
 
-    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env`. Ray's own
-    authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local cluster)."""
+    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env` and
+    ``RAY_ADDRESS`` = this cluster (:mod:`orchestrator.cluster.address`), so other Ray clusters on the machine change
+    nothing. Without ``address`` a new local cluster starts even where ``RAY_ADDRESS`` is set or another one runs.
+    Ray's own authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local
+    cluster)."""
     if not ray.is_initialized():
         for key, value in DRIVER_ENV.items():
             os.environ.setdefault(key, value)
         kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
-                            runtime_env={"env_vars": worker_env()})
+                            runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": SETUP_HOOK})
         if address:
             ray.init(address=address, **kwargs)
         else:
             # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
             # trials through the State API, which needs it.
             dash = os.environ.get("ORCHESTRATOR_RAY_DASHBOARD")  # "0" starts without it (to test that path)
-            ray.init(num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1", **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1",
+                     **kwargs)
     # Tune logs every failed trial's full traceback at ERROR; cv prints the root cause and keeps the traceback on disk.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
@@ -165,7 +170,8 @@ def state_api_available() -> bool:
     try:
         from ray.util.state import list_actors
 
-        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+        # This cluster's address, not Ray's guess: with two clusters on the machine the guess raises.
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10, raise_on_missing_output=False)
         return True
     except Exception:  # noqa: BLE001 - any failure means Train cannot use it either
         return False
