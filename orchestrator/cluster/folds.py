@@ -20,6 +20,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 
 from orchestrator.cluster.address import SETUP_HOOK
+from orchestrator.cluster.errors import root_cause
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
 from trainer_core.config import Config, config_from_dict
@@ -149,11 +150,21 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | 
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
             storage_path=str((run_dir / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            failure_config=fold_failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
         ),
     )
+
+
+def fold_failure_config(cfg: Config) -> ray.train.FailureConfig:
+    """Worker deaths: ``cluster.max_failures`` restarts. Worker-group starts that fail or time out waiting for the
+    fold's resources count as controller failures, which Ray 2.60 retries without limit by default (a fold that can
+    never start kept a run silent for 37 minutes): ``cluster.start_attempts`` bounds them, through FailureConfig's
+    ``controller_failure_limit`` (retries after the first try)."""
+    attempts = cfg.cluster.start_attempts
+    return ray.train.FailureConfig(max_failures=cfg.cluster.max_failures,
+                                   controller_failure_limit=-1 if attempts is None else attempts - 1)
 
 
 def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
@@ -252,12 +263,3 @@ def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> d
         log_path.write_text(full)
         out[fold] = f"{root_cause(full)} (full traceback: {log_path})"
     return out
-
-
-def root_cause(text: str) -> str:
-    """The innermost exception line of a Ray error text, e.g. "ValueError: ..." rather than Ray's wrappers."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    causes = [ln for ln in lines if ":" in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
-              and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Interrupt"))
-              and "WorkerGroupError" not in ln and "RayTaskError" not in ln]
-    return causes[-1] if causes else (lines[-1] if lines else "unknown error")

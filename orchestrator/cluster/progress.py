@@ -9,6 +9,8 @@ import time
 
 import ray.tune
 
+from orchestrator.cluster.errors import trial_root_cause
+
 ETA_WINDOW = 8  # progress reports per fold that its ETA is measured over
 
 
@@ -82,7 +84,9 @@ class Progress(ray.tune.Callback):
         return max(running, default=0.0) + math.ceil(not_started / self.concurrency) * mean
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"fold {trial.config.get('fold')}: FAILED (details in {trial.local_path or 'the Ray logs'})")
+        cause = trial_root_cause(trial)  # named now, not only once the phase ends
+        self._line(f"fold {trial.config.get('fold')}: FAILED{f': {cause}' if cause else ''} (details in "
+                   f"{trial.local_path or 'the Ray logs'})")
 
     def _line(self, text: str) -> None:
         print(f"[{_fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)
