@@ -19,6 +19,7 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
+from orchestrator.cluster import interrupt
 from orchestrator.cluster.address import SETUP_HOOK
 from orchestrator.cluster.errors import root_cause
 from orchestrator.cluster.progress import Progress
@@ -85,6 +86,12 @@ def init_ray(address: str | None, num_cpus: int | None) -> dict:
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray; a local cluster this process started stops with it (its workers too), a joined one is
+    left running."""
+    ray.shutdown()
 
 
 def link_ray_logs(run_dir: Path) -> Path | None:
@@ -226,6 +233,8 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
                   f"waves (install ray[default] for continuous scheduling)")
             out: dict[int, str | None] = {}
             for i in range(0, len(folds), concurrency):
+                if interrupt.requested():
+                    break
                 wave = {k: phase[k] for k in folds[i:i + concurrency]}
                 out.update(_tune_folds(cfg, wave, run_dir, concurrency))
                 remove_leftover_placement_groups()
@@ -239,6 +248,8 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dic
 
 
 def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int) -> dict[int, str | None]:
+    if interrupt.requested():  # Ctrl-C came between two Tuners: start no other
+        return {}
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
