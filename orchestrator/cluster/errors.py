@@ -11,7 +11,15 @@ def root_cause(text: str) -> str:
     causes = [ln for ln in lines if ":" in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
               and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Interrupt"))
               and "WorkerGroupError" not in ln and "RayTaskError" not in ln]
-    return causes[-1] if causes else (lines[-1] if lines else "unknown error")
+    if not causes:
+        return lines[-1] if lines else "unknown error"
+    cause = causes[-1]
+    after = lines[lines.index(cause) + 1:]
+    if cause.endswith(":") and after:
+        # a wrapper whose message is the next line, e.g. Ray Train's "ControllerError: Training failed due to
+        # controller error:" then "The worker group startup timed out after 60.0 seconds ..."
+        return after[0]
+    return cause
 
 
 def trial_root_cause(trial) -> str | None:

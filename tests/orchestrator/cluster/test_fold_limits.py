@@ -49,5 +49,8 @@ def test_a_fold_that_cannot_start_fails_within_its_attempts_and_says_so(tmp_path
     assert res.returncode == 1, out[-3000:]
     assert time.time() - t0 < 200, out[-3000:]
     failed = [ln for ln in out.splitlines() if ln.startswith("fold 0 failed:")]
-    assert failed and "WorkerGroupStartupTimeoutError" in failed[0], out[-3000:]  # Ray's root error, not a wrapper
+    # Ray's root error (WorkerGroupStartupTimeoutError's message), not its ControllerError wrapper
+    assert failed and failed[0].startswith("fold 0 failed: The worker group startup timed out"), out[-3000:]
+    assert any(ln.startswith("[") and "fold 0: FAILED: The worker group startup timed out" in ln
+               for ln in out.splitlines()), out[-3000:]  # said when it failed, not only at the end
     assert "rerun the same command to resume" in out
