@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
 from orchestrator.runs.rundir import RunDirError, prepare_run_dir
 from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
 from trainer_core.data.arena import DataError, parse_folds
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_cv(cfg, rows, folds, run_dir)
+    try:
+        return run_cv(cfg, rows, folds, run_dir)
+    except KeyboardInterrupt:  # Ctrl-C before Ray started, or a second one
+        print(f"\n{interrupt.MESSAGE}", file=sys.stderr)
+        return interrupt.EXIT_CODE
 
 
 def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
@@ -115,6 +120,7 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     if todo:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+            interrupt.install()  # after ray.init, which replaces SIGTERM's handler
             ray_folds.link_ray_logs(run_dir)
             schedule.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
         except schedule.ClusterError as e:
@@ -140,6 +146,12 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
                   f"directory {run_dir}")
             later = later_fold_times(shares[i + 1:], concurrencies[i + 1:])
             errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency, later))
+            if interrupt.requested():
+                break
+        if interrupt.requested():  # no later phase, no blame for the folds it stopped
+            ray_folds.shutdown_ray()
+            print(interrupt.MESSAGE, file=sys.stderr)
+            return interrupt.EXIT_CODE
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):

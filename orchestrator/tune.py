@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
 from orchestrator.cv import REPO_ROOT, resolve_config
 from orchestrator.runs.data import load_run_data, write_data_parquet
 from orchestrator.sweep.space import SpaceError, load_space, n_trials, space_fingerprint
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (sweep_dir / "config.yaml").write_text(to_yaml(trial_base))
-    return run(args, base, trial_base, space, folds, sweep_dir, data_sha, steps, resumable)
+    try:
+        return run(args, base, trial_base, space, folds, sweep_dir, data_sha, steps, resumable)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print(f"\nsweep {interrupt.MESSAGE}", file=sys.stderr)
+        return interrupt.EXIT_CODE
 
 
 def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, steps: int, resumable: bool) -> int:
@@ -178,6 +183,7 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
     total = n_trials(space, args.num_samples) if args.search == "random" else args.num_samples
     try:
         resources = ray_folds.init_ray(base.cluster.address, base.cluster.num_cpus)
+        interrupt.install()  # after ray.init, which replaces SIGTERM's handler
         concurrency = schedule.plan_concurrency(trial_base, resources, total)
     except schedule.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -190,6 +196,8 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
     results = ray_sweep.run_sweep(trial_base.to_dict(), to_param_space(space), sweep_dir, folds, data_sha,
                                   num_samples=args.num_samples, concurrency=concurrency, search=args.search,
                                   scheduler=scheduler, restore=resumable)
+    if interrupt.requested():
+        ray_folds.shutdown_ray()  # the trials have stopped; their checkpoints and Tune's state are on disk
     records = ray_sweep.trial_records(results)
     keys = list(space)
     board = lb.build_leaderboard(records, keys, folds, sweep_dir)
@@ -205,10 +213,9 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
         lb.write_best_yaml(base, best, keys, folds, sweep_dir / "best.yaml")
         print(f"\nbest: trial {best['trial']}  OOF log loss {best['log_loss']:.4f}  -> {sweep_dir / 'best.yaml'}")
     print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}  ({time.time() - t0:.0f}s)")
-    if unfinished:
-        print(f"sweep interrupted: {unfinished} trial(s) unfinished; rerun the same command to resume "
-              f"({sweep_dir})", file=sys.stderr)
-        return 1
+    if unfinished or interrupt.requested():
+        print(f"sweep {interrupt.MESSAGE} ({sweep_dir})", file=sys.stderr)
+        return interrupt.EXIT_CODE
     if best is None:
         print("no trial completed (errors above; a rerun retries failed trials)", file=sys.stderr)
         return 1

@@ -19,6 +19,9 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
+from orchestrator.cluster import interrupt
+from orchestrator.cluster.address import SETUP_HOOK
+from orchestrator.cluster.errors import root_cause
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
 from trainer_core.config import Config, config_from_dict
@@ -61,24 +64,34 @@ def worker_env(environ: dict | None = None) -> dict[str, str]:
 def init_ray(address: str | None, num_cpus: int | None) -> dict:
     """Join ``address`` or start a local cluster; returns the cluster's total resources.
 
-    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env`. Ray's own
-    authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local cluster)."""
+    Sets :data:`DRIVER_ENV`'s defaults in this process first and gives the workers :func:`worker_env` and
+    ``RAY_ADDRESS`` = this cluster (:mod:`orchestrator.cluster.address`), so other Ray clusters on the machine change
+    nothing. Without ``address`` a new local cluster starts even where ``RAY_ADDRESS`` is set or another one runs.
+    Ray's own authentication is left as Ray and the user set it (Ray 2.60: token authentication on for a new local
+    cluster)."""
     if not ray.is_initialized():
         for key, value in DRIVER_ENV.items():
             os.environ.setdefault(key, value)
         kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
-                            runtime_env={"env_vars": worker_env()})
+                            runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": SETUP_HOOK})
         if address:
             ray.init(address=address, **kwargs)
         else:
             # The dashboard starts where ray[default] is installed: Train V2 frees the placement groups of stopped
             # trials through the State API, which needs it.
             dash = os.environ.get("ORCHESTRATOR_RAY_DASHBOARD")  # "0" starts without it (to test that path)
-            ray.init(num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1", **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dash is None else dash == "1",
+                     **kwargs)
     # Tune logs every failed trial's full traceback at ERROR; cv prints the root cause and keeps the traceback on disk.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray; a local cluster this process started stops with it (its workers too), a joined one is
+    left running."""
+    ray.shutdown()
 
 
 def link_ray_logs(run_dir: Path) -> Path | None:
@@ -144,11 +157,21 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | 
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
             storage_path=str((run_dir / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            failure_config=fold_failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
         ),
     )
+
+
+def fold_failure_config(cfg: Config) -> ray.train.FailureConfig:
+    """Worker deaths: ``cluster.max_failures`` restarts. Worker-group starts that fail or time out waiting for the
+    fold's resources count as controller failures, which Ray 2.60 retries without limit by default (a fold that can
+    never start kept a run silent for 37 minutes): ``cluster.start_attempts`` bounds them, through FailureConfig's
+    ``controller_failure_limit`` (retries after the first try)."""
+    attempts = cfg.cluster.start_attempts
+    return ray.train.FailureConfig(max_failures=cfg.cluster.max_failures,
+                                   controller_failure_limit=-1 if attempts is None else attempts - 1)
 
 
 def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
@@ -165,7 +188,8 @@ def state_api_available() -> bool:
     try:
         from ray.util.state import list_actors
 
-        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+        # This cluster's address, not Ray's guess: with two clusters on the machine the guess raises.
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10, raise_on_missing_output=False)
         return True
     except Exception:  # noqa: BLE001 - any failure means Train cannot use it either
         return False
@@ -211,6 +235,8 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
                   f"waves (install ray[default] for continuous scheduling)")
             out: dict[int, str | None] = {}
             for i in range(0, len(folds), concurrency):
+                if interrupt.requested():
+                    break
                 wave = {k: phase[k] for k in folds[i:i + concurrency]}
                 out.update(_tune_folds(cfg, wave, run_dir, concurrency, later_fold_times))
                 remove_leftover_placement_groups()
@@ -225,6 +251,8 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
 
 def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
                 later_fold_times: float) -> dict[int, str | None]:
+    if interrupt.requested():  # Ctrl-C came between two Tuners: start no other
+        return {}
     storage = (run_dir / "ray").resolve()
     shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
     trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
@@ -250,12 +278,3 @@ def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
         log_path.write_text(full)
         out[fold] = f"{root_cause(full)} (full traceback: {log_path})"
     return out
-
-
-def root_cause(text: str) -> str:
-    """The innermost exception line of a Ray error text, e.g. "ValueError: ..." rather than Ray's wrappers."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    causes = [ln for ln in lines if ":" in ln and ln.split(":", 1)[0].replace(".", "").isidentifier()
-              and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Interrupt"))
-              and "WorkerGroupError" not in ln and "RayTaskError" not in ln]
-    return causes[-1] if causes else (lines[-1] if lines else "unknown error")

@@ -9,6 +9,7 @@ import time
 
 import ray.tune
 
+from orchestrator.cluster.errors import trial_root_cause
 from orchestrator.cluster.eta import FoldPace, fmt_s, run_eta_s
 
 
@@ -75,7 +76,9 @@ class Progress(ray.tune.Callback):
         self.pace.pop(fold, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"fold {trial.config.get('fold')}: FAILED (details in {trial.local_path or 'the Ray logs'})")
+        cause = trial_root_cause(trial)  # named now, not only once the phase ends
+        self._line(f"fold {trial.config.get('fold')}: FAILED{f': {cause}' if cause else ''} (details in "
+                   f"{trial.local_path or 'the Ray logs'})")
 
     def _line(self, text: str) -> None:
         print(f"[{fmt_s(time.time() - self.t0)}] {text}", file=self.stream, flush=True)

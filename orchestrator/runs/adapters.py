@@ -62,8 +62,7 @@ def _scaling(config: dict) -> float:
 
 def average_adapters(adapters: list[Path], out: Path) -> None:
     """Write the mean of ``adapters`` (one recipe: :func:`check_same_recipe`) as one peft adapter in ``out``."""
-    from peft import LoraConfig
-    from peft import load_peft_weights
+    from peft import LoraConfig, load_peft_weights
     from safetensors.torch import save_file
 
     config = json.loads((adapters[0] / "adapter_config.json").read_text())

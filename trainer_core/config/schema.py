@@ -179,6 +179,10 @@ class ClusterConfig:
         "data-parallel split (overrides pack_folds); null = GPU folds rotate when their estimated training time is "
         "past the crossover measured against packing (orchestrator.cluster.schedule), CPU folds do not")
     max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
+    start_attempts: Optional[int] = _f(
+        10, "tries Ray Train gets to start a fold's workers (each waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, "
+        "60 s by default, for the fold's resources) before the fold fails with Ray's error and the run ends, saying "
+        "how to resume; null = without limit (Ray's own default: a fold whose resources never come waits forever)")
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
 
 

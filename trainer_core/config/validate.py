@@ -171,6 +171,8 @@ def validate(cfg: Config) -> None:
         errs.append(f"cluster.max_concurrent_folds: must be >= 1 or null, got {c.max_concurrent_folds}")
     if c.max_failures < 0:
         errs.append(f"cluster.max_failures: must be >= 0, got {c.max_failures}")
+    if c.start_attempts is not None and c.start_attempts < 1:
+        errs.append(f"cluster.start_attempts: must be >= 1 or null, got {c.start_attempts}")
     if c.gpus_per_fold == 0 and m.quantization != "none" and t.precision == "fp16":
         errs.append("train.precision=fp16 needs a GPU; CPU folds (cluster.gpus_per_fold=0) use bf16 or fp32")
     if errs:
