@@ -24,6 +24,7 @@ from orchestrator.cluster.address import SETUP_HOOK
 from orchestrator.cluster.errors import root_cause
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
+from orchestrator.runs.compile_cache import compile_cache_dir, use_compile_cache
 from trainer_core.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def fold_worker(config: dict) -> dict:
 
     cfg = config_from_dict(config["cfg"])
     fold, run_dir, placement = config["fold"], Path(config["run_dir"]), config["placement"]
+    use_compile_cache(config.get("compile_cache"))
     if not placement.use_gpu:
         torch.set_num_threads(max(1, int(placement.cpus_per_worker)))  # a packed CPU fold uses all it reserved
     rows = pd.read_parquet(run_dir / "data.parquet")
@@ -142,8 +144,10 @@ def fold_worker(config: dict) -> dict:
 
 
 def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """Fold ``fold``'s Ray Train run, placed as ``placement`` (default: as ``cluster.*`` asks, the whole fold)."""
+                  callbacks: list | None = None, cache_root: Path | None = None) -> TorchTrainer:
+    """Fold ``fold``'s Ray Train run, placed as ``placement`` (default: as ``cluster.*`` asks, the whole fold).
+    ``cache_root``: the folder whose ``compile_cache`` the fold compiles into (default ``run_dir``; a sweep passes its
+    own folder so every trial shares one)."""
     placement = placement or base_placement(cfg)
     scaling = ray.train.ScalingConfig(
         num_workers=placement.workers,
@@ -152,7 +156,8 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | 
     )
     return TorchTrainer(
         fold_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "placement": placement},
+        train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "placement": placement,
+                           "compile_cache": compile_cache_dir(cfg, cache_root or run_dir)},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints

@@ -71,7 +71,7 @@ def sweep_trial(config: dict, base: dict, sweep_dir: str, folds: list[int], data
     steps = 0
     for k in folds:
         if not fold_is_complete(trial_dir, k, rows):
-            build_trainer(cfg, k, trial_dir, callbacks=[SweepReportCallback(steps)]).fit()
+            build_trainer(cfg, k, trial_dir, callbacks=[SweepReportCallback(steps)], cache_root=sweep).fit()
         steps += json.loads((trial_dir / f"fold={k}" / "metrics.json").read_text())["steps"]
     report = reduce_run(trial_dir, folds)
     ray.tune.report({METRIC: report["cv_log_loss"], TIME_ATTR: steps, "log_loss": report["cv_log_loss"],

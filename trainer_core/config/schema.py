@@ -184,6 +184,10 @@ class ClusterConfig:
         "60 s by default, for the fold's resources) before the fold fails with Ray's error and the run ends, saying "
         "how to resume; null = without limit (Ray's own default: a fold whose resources never come waits forever)")
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
+    compile_cache: str = _f(
+        "run", "where compiled layers (torch.compile's inductor and Triton caches) are kept so later folds and sweep "
+        "trials start warm: run = <run directory>/compile_cache (a sweep's folder for its trials; shared with every "
+        "node where the run directory is), local = torch's default folder on each machine, or a folder path")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""``cluster.compile_cache``: where a fold's compiled layers go, and that a later process compiling the same graph
+reads them back instead of compiling again (what makes folds 2-5 and a sweep's trials start warm)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.runs.compile_cache import compile_cache_dir
+from tests.conftest import REPO
+from trainer_core.config import load_config
+
+COMPILE_TWICE = """
+import json, os, sys
+from orchestrator.runs.compile_cache import use_compile_cache
+use_compile_cache(sys.argv[1])
+import torch
+from torch._dynamo.utils import counters  # test-only reading of inductor's cache counters
+
+@torch.compile
+def layer(x, w):
+    return torch.nn.functional.gelu(x @ w) * 0.5
+
+layer(torch.randn(8, 16), torch.randn(16, 16))
+print(json.dumps({k: v for k, v in counters["inductor"].items() if "fxgraph" in k}))
+"""
+
+
+@pytest.mark.parametrize("setting, expected", [("run", "RUN/compile_cache"), ("local", None),
+                                               ("/shared/cache", "/shared/cache")])
+def test_the_setting_names_a_folder(tmp_path, setting, expected):
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"cluster.compile_cache={setting}"])
+    got = compile_cache_dir(cfg, tmp_path)
+    assert got == (None if expected is None else expected.replace("RUN", str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_a_second_process_reads_the_first_ones_compiled_graph(tmp_path):
+    cache = tmp_path / "compile_cache"
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", COMPILE_TWICE, str(cache)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0].get("fxgraph_cache_miss", 0) >= 1 and not runs[0].get("fxgraph_cache_hit")
+    assert runs[1].get("fxgraph_cache_hit", 0) >= 1 and not runs[1].get("fxgraph_cache_miss")
+    assert any(Path(cache).rglob("*")), "nothing was written to the configured folder"
