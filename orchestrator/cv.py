@@ -23,7 +23,7 @@ from pathlib import Path
 
 from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
 from orchestrator.runs.rundir import RunDirError, prepare_run_dir
-from trainer_core.config import ConfigError, field_docs, load_config, to_yaml, validate
+from trainer_core.config import ConfigError, field_docs, inert_note, load_config, to_yaml, validate
 from trainer_core.data.arena import DataError, parse_folds
 from trainer_core.model.weights import WeightsError, check_weights, model_fit_problem
 
@@ -63,6 +63,9 @@ def resolve_config(args: argparse.Namespace):
     if args.address:
         cfg.cluster.address = args.address
     validate(cfg)
+    note = inert_note(cfg)  # e.g. model.compile=off on the fast config: said once, on stderr
+    if note:
+        print(note, file=sys.stderr)
     return cfg
 
 

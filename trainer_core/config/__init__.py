@@ -25,10 +25,17 @@ from trainer_core.config.schema import (
     ModelConfig,
     TrainConfig,
 )
-from trainer_core.config.validate import BLOCK_CAUSAL, PERSISTENT_REDUCTION_CAP, compile_options, validate
+from trainer_core.config.validate import (
+    BLOCK_CAUSAL,
+    PERSISTENT_REDUCTION_CAP,
+    compile_options,
+    inert_keys,
+    inert_note,
+    validate,
+)
 
 __all__ = [
     "BLOCK_CAUSAL", "PERSISTENT_REDUCTION_CAP", "ClusterConfig", "Config", "ConfigError", "DataConfig", "LoraConfig",
     "ModelConfig", "TrainConfig", "apply_overrides", "compile_options", "config_from_dict", "field_docs", "get_value",
-    "load_config", "nest", "parse_override", "to_yaml", "validate",
+    "inert_keys", "inert_note", "load_config", "nest", "parse_override", "to_yaml", "validate",
 ]

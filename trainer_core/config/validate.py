@@ -59,8 +59,7 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
                     "compiled layers (docs/PERFORMANCE.md); remove it, and set model.persistent_reduction_max=1024 "
                     "for the persistent softmax rows it would choose")
     if m.compile == "off":
-        errs.append(f"model.compile_options: {sorted(options)} apply to compiled layers; set model.compile on or "
-                    "dynamic")
+        return errs  # inert without compiled layers (inert_keys): torch.compile never sees them
     unknown = []
     for name, value in options.items():
         if not isinstance(value, (bool, int, float, str)):
@@ -74,6 +73,23 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
         errs.append(f"model.compile_options: torch.compile (inductor) has no option(s) {', '.join(sorted(unknown))}; "
                     "fix the name (torch._inductor.list_options() prints the known ones)")
     return errs
+
+
+def inert_keys(cfg: Config) -> list[str]:
+    """Keys set to something that does nothing under this config, for one console note: with ``model.compile=off``
+    (the eager escape hatch, on any shipped config) the options of compiled layers stay unused."""
+    m = cfg.model
+    if m.compile != "off":
+        return []
+    keys = [f"model.persistent_reduction_max={m.persistent_reduction_max}"] if m.persistent_reduction_max else []
+    return keys + [f"model.compile_options.{k}" for k in compile_options(m)]
+
+
+def inert_note(cfg: Config) -> str | None:
+    """The console's one line about :func:`inert_keys`, or None."""
+    keys = inert_keys(cfg)
+    return (f"note: model.compile=off: {', '.join(keys)} only act on compiled layers and are ignored"
+            if keys else None)
 
 
 def validate(cfg: Config) -> None:
@@ -120,9 +136,6 @@ def validate(cfg: Config) -> None:
     if not 0 <= m.persistent_reduction_max <= PERSISTENT_REDUCTION_CAP:
         errs.append(f"model.persistent_reduction_max: must be in [0, {PERSISTENT_REDUCTION_CAP}] (elements a row keeps "
                     f"in registers), got {m.persistent_reduction_max}")
-    elif m.persistent_reduction_max and m.compile == "off":
-        errs.append("model.persistent_reduction_max: applies to compiled layers; set model.compile on or dynamic, or "
-                    "set it to 0")
     # a pretrained model that is not a Gemma-2 is refused when built (trainer_core.fastpath.last_layer)
     if m.pooled_last_layer:
         needs = [f"model.head=joint (got {m.head})"] if m.head != "joint" else []

@@ -10,6 +10,8 @@ from trainer_core.config import (
     DataConfig,
     compile_options,
     config_from_dict,
+    inert_keys,
+    inert_note,
     load_config,
     parse_override,
     to_yaml,
@@ -165,18 +167,17 @@ def test_compile_options_nested_or_dotted_and_the_override_wins(tmp_path):
 
 
 def test_compile_options_are_checked_before_anything_runs():
-    """Every problem in one error: options without compiled layers, a name torch.compile does not know, a value that
-    is not a scalar or of the wrong type, inductor's multi-kernels (wrong gradients); model.persistent_reduction_max
-    out of range or without compiled layers."""
+    """Every problem in one error: a name torch.compile does not know, a value that is not a scalar or of the wrong
+    type, inductor's multi-kernels (wrong gradients, refused even where nothing compiles);
+    model.persistent_reduction_max out of range."""
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x",
                                     "model.compile_options={triton.multi_kernel: 1}",
                                     "model.persistent_reduction_max=1024"]))
     msg = str(e.value)
-    assert "model.compile_options: ['triton.multi_kernel'] apply to compiled layers; set model.compile on" in msg
     assert "model.compile_options.triton.multi_kernel: not allowed, it computes wrong gradients" in msg
     assert "remove it, and set model.persistent_reduction_max=1024" in msg
-    assert "model.persistent_reduction_max: applies to compiled layers" in msg
+    assert "persistent_reduction_max" not in msg.split("remove it")[0]  # inert without compiled layers, no error
     with pytest.raises(ConfigError, match=r"model.persistent_reduction_max: must be in \[0, 16384\].*got 20000"):
         validate(load_config(None, ["data.path=d.csv", "model.name_or_path=x", "model.compile=on",
                                     "model.persistent_reduction_max=20000"]))
@@ -203,3 +204,20 @@ def test_parse_override_reads_yaml_values():
 
 def test_repo_has_default_config():
     assert (REPO / "configs" / "demo_cpu.yaml").exists()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_model_compile_off_runs_on_every_shipped_config(path):
+    """The eager escape hatch: model.compile=off validates on every shipped config; keys that only act on compiled
+    layers are inert then, and one note says which."""
+    cfg = load_config(path, ["model.compile=off"])
+    validate(cfg)
+    keys = inert_keys(cfg)
+    assert [k for k in keys if k.startswith("model.persistent_reduction_max")] == (
+        [f"model.persistent_reduction_max={cfg.model.persistent_reduction_max}"]
+        if cfg.model.persistent_reduction_max else [])
+    note = inert_note(cfg)
+    assert (note is None) == (not keys)
+    if keys:
+        assert note.startswith("note: model.compile=off: ") and "ignored" in note
+    assert inert_keys(load_config(path)) == []  # as shipped, nothing is inert
