@@ -40,8 +40,9 @@ def run_meta(cfg, rows, folds: list[int], data_sha256: str, command: str, data_n
     if cfg.train.soft_labels:
         from trainer_core.data.soft_labels import check_provenance
 
-        kind = check_soft_labels(cfg.train.soft_labels, rows, folds, cfg.data.n_folds)
+        # Provenance first: "made on other folds" says more than the row-level problems such a file then has.
         provenance = check_provenance(cfg.train.soft_labels, data_sha256, cfg.data.fold_by, cfg.data.n_folds, rows)
+        kind = check_soft_labels(cfg.train.soft_labels, rows, folds, cfg.data.n_folds)
         meta["soft_labels_sha256"] = file_sha256(cfg.train.soft_labels)
         meta["soft_labels"] = {"path": cfg.train.soft_labels, "kind": kind, "sha256": meta["soft_labels_sha256"],
                                "distill_weight": cfg.train.distill_weight, "provenance": provenance}
