@@ -27,6 +27,10 @@ OOF soft labels (``--soft-labels`` alone; a student learning from them has an op
 row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted), p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted
 temperature scaling: T fitted on the other folds), plus with ``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta,
 p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal, temperature_tta.
+
+Both kinds carry their provenance in the parquet schema metadata (trainer_core.data.soft_labels): this run, the kind,
+its data file's sha256, fold_by, n_folds, its fold assignment and the reasons its own CV is optimistic, so a student
+refuses labels made on other data or folds and inherits an optimistic teacher's flag.
 """
 
 from __future__ import annotations
