@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from trainer_core.data.arena import assign_folds, load_dataset
-from trainer_core.paths import atomic_write
 from trainer_core.data.train_rows import load_extra_rows
+from trainer_core.paths import atomic_write
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from trainer_core import metrics
+
 METHODS = ("mean", "weights", "logit")
 LOGIT_MAX_WEIGHT = 10.0  # bound for the logit method's weights: beyond it the members are one-hot anyway
 
