@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
+from orchestrator.cluster.schedule import ClusterError
 from orchestrator.runs.rundir import RunDirError, prepare_run_dir
 from trainer_core.config import ConfigError, field_docs, inert_note, load_config, to_yaml, validate
 from trainer_core.data.arena import DataError, parse_folds
@@ -69,6 +70,31 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
+def local_gpu_count() -> int:
+    """GPUs this machine has, without starting Ray: torch's count (CUDA_VISIBLE_DEVICES respected, as Ray does)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_gpus(cfg, resources: dict | None = None) -> None:
+    """ClusterError when folds need more GPUs than there are: this machine's (a local cluster; counted without Ray)
+    or, with ``resources``, the joined cluster's (``--address``: only known once connected)."""
+    from orchestrator.cluster.schedule import ClusterError, plan_concurrency
+
+    need = cfg.cluster.gpus_per_fold
+    if need <= 0:
+        return
+    if resources is not None:
+        plan_concurrency(cfg, resources, 1)
+        return
+    have = local_gpu_count()
+    if have < need:
+        raise ClusterError(f"this config trains each fold on {need} GPU(s) (cluster.gpus_per_fold={need}), but this "
+                           f"machine has {have} GPU(s) (torch.cuda.device_count()); Ray was not started and nothing "
+                           f"was written. Run it on a GPU machine or join a GPU cluster with --address.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
@@ -97,15 +123,32 @@ def main(argv: list[str] | None = None) -> int:
         if misfit:
             print(f"error: {misfit}", file=sys.stderr)
             return 2
-        rows = prepare_run_dir(cfg, run_dir, folds, args.restart, " ".join(["python -m orchestrator.cv", *argv]))
+        command = " ".join(["python -m orchestrator.cv", *argv])
+        rows = prepare_run_dir(cfg, run_dir, folds, args.restart, command, before_write=lambda: _cluster_check(cfg))
     except (DataError, RunDirError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     try:
         return run_cv(cfg, rows, folds, run_dir)
     except KeyboardInterrupt:  # Ctrl-C before Ray started, or a second one
         print(f"\n{interrupt.MESSAGE}", file=sys.stderr)
         return interrupt.EXIT_CODE
+
+
+def _cluster_check(cfg) -> None:
+    """After every input check, before anything is written: enough GPUs? Locally counted without Ray; a joined cluster
+    (--address) is only known once connected, so connect first (run_cv's init_ray then finds Ray initialised)."""
+    if cfg.cluster.gpus_per_fold <= 0:
+        return
+    if cfg.cluster.address:
+        from orchestrator.cluster import folds as ray_folds
+
+        check_gpus(cfg, ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus))
+    else:
+        check_gpus(cfg)
 
 
 def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="config to run")
     p.add_argument("--folds", default="0-4", help="folds (default 0-4)")
-    p.add_argument("--out", type=Path, required=True, help="run directory (wiped first)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run directory: new, empty, or an earlier run's (wiped first: cv --restart, which refuses any "
+                        "other folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -10,13 +10,16 @@ Examples::
 
 Methods (``--method``, default ``weights``): ``mean`` averages the members' probabilities; ``weights`` fits a
 weighted average (weights >= 0 summing to 1); ``logit`` fits ``softmax(sum_m w_m log p_m)`` (w_m >= 0). Fitted weights
-are cross-fitted, so the ensemble's OOF log loss stays honest: fold k's rows are combined with weights fitted on the
-other folds' OOF rows only. Members must cover the same ids with the same folds and labels (refused otherwise).
+are cross-fitted, so the ensemble's OOF log loss is as honest as its members': fold k's rows are combined with weights
+fitted on the other folds' OOF rows only. An optimistic member (say, a student of plain OOF soft labels) makes the
+ensemble optimistic, and its reports say so. Members must cover the same ids with the same folds and labels, and come
+from the same data file, data.fold_by and data.n_folds (refused otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,17 +27,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.reporting.honesty import warning
 from orchestrator.reporting.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise, write_reports
 from orchestrator.runs import ensemble_weights
 from orchestrator.runs.align import RunMismatch, check_aligned, load_oof, read_report
+from orchestrator.runs.provenance import ENSEMBLE_FILE, ensemble_provenance, is_ensemble, run_provenance
 from trainer_core import metrics
 from trainer_core.paths import atomic_write, atomic_write_json
 
-ENSEMBLE_FILE = "ensemble.json"
+__all__ = ["ENSEMBLE_FILE", "build_ensemble", "check_out", "is_ensemble", "main", "write_ensemble"]
 
 
-def is_ensemble(run_dir: Path) -> bool:
-    return (Path(run_dir) / ENSEMBLE_FILE).exists()
+def check_out(out: Path, run_dirs: list[Path]) -> None:
+    """RunMismatch unless ``out`` is apart from every member: writing it replaces the directory, so it must not be a
+    member, lie inside one, or hold one."""
+    target = out.resolve()
+    for d in run_dirs:
+        member = d.resolve()
+        if target == member or member in target.parents or target in member.parents:
+            where = "is" if target == member else "lies inside" if member in target.parents else "holds"
+            raise RunMismatch(f"--out {out} {where} the member {d}; write the ensemble to a directory of its own")
 
 
 def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
@@ -45,6 +57,8 @@ def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.
         raise RunMismatch("the same run directory is given twice")
     oofs = [load_oof(d) for d in run_dirs]
     check_aligned([(str(d), o) for d, o in zip(run_dirs, oofs)])
+    # Members share data and folds (refused otherwise); an optimistic member makes the ensemble optimistic.
+    provenance = ensemble_provenance([run_provenance(d) for d in run_dirs], [str(d) for d in run_dirs])
     labels, fold_of = oofs[0]["label"].to_numpy(), oofs[0]["fold"].to_numpy()
     probs = [o[PROB_COLUMNS].to_numpy() for o in oofs]
     combined, fold_weights = ensemble_weights.cross_fit(labels, probs, fold_of, method)
@@ -64,20 +78,24 @@ def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.
         f["member_log_losses"] = [m["log_loss_by_fold"][str(f["fold"])] for m in members]
         f["weights"] = fold_weights[f["fold"]]
     names = ", ".join(m["experiment"] or Path(m["run_dir"]).name for m in members)
-    report.update(experiment=f"ensemble ({method}) of {names}", fingerprint=None, ensemble={
+    report.update(experiment=f"ensemble ({method}) of {names}", fingerprint=None, fold_by=provenance["fold_by"],
+                  optimistic_because=provenance["optimistic_because"], ensemble={
         "method": method, "members": members, "weights": weights,
         "weights_by_fold": {str(k): w for k, w in fold_weights.items()},
         "note": ("weights applied to fold k's rows were fitted on the other folds' OOF rows only (cross-fitted); "
                  "'weights' (fitted on all OOF rows) is what predict applies to new rows")})
     spec = {"method": method, "members": [m["run_dir"] for m in members], "weights": weights, "folds": folds,
-            "weights_by_fold": report["ensemble"]["weights_by_fold"]}
+            "weights_by_fold": report["ensemble"]["weights_by_fold"], "provenance": provenance}
     return oof, rows, report, spec
 
 
 def write_ensemble(out: Path, oof: pd.DataFrame, rows: pd.DataFrame, report: dict, spec: dict) -> None:
-    """Write the ensemble directory (replacing an earlier ensemble there, never a run)."""
+    """Write the ensemble directory (replacing an earlier ensemble there, never a run). Members are stored relative to
+    it, so a copied tree of runs and ensemble still predicts."""
+    check_out(out, [Path(m) for m in spec["members"]])
     if out.exists() and any(out.iterdir()) and not is_ensemble(out):
         raise RunMismatch(f"{out}: exists and is not an ensemble directory; choose another --out")
+    spec = {**spec, "members": [os.path.relpath(Path(m).resolve(), out.resolve()) for m in spec["members"]]}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -97,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="mean: average; weights: fitted weighted average (default); logit: fitted weighted log-average")
     args = p.parse_args(argv)
     try:
+        check_out(args.out, args.run_dirs)  # before reading anything: an ensemble that holds itself never ends
         oof, rows, report, spec = build_ensemble(args.run_dirs, args.method)
         write_ensemble(args.out, oof, rows, report, spec)
     except RunMismatch as e:
@@ -107,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
               for m, w in zip(report["ensemble"]["members"], spec["weights"])]
     lines.append(f"{'ensemble (' + args.method + ', cross-fitted)':<40} {report['cv_log_loss']:>11.4f}")
     print("\n".join(lines))
+    if warning(report):
+        print("WARNING: " + warning(report))
     print(f"\nwrote {args.out / 'report.html'}, report.md, report.json, oof.parquet, {ENSEMBLE_FILE}")
     return 0
 

@@ -27,6 +27,10 @@ OOF soft labels (``--soft-labels`` alone; a student learning from them has an op
 row: id, fold, label, p_a, p_b, p_tie (OOF, as predicted), p_a_cal, p_b_cal, p_tie_cal and temperature (cross-fitted
 temperature scaling: T fitted on the other folds), plus with ``train.eval_tta`` the same for TTA: p_a_tta, p_b_tta,
 p_tie_tta, p_a_tta_cal, p_b_tta_cal, p_tie_tta_cal, temperature_tta.
+
+Both kinds carry their provenance in the parquet schema metadata (trainer_core.data.soft_labels): this run, the kind,
+its data file's sha256, fold_by, n_folds, its fold assignment and the reasons its own CV is optimistic, so a student
+refuses labels made on other data or folds and inherits an optimistic teacher's flag.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.reporting import calibration
+from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs, run_provenance
 from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data.arena import DataError, load_rows, parse_folds
+from trainer_core.data.soft_labels import write_soft_labels
 from trainer_core.data.tta import swap_responses, tta_average
 from trainer_core.model.weights import WeightsError, check_weights
 from trainer_core.paths import atomic_write
@@ -121,13 +127,12 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
     """Yield (k, (N, 3) probabilities of fold k's model) for each fold, no temperature applied. For an ensemble
     directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights (fitted on
     all OOF rows; ``cross_fitted``: fold k's own weights, fitted without fold k's labels, for in-fold soft labels)."""
-    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
     from orchestrator.runs.ensemble_weights import combine
 
     if is_ensemble(run_dir):
         spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
-        members = [fold_predictions(Path(m), rows, folds, tta=tta, device=device, batch_size=batch_size, log=log,
-                                    cross_fitted=cross_fitted) for m in spec["members"]]
+        members = [fold_predictions(m, rows, folds, tta=tta, device=device, batch_size=batch_size, log=log,
+                                    cross_fitted=cross_fitted) for m in member_dirs(run_dir, spec)]
         for k in folds:
             weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
@@ -157,11 +162,9 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
 def check_base_weights(run_dir: Path) -> None:
     """Before any model loads: the base model that a LoRA run's adapters load onto is found (an ensemble: each
     member's); the tokenizer is saved beside the adapters. WeightsError, one line, otherwise."""
-    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
-
     if is_ensemble(run_dir):
-        for member in json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]:
-            check_base_weights(Path(member))
+        for member in member_dirs(run_dir):
+            check_base_weights(member)
         return
     run_cfg = load_config(run_dir / "config.yaml")
     if run_cfg.lora.enabled:
@@ -171,14 +174,12 @@ def check_base_weights(run_dir: Path) -> None:
 def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int]:
     """--folds, else the folds report.json covers (those its temperature was fitted on), else run.json's. For an
     ensemble, every member must have those folds' models."""
-    from orchestrator.ensemble import ENSEMBLE_FILE, is_ensemble
-
     if is_ensemble(run_dir):
         ens = json.loads((run_dir / ENSEMBLE_FILE).read_text())
         folds = parse_folds(spec, max(ens["folds"]) + 1) if spec else list(ens["folds"])
-        for member in ens["members"]:
-            _check_run_dir(Path(member))
-            _run_folds(Path(member), ",".join(map(str, folds)), None)
+        for member in member_dirs(run_dir, ens):
+            _check_run_dir(member)
+            _run_folds(member, ",".join(map(str, folds)), None)
         return folds
     meta = json.loads((run_dir / "run.json").read_text())
     if spec:
@@ -188,14 +189,36 @@ def _run_folds(run_dir: Path, spec: str | None, report: dict | None) -> list[int
     missing = [k for k in folds if not (run_dir / f"fold={k}" / "metrics.json").exists()
                or not (run_dir / f"fold={k}" / "adapter").is_dir()]
     if missing:
+        done = [k for k in range(int(meta["n_folds"])) if (run_dir / f"fold={k}" / "metrics.json").exists()
+                and (run_dir / f"fold={k}" / "adapter").is_dir()]
+        resume = f"`{meta['command']}`" if meta.get("command") else f"orchestrator.cv with --out {run_dir}"
+        pick = f"pass --folds {','.join(map(str, done))} to use the finished ones" if done else "no fold has finished"
         raise PredictError(f"{run_dir}: fold{'s' if len(missing) > 1 else ''} {missing} not finished (no "
-                           f"metrics.json or adapter/); finish them with orchestrator.cv or pass --folds")
+                           f"metrics.json or adapter/); resume the run by rerunning {resume} (the same --out), or "
+                           f"{pick}")
+    cfg = load_config(run_dir / "config.yaml")
+    for k in folds:
+        lost = _missing_weights(run_dir / f"fold={k}" / "adapter", cfg)
+        if lost:
+            raise PredictError(f"{lost}: missing, so fold {k}'s model cannot be loaded; retrain the fold (delete "
+                               f"{lost.parent.parent} and rerun the run's orchestrator.cv command) or leave it out "
+                               f"with --folds")
     return folds
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    from orchestrator.ensemble import is_ensemble
+def _missing_weights(adapter_dir: Path, cfg) -> Path | None:
+    """The weights file a fold's saved model needs that is not there (LoRA: the adapter; otherwise the whole model in
+    safetensors, one file or an index of shards), or None."""
+    if cfg.lora.enabled:
+        need = adapter_dir / "adapter_model.safetensors"
+        return None if need.exists() else need
+    if (adapter_dir / "model.safetensors.index.json").exists():
+        return None
+    need = adapter_dir / "model.safetensors"
+    return None if need.exists() else need
 
+
+def _check_run_dir(run_dir: Path) -> None:
     if is_ensemble(run_dir):
         if not (run_dir / "report.json").exists():
             raise PredictError(f"{run_dir}: ensemble without report.json; rebuild it with orchestrator.ensemble")
@@ -249,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         sub = pd.DataFrame({"id": rows["id"].values, "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
                             "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
     if soft is not None:
-        atomic_write(args.soft_labels, lambda p: soft.to_parquet(p, index=False))
+        prov = run_provenance(run_dir)
+        # What a student checks and inherits (trainer_core.data.soft_labels): this run's data, folds and honesty.
+        stamp = {"teacher_run": prov["run"], "kind": "in_fold" if args.in_fold else "oof",
+                 **{k: prov[k] for k in ("data_sha256", "fold_by", "n_folds", "folds_sha256")},
+                 "teacher_optimistic_because": prov["optimistic_because"]}
+        atomic_write(args.soft_labels, lambda p: write_soft_labels(p, soft, stamp))
         kind = "in-fold soft labels (id, fold) for folds " + str(in_fold) if args.in_fold else "OOF soft labels"
         print(f"wrote {len(soft)} {kind} to {args.soft_labels}")
     if args.data is not None:

@@ -9,6 +9,7 @@ import base64
 import html
 
 from orchestrator.reporting import markdown as markdown_report
+from orchestrator.reporting.honesty import warning
 from orchestrator.reporting.markdown import CLASS_NAMES, fmt, fold_columns, folds_text, summary_rows, title, verdict
 from orchestrator.reporting.plots import COLORS
 
@@ -129,6 +130,8 @@ def _confusion_table(report: dict) -> str:
 
 def _distillation_html(report: dict) -> str:
     d = report.get("distillation")
+    if warning(report):
+        d = {"optimistic": True, "note": warning(report)}
     if not d:
         return ""
     style = "background:#fee2e2;color:#991b1b" if d["optimistic"] else "background:#dcfce7;color:#166534"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator.reporting.honesty import warning
+
 CLASS_NAMES = ("a", "b", "tie")
 
 
@@ -92,6 +94,7 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
            *([f"- OOF log loss {error_bar(report)}"] if error_bar(report) else []),
            *([f"- **{'Optimistic CV' if report['distillation']['optimistic'] else 'Distillation'}:** "
               f"{report['distillation']['note']}"] if report.get("distillation") else []),
+           *([f"- **Optimistic CV:** {warning(report)}"] if warning(report) else []),
            f"- rows: {report['n_rows']} over {report['n_folds']} folds; "
            f"labels a/b/tie: {lc['a']}/{lc['b']}/{lc['tie']}",
            f"- folds: {folds_text(report)}",

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.reporting import baselines, bootstrap, calibration, diagnostics
+from orchestrator.reporting.honesty import distillation_note, warning
 from orchestrator.reporting.html import render_html
 from orchestrator.reporting.markdown import render_markdown
 from orchestrator.reporting.plots import render_figures
@@ -102,8 +103,10 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     report["experiment"] = meta.get("experiment")
     report["fingerprint"] = meta.get("fingerprint")
     report["fold_by"] = meta.get("fold_by", "id")  # runs from before data.fold_by split by id
+    report["optimistic_because"] = []
     if meta.get("soft_labels"):
         report["distillation"] = distillation_note(meta["soft_labels"])
+        report["optimistic_because"] = report["distillation"]["optimistic_because"]
     write_reports(run_dir, oof, report)
     return report
 
@@ -118,18 +121,6 @@ def write_reports(run_dir: Path, oof: pd.DataFrame, report: dict) -> None:
     atomic_write_text(run_dir / "report.md", render_markdown(report, {n: f"{PLOTS_DIR}/{n}.png" for n in figures}))
     atomic_write_text(run_dir / "report.html", render_html(report, figures))
     atomic_write_json(run_dir / "report.json", report)
-
-
-def distillation_note(soft: dict) -> dict:
-    """How a student run's soft labels bear on its CV figure, in plain words (run.json's ``soft_labels``)."""
-    optimistic = soft["kind"] != "in_fold"
-    note = ("This run learned from plain OOF soft labels: each fold's training targets were predicted by teacher "
-            "models that trained on that fold's held-out labels, so its CV log loss is optimistic (too good) and not "
-            "comparable with honest runs. For an honest CV use in-fold soft labels "
-            "(predict --soft-labels PATH --in-fold)." if optimistic else
-            "This run learned from in-fold soft labels: fold k's targets came only from the teacher's fold-k model, "
-            "which never saw fold k's labels, so its CV log loss stays honest.")
-    return {**soft, "optimistic": optimistic, "note": note}
 
 
 def summarise(oof: pd.DataFrame, rows: pd.DataFrame, folds: list[int], fold_metrics: list[dict]) -> dict:
@@ -222,6 +213,8 @@ def format_table(report: dict) -> str:
                  f"{report['cv_log_loss_calibrated']:.4f}")
     if report.get("distillation"):
         lines.append(("WARNING: " if report["distillation"]["optimistic"] else "") + report["distillation"]["note"])
+    if warning(report):
+        lines.append("WARNING: " + warning(report))
     if "cv_log_loss_tta" in report:
         lines.append(f"A/B-swap TTA: {report['cv_log_loss_tta']:.4f}, temperature-scaled "
                      f"{report['cv_log_loss_tta_calibrated']:.4f}")

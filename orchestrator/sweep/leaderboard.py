@@ -4,6 +4,7 @@ with the best trial's values, runnable as is by ``orchestrator.cv --config``). N
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,12 @@ from trainer_core.config import Config, apply_overrides, to_yaml
 from trainer_core.paths import atomic_write, atomic_write_text
 
 STATUS_ORDER = {"complete": 0, "unfinished": 1, "stopped": 2, "error": 3}
+# The winner is the trial with the lowest OOF log loss on the very folds that score it: picking the best of many noisy
+# figures favours one that got lucky on these rows, so its figure is optimistic (selection bias), the more so the more
+# trials there were. Said wherever the winner's figure is shown.
+SELECTION_NOTE = ("the best trial was chosen on the same folds it is scored on, so its OOF log loss is optimistic "
+                  "(selection bias over {n} trials); for an honest figure rerun best.yaml with another train.seed, or "
+                  "score it on rows the sweep never saw")
 
 
 def build_leaderboard(records: list[dict], keys: list[str], folds: list[int], sweep_dir: Path) -> pd.DataFrame:
@@ -44,14 +51,18 @@ def best_trial(df: pd.DataFrame) -> pd.Series | None:
     return None if done.empty else done.iloc[0]
 
 
-def write_best_yaml(base: Config, best: pd.Series, keys: list[str], folds: list[int], path: Path) -> Config:
-    """The full resolved base config with the best trial's searched values, opening with how to run it."""
+def write_best_yaml(base: Config, best: pd.Series, keys: list[str], folds: list[int], path: Path,
+                    n_trials: int | None = None) -> Config:
+    """The full resolved base config with the best trial's searched values, opening with how to run it and why its
+    figure is optimistic (SELECTION_NOTE)."""
     values = {k: _plain(best[k]) for k in keys}
     cfg = apply_overrides(base, values)
+    note = SELECTION_NOTE.format(n=n_trials if n_trials is not None else "the sweep's")
     header = [
         f"# best: {base.experiment} with the best values of the sweep in {path.parent} - trial {best['trial']},",
         f"# OOF log loss {best['log_loss']:.4f} over fold(s) {','.join(map(str, folds))}; searched: "
         + " ".join(f"{k}={v}" for k, v in values.items()),
+        *textwrap.wrap(f"NOTE: {note}.", 116, initial_indent="# ", subsequent_indent="# "),
         "# Run every fold with it:",
         f"#   python -m orchestrator.cv --config {path} --folds 0-{base.data.n_folds - 1}",
     ]
@@ -73,4 +84,6 @@ def format_leaderboard(df: pd.DataFrame, keys: list[str]) -> str:
     for c in keys:
         shown[c] = shown[c].map(lambda x: f"{x:.3g}" if isinstance(x, float) else str(x))
     shown = shown.rename(columns={"last_interim_log_loss": "interim_ll"}).fillna("-")
-    return shown.to_string(index=False)
+    done = int((df["status"] == "complete").sum())
+    note = f"\nnote: {SELECTION_NOTE.format(n=done)}." if done > 1 else ""
+    return shown.to_string(index=False) + note

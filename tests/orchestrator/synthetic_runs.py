@@ -31,13 +31,14 @@ def noisy_probs(labels: np.ndarray, signal: float, seed: int, sharpness: float =
     return softmax(sharpness * z)
 
 
-def make_run(out: Path, rows: pd.DataFrame, probs: np.ndarray, name: str = "synthetic") -> Path:
-    """Write a finished run directory whose fold k OOF rows are ``probs`` (aligned with ``rows``), then reduce it."""
+def make_run(out: Path, rows: pd.DataFrame, probs: np.ndarray, name: str = "synthetic", **meta) -> Path:
+    """Write a finished run directory whose fold k OOF rows are ``probs`` (aligned with ``rows``), then reduce it;
+    ``meta``: more run.json keys (fold_by, soft_labels, ...)."""
     out.mkdir(parents=True)
     rows.to_parquet(out / "data.parquet", index=False)
     folds = sorted(int(k) for k in rows["fold"].unique())
     (out / "run.json").write_text(json.dumps({"experiment": name, "n_folds": int(rows["fold"].max()) + 1,
-                                              "folds": folds, "fingerprint": "0" * 16}))
+                                              "folds": folds, "fingerprint": "0" * 16, **meta}))
     for k in folds:
         sel = (rows["fold"] == k).to_numpy()
         fdir = out / f"fold={k}"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.conftest import CONFIGS, DATA, REPO, arena_row
@@ -86,7 +87,21 @@ def test_gpu_config_on_a_machine_without_gpus_says_why(tmp_path):
               tmp_path / "g", "data.max_rows=50", "model.init=random", "model.tokenizer=bytes", timeout=300)
     assert res.returncode == 3
     assert "cluster.gpus_per_fold=1" in res.stderr and "has 0 GPU(s)" in res.stderr
-    assert not (tmp_path / "g" / "report.json").exists()
+    # one line, before Ray starts and before anything is written: a rerun is not refused as "a different config"
+    assert len(res.stderr.strip().splitlines()) == 1 and "Ray was not started" in res.stderr
+    assert not (tmp_path / "g").exists() and "training folds" not in res.stdout
+
+
+def test_a_joined_cluster_without_enough_gpus_is_refused_from_its_resources():
+    from orchestrator.cluster.schedule import ClusterError
+    from orchestrator.cv import check_gpus
+    from trainer_core.config import load_config
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["cluster.gpus_per_fold=2"])
+    with pytest.raises(ClusterError, match="the Ray cluster has 1 GPU"):
+        check_gpus(cfg, {"GPU": 1.0, "CPU": 8.0})
+    check_gpus(cfg, {"GPU": 2.0, "CPU": 8.0})
+    check_gpus(load_config(CONFIGS / "smoke.yaml"), {"CPU": 1.0})  # CPU folds: nothing to check here
 
 
 def test_bundled_data_ships_with_attribution():

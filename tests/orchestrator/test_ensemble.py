@@ -92,20 +92,81 @@ def test_members_over_other_folds_are_refused_and_nothing_is_written(members, tm
     err = capsys.readouterr().err
     assert "different folds" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     assert ensemble_main([str(members["strong"]), str(members["weak"]), "--out", str(members["weak"])]) == 2
-    assert "not an ensemble directory" in capsys.readouterr().err
+    assert "is the member" in capsys.readouterr().err
     assert (members["weak"] / "fold=0" / "oof.parquet").exists()  # the run it would have overwritten is intact
 
 
-@pytest.mark.parametrize("kind, words", [("oof", "optimistic"), ("in_fold", "stays honest")])
-def test_a_students_report_says_whether_its_cv_is_optimistic(tmp_path, kind, words):
+def test_an_ensemble_never_writes_over_or_inside_a_member(members, tmp_path, capsys):
+    first = tmp_path / "ens"
+    assert ensemble_main([str(members["strong"]), str(members["weak"]), "--out", str(first)]) == 0
+    before = (first / "ensemble.json").read_text()
+    # an ensemble of that ensemble written over it would list itself as a member (RecursionError when read)
+    for out, words in ((first, "is the member"), (first / "inner", "lies inside the member"),
+                       (members["weak"] / "ens", "lies inside the member"), (tmp_path, "holds the member")):
+        capsys.readouterr()
+        assert ensemble_main([str(first), str(members["weak"]), "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+    assert (first / "ensemble.json").read_text() == before and not (members["weak"] / "ens").exists()
+
+
+def test_member_paths_are_stored_relative_to_the_ensemble(members, tmp_path):
+    from orchestrator.runs.provenance import member_dirs
+
+    out = tmp_path / "ens"
+    assert ensemble_main([str(members["strong"]), str(members["weak"]), "--out", str(out)]) == 0
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert not any(m.startswith("/") for m in spec["members"])
+    assert [d.resolve() for d in member_dirs(out)] == [members["strong"].resolve(), members["weak"].resolve()]
+    spec["members"] = [str(members["strong"].resolve()), str(members["weak"].resolve())]  # an older, absolute file
+    assert member_dirs(out, spec) == [members["strong"].resolve(), members["weak"].resolve()]
+
+
+def test_an_ensemble_inherits_its_members_folds_and_optimism(tmp_path, capsys):
+    from orchestrator.reporting.reducer import format_table
+
+    rows = bundled_rows(60)
+    y = rows["label"].to_numpy()
+    oof_student = {"path": "oof_soft.parquet", "kind": "oof", "sha256": "0", "distill_weight": 0.5}
+    honest = make_run(tmp_path / "honest", rows, noisy_probs(y, 1.0, seed=3), "honest", fold_by="prompt")
+    student = make_run(tmp_path / "student", rows, noisy_probs(y, 1.0, seed=4), "student", fold_by="prompt",
+                       soft_labels=oof_student)
+    other = make_run(tmp_path / "other", rows, noisy_probs(y, 1.0, seed=5), "other", fold_by="id")
+    out = tmp_path / "ens"
+    assert ensemble_main([str(honest), str(student), "--out", str(out)]) == 0
+    assert "WARNING" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["fold_by"] == "prompt" and len(rep["optimistic_because"]) == 1
+    assert rep["optimistic_because"][0].startswith(f"member {student}: it learned from plain OOF soft labels")
+    for text in ((out / "report.md").read_text(), (out / "report.html").read_text()):
+        assert "Optimistic CV" in text and "grouped by prompt" in text and "id % n_folds" not in text
+    assert "WARNING: This CV log loss is optimistic" in format_table(rep)
+    assert json.loads((out / "ensemble.json").read_text())["provenance"]["optimistic_because"]
+    # an honest pair stays honest; members split by other rules are refused in one line
+    assert ensemble_main([str(honest), str(make_run(tmp_path / "h2", rows, noisy_probs(y, 1.0, seed=6), "h2",
+                                                    fold_by="prompt")), "--out", str(tmp_path / "e3")]) == 0
+    assert json.loads((tmp_path / "e3" / "report.json").read_text())["optimistic_because"] == []
+    capsys.readouterr()
+    assert ensemble_main([str(honest), str(other), "--out", str(tmp_path / "e4")]) == 2
+    err = capsys.readouterr().err
+    assert "fold_by prompt vs id" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "e4").exists()
+
+
+@pytest.mark.parametrize("kind, teacher, words", [
+    ("oof", [], "is optimistic"), ("in_fold", [], "stays honest"), ("in_fold", None, "cannot be checked"),
+    ("in_fold", ["it learned from plain OOF soft labels of /g"], "whose own CV is optimistic")])
+def test_a_students_report_says_whether_its_cv_is_optimistic(tmp_path, kind, teacher, words):
     from orchestrator.reporting.reducer import format_table, reduce_run
 
     rows = bundled_rows(60)
     run = make_run(tmp_path / "student", rows, noisy_probs(rows["label"].to_numpy(), 1.0, seed=3))
     meta = json.loads((run / "run.json").read_text())
-    meta["soft_labels"] = {"path": "soft.parquet", "kind": kind, "sha256": "0", "distill_weight": 0.5}
+    prov = None if teacher is None else {"teacher_run": "/t", "kind": kind, "teacher_optimistic_because": teacher}
+    meta["soft_labels"] = {"path": "soft.parquet", "kind": kind, "sha256": "0", "distill_weight": 0.5,
+                           "provenance": prov}
     (run / "run.json").write_text(json.dumps(meta))
     rep = reduce_run(run, [0, 1, 2, 3, 4])
-    assert rep["distillation"]["optimistic"] == (kind == "oof")
+    optimistic = kind == "oof" or bool(teacher)
+    assert rep["distillation"]["optimistic"] == optimistic and bool(rep["optimistic_because"]) == optimistic
     for text in ((run / "report.md").read_text(), (run / "report.html").read_text(), format_table(rep)):
-        assert words in text
+        assert words in text and ("stays honest" in text) == (words == "stays honest")

@@ -137,22 +137,27 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
     from orchestrator.predict import fold_predictions
     from orchestrator.runs.ensemble_weights import combine
 
-    member_b = tmp_path / "b"
+    tree = tmp_path / "tree"
+    member_a, member_b = tree / "a", tree / "b"
+    shutil.copytree(run_dir, member_a, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
     shutil.copytree(run_dir, member_b, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
     shutil.rmtree(member_b / "fold=1")
     cfg = load_config(member_b / "config.yaml", ["train.seed=7", "train.lr=5e-3"])
     (member_b / "config.yaml").write_text(to_yaml(cfg))
     train_fold(cfg, 1, pd.read_parquet(member_b / "data.parquet"), member_b / "fold=1")
     reduce_run(member_b, [0, 1, 2, 3, 4])
-    assert ensemble_main([str(run_dir), str(member_b), "--out", str(tmp_path / "ens"), "--method", "logit"]) == 0
+    assert ensemble_main([str(member_a), str(member_b), "--out", str(tree / "ens"), "--method", "logit"]) == 0
+    moved = tmp_path / "moved"  # the whole tree copied elsewhere, the original gone: ensemble.json paths are relative
+    shutil.move(tree, moved)
+    member_b = moved / "b"
     unseen = raw_rows(N_ROWS, N_ROWS + 12, labels=False)
     unseen.to_csv(tmp_path / "test.csv", index=False)
-    res = predict("--run", tmp_path / "ens", "--data", tmp_path / "test.csv", "--out", tmp_path / "sub.csv",
+    res = predict("--run", moved / "ens", "--data", tmp_path / "test.csv", "--out", tmp_path / "sub.csv",
                   "--folds", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     sub = pd.read_csv(tmp_path / "sub.csv")
-    ens = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
-    report = json.loads((tmp_path / "ens" / "report.json").read_text())
+    ens = json.loads((moved / "ens" / "ensemble.json").read_text())
+    report = json.loads((moved / "ens" / "report.json").read_text())
     rows = load_rows(tmp_path / "test.csv", require_labels=False)
     quiet = dict(tta=False, device="cpu", log=lambda *_: None)
     (_, p_a), (_, p_b) = (next(fold_predictions(d, rows, [1], **quiet)) for d in (run_dir, member_b))
@@ -162,7 +167,7 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
 
 
 def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_training_rows(run_dir, tmp_path):
-    from trainer_core.data.soft_labels import IN_FOLD, check_soft_labels
+    from trainer_core.data.soft_labels import IN_FOLD, check_soft_labels, folds_sha256, read_provenance
 
     res = predict("--run", run_dir, "--soft-labels", tmp_path / "in_fold.parquet", "--in-fold", "--folds", "0,2")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -176,6 +181,12 @@ def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_trainin
         expected = predict_submission(run_dir, train, [k], tta=False, temperature=1.0, device="cpu",
                                       log=lambda *_: None)
         assert np.allclose(part[["p_a", "p_b", "p_tie"]].to_numpy(), expected, atol=1e-6)
+    # the file says where it came from: what a student checks and inherits
+    prov = read_provenance(tmp_path / "in_fold.parquet")
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert prov == {"teacher_run": str(run_dir.resolve()), "kind": "in_fold", "data_sha256": meta["data_sha256"],
+                    "fold_by": "id", "n_folds": 5, "folds_sha256": folds_sha256(rows),
+                    "teacher_optimistic_because": []}
     # a student with the same folds accepts them for folds 0 and 2, and refuses fold 1 (no rows for it) in one line
     assert check_soft_labels(tmp_path / "in_fold.parquet", rows, [0, 2], 5) == IN_FOLD
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", "configs/smoke.yaml", "--folds", "0-1",
@@ -183,3 +194,68 @@ def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_trainin
                           "--out", str(tmp_path / "student")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no soft label for fold 1's training ids" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "student").exists()
+
+
+def test_a_lost_adapter_file_or_an_unfinished_fold_is_one_line_with_the_way_out(run_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
+    raw_rows(N_ROWS, N_ROWS + 5, labels=False).to_csv(tmp_path / "t.csv", index=False)
+    lost = broken / "fold=2" / "adapter" / "adapter_model.safetensors"
+    lost.unlink()
+    res = predict("--run", broken, "--data", tmp_path / "t.csv", "--out", tmp_path / "sub.csv", timeout=120)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and str(lost) in err[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "sub.csv").exists()
+    (broken / "fold=3" / "metrics.json").unlink()
+    res = predict("--run", broken, "--data", tmp_path / "t.csv", "--out", tmp_path / "sub.csv", "--no-temperature",
+                  timeout=120)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and "[3] not finished" in err[0]
+    assert "python -m orchestrator.cv --config configs/smoke.yaml" in err[0] and "--folds 0,1,2,4" in err[0]
+
+
+def _student(tmp_path, soft, *overrides):
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true",
+                                               f"train.soft_labels={soft}", *overrides])
+    return cfg, prepare_run_dir(cfg, tmp_path / "student", [0], False, "test")
+
+
+def test_optimism_passes_down_a_distillation_chain_and_other_folds_are_refused(run_dir, tmp_path):
+    import shutil
+
+    from orchestrator.reporting.reducer import format_table
+    from trainer_core.data.arena import DataError
+
+    # A teacher that itself learned from plain OOF soft labels (its run.json says so, as cv writes it)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(run_dir, teacher, ignore=shutil.ignore_patterns("ray", "logs", "tensorboard"))
+    meta = json.loads((teacher / "run.json").read_text())
+    meta["soft_labels"] = {"path": "grand_oof.parquet", "kind": "oof", "sha256": "0", "distill_weight": 0.5}
+    (teacher / "run.json").write_text(json.dumps(meta))
+    res = predict("--run", teacher, "--soft-labels", tmp_path / "in_fold.parquet", "--in-fold", "--folds", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # its in-fold labels are not honest: fold 0's teacher model had seen fold 0's labels at one remove
+    cfg, rows = _student(tmp_path, tmp_path / "in_fold.parquet")
+    soft = json.loads((tmp_path / "student" / "run.json").read_text())["soft_labels"]
+    assert soft["kind"] == "in_fold" and soft["provenance"]["teacher_optimistic_because"]
+    train_fold(cfg, 0, rows, tmp_path / "student" / "fold=0")
+    rep = reduce_run(tmp_path / "student", [0])
+    assert rep["distillation"]["optimistic"] and rep["optimistic_because"]
+    for text in (format_table(rep), (tmp_path / "student" / "report.md").read_text()):
+        assert "whose own CV is optimistic" in text and "stays honest" not in text
+    # the same file for a student on other rows or other folds: refused before anything is written
+    for overrides, words in ((["data.fold_by=prompt"], "other folds"), ([f"data.max_rows={N_ROWS + 10}"],
+                                                                          "split into other folds")):
+        with pytest.raises(DataError, match=words):
+            cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", f"train.soft_labels="
+                                                       f"{tmp_path / 'in_fold.parquet'}", *overrides])
+            prepare_run_dir(cfg, tmp_path / "other", [0], False, "test")
+        assert not (tmp_path / "other").exists()
+    other_data = tmp_path / "other.csv"
+    raw_rows(0, N_ROWS).to_csv(other_data, index=False, lineterminator="\r\n")  # same rows, other bytes
+    with pytest.raises(DataError, match="another data file"):
+        cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", f"data.path={other_data}",
+                                                   f"train.soft_labels={tmp_path / 'in_fold.parquet'}"])
+        prepare_run_dir(cfg, tmp_path / "other", [0], False, "test")

@@ -96,6 +96,11 @@ def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError listing every problem at once."""
     errs = []
     d, m, lo, t, c = cfg.data, cfg.model, cfg.lora, cfg.train, cfg.cluster
+    # experiment names the default run directory runs/<experiment>: a path in it (../..) would point that at a
+    # parent folder, which --restart empties.
+    if not cfg.experiment or cfg.experiment in (".", "..") or any(ch in cfg.experiment for ch in "/\\"):
+        errs.append(f"experiment: {cfg.experiment!r} must be a plain name (no '/', '\\' and not '.' or '..'): it names "
+                    f"the run directory runs/<experiment>; use --out for a path")
     if not d.path:
         errs.append("data.path: no data file given")
     if d.n_folds < 2:

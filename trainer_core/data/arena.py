@@ -37,6 +37,14 @@ FOLD_SEED = 0  # fold_by=prompt: fixed, so train.seed or a sweep never moves row
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
+def prompt_key(text: pd.Series) -> pd.Series:
+    """The one prompt normaliser: what makes two prompts "the same prompt" for ``data.fold_by=prompt`` and for
+    dropping extra training rows that share a held-out prompt (trainer_core.data.train_rows). Outer whitespace is
+    ignored: a prompt copied with another trailing newline is the same prompt, and both places must agree, or a row
+    kept apart by one would be let through by the other."""
+    return text.str.strip()
+
+
 class DataError(ValueError):
     """Input data that cannot be used; one line per problem, naming the file, column and row ids."""
 
@@ -200,7 +208,8 @@ def load_dataset(path: str | Path, *, require_labels: bool = True, max_rows: int
 def assign_folds(df: pd.DataFrame, n_folds: int, by: str = "id") -> pd.DataFrame:
     """Adds ``fold``, a pure function of the data, so every run and trial sees the same splits. ``by``: ``id`` (id %
     n_folds), ``row`` (row position % n_folds) or ``prompt`` (StratifiedGroupKFold: stratified by label, grouped by
-    prompt text, seed FOLD_SEED; needs ``label``). DataError when ``prompt`` cannot fill every fold."""
+    prompt text as :func:`prompt_key` reads it, seed FOLD_SEED; needs ``label``). DataError when ``prompt`` cannot
+    fill every fold."""
     out = df.copy()
     if by == "id":
         out["fold"] = (out["id"] % n_folds).astype("int64")
@@ -218,7 +227,7 @@ def _prompt_group_folds(df: pd.DataFrame, n_folds: int) -> np.ndarray:
 
     from sklearn.model_selection import StratifiedGroupKFold
 
-    groups = pd.factorize(df["prompt"])[0]
+    groups = pd.factorize(prompt_key(df["prompt"]))[0]
     n_groups = int(groups.max()) + 1 if len(groups) else 0
     if n_groups < n_folds:
         raise DataError(f"data.fold_by=prompt: {n_groups} distinct prompt{'s' if n_groups != 1 else ''} cannot fill "

@@ -12,10 +12,20 @@ Two kinds of file, told apart by their ``fold`` column:
   (what the Kaggle winners did; the report says so).
 
 Probabilities must be finite, non-negative and sum to 1 per row. Everything here is checked before Ray starts.
+
+Provenance: ``orchestrator.predict`` writes, in the parquet file's schema metadata (key :data:`PROVENANCE_KEY`), which
+run made the file, the kind, that run's data file (sha256), ``fold_by``, ``n_folds``, a hash of its (id, fold)
+assignment and the reasons its own CV is optimistic (a teacher that learned from OOF soft labels, an ensemble with
+such a member, ...). A student refuses a file made on other data or other folds (:func:`check_provenance`), and a
+teacher's optimism passes on to every student down the chain: in-fold labels of a teacher whose fold-k model had seen
+fold k's labels at one remove carry them on. A file without the metadata (a CSV, a file made elsewhere) is accepted as
+before; the report then says its teacher is unknown.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +37,7 @@ from trainer_core.data.tta import SWAP_CLASSES
 SOFT_COLUMNS = ["p_a", "p_b", "p_tie"]
 IN_FOLD, OOF = "in_fold", "oof"
 SUM_TOLERANCE = 1e-4  # parquet float32 round trips and CSV text keep sums within this
+PROVENANCE_KEY = b"gemma2_cv.soft_labels.provenance"  # parquet schema metadata: JSON, see the module docstring
 
 
 def _ids(ids, limit: int = 5) -> str:
@@ -128,3 +139,58 @@ def training_targets(path: str | Path, fold: int, rows: pd.DataFrame, train: pd.
     teacher[swapped] = teacher[swapped][:, list(SWAP_CLASSES)]
     out[from_folds] = teacher
     return out
+
+
+def folds_sha256(rows: pd.DataFrame) -> str:
+    """SHA-256 of a run's (id, fold) assignment, sorted by id: equal exactly when two runs split the same ids alike."""
+    pairs = rows[["id", "fold"]].sort_values("id").to_numpy(dtype=np.int64)
+    return hashlib.sha256(np.ascontiguousarray(pairs).tobytes()).hexdigest()
+
+
+def write_soft_labels(path: str | Path, table: pd.DataFrame, provenance: dict) -> None:
+    """Write ``table`` as parquet at ``path`` (the caller makes it atomic), ``provenance`` in its schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps(provenance).encode()
+    pq.write_table(arrow.replace_schema_metadata(meta), str(path))
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The provenance a parquet soft-label file carries (:func:`write_soft_labels`), or None (CSV, no metadata)."""
+    import pyarrow.parquet as pq
+
+    if Path(path).suffix.lower() != ".parquet":
+        return None
+    try:
+        meta = pq.read_schema(str(path)).metadata or {}
+    except (OSError, ValueError):
+        return None
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def check_provenance(path: str | Path, data_sha256: str, fold_by: str, n_folds: int,
+                     rows: pd.DataFrame) -> dict | None:
+    """The file's provenance, refused (DataError, one line per problem) when its teacher was trained on another data
+    file or split its rows into other folds than this run (``rows``: this run's rows with folds); None when the file
+    records none."""
+    prov = read_provenance(path)
+    if prov is None:
+        return None
+    teacher = prov.get("teacher_run", "its teacher")
+    errs = []
+    if prov.get("data_sha256") and prov["data_sha256"] != data_sha256:
+        errs.append(f"{path}: made by {teacher} on another data file (sha256 {prov['data_sha256'][:12]}, this run's "
+                    f"{data_sha256[:12]}); a student must learn from a teacher of its own rows")
+    if (prov.get("fold_by"), prov.get("n_folds")) != (fold_by, n_folds):
+        errs.append(f"{path}: made by {teacher} with data.fold_by={prov.get('fold_by')}, data.n_folds="
+                    f"{prov.get('n_folds')}; this run has data.fold_by={fold_by}, data.n_folds={n_folds}: other folds")
+    elif prov.get("folds_sha256") and prov["folds_sha256"] != folds_sha256(rows):
+        errs.append(f"{path}: made by {teacher} on rows split into other folds than this run's (another "
+                    f"data.max_rows?); a student's fold k must hold out exactly its teacher's fold k")
+    if errs:
+        raise DataError("\n".join(errs))
+    return prov

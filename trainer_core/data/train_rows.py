@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from trainer_core.data.arena import load_rows
+from trainer_core.data.arena import load_rows, prompt_key
 from trainer_core.data.tta import swap_responses
 
 TRAIN_COLUMNS = ["id", "prompt", "response_a", "response_b", "label"]
@@ -31,10 +31,6 @@ class TrainRows:
                 "n_swapped_train_rows": int((self.rows["source"] == "swapped").sum())}
 
 
-def _prompt_key(text: pd.Series) -> pd.Series:
-    return text.str.strip()  # a prompt copied with other outer whitespace is the same prompt
-
-
 def load_extra_rows(path: str | None) -> pd.DataFrame | None:
     """The validated extra training rows (the same checks and errors as the main file), or None without a path."""
     return load_rows(path) if path else None
@@ -46,8 +42,8 @@ def fold_training_rows(rows: pd.DataFrame, fold: int, extra: pd.DataFrame | None
     own = rows[rows["fold"] != fold][TRAIN_COLUMNS].assign(source="fold")
     parts, n_extra, dropped = [own], 0, 0
     if extra is not None and len(extra):
-        held_out = set(_prompt_key(rows.loc[rows["fold"] == fold, "prompt"]))
-        shared = _prompt_key(extra["prompt"]).isin(held_out)
+        held_out = set(prompt_key(rows.loc[rows["fold"] == fold, "prompt"]))
+        shared = prompt_key(extra["prompt"]).isin(held_out)
         dropped = int(shared.sum())
         kept = extra.loc[~shared, TRAIN_COLUMNS].assign(source="extra")
         n_extra = len(kept)

@@ -92,3 +92,22 @@ def test_extra_rows_file_is_validated_like_the_main_file(tmp_path):
     pd.DataFrame([arena_row(1), {**arena_row(2), "winner_model_a": 3}]).to_csv(bad, index=False)
     with pytest.raises(ValueError, match=r"extra.csv: columns winner_model_a.*id 2"):
         load_extra_rows(str(bad))
+
+
+def test_one_prompt_normaliser_serves_fold_by_prompt_and_the_extra_rows_drop(tmp_path):
+    # 20 prompts, each twice: once as is, once with outer whitespace. fold_by=prompt must keep each pair in one fold
+    # (raw text would see 40 prompts and split pairs), and an extra row of either spelling must be dropped from the
+    # fold that holds the prompt out: both decisions read prompts through arena.prompt_key.
+    raw = [arena_row(2 * i + j, ("a", "b", "tie")[(i + j) % 3], prompt=[f"question {i}" + ("  \n" if j else "")])
+           for i in range(20) for j in (0, 1)]
+    pd.DataFrame(raw).to_csv(tmp_path / "d.csv", index=False)
+    rows = assign_folds(load_rows(tmp_path / "d.csv"), 5, "prompt")
+    assert (rows.groupby(rows["prompt"].str.strip())["fold"].nunique() == 1).all()
+    extra = pd.DataFrame([arena_row(500 + i, "a", prompt=[f" question {i}"]) for i in range(20)])
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    extra = load_extra_rows(tmp_path / "extra.csv")
+    for k in range(5):
+        held = set(rows.loc[rows["fold"] == k, "prompt"].str.strip())
+        tr = fold_training_rows(rows, k, extra, swap_augment=False)
+        assert tr.n_extra_dropped == sum(f"question {i}" in held for i in range(20)) > 0
+        assert not set(tr.rows.loc[tr.rows["source"] == "extra", "prompt"].str.strip()) & held
