@@ -18,7 +18,7 @@ from trainer_core.config import Config
 address = sys.argv[1] or None
 ray_folds.init_ray(None, 2)
 
-def leaky_phase(cfg, phase, run_dir, concurrency):  # a phase whose finished fold's worker group stayed reserved
+def leaky_phase(cfg, phase, *args):  # a phase whose finished fold's worker group stayed reserved
     pg = placement_group([{"CPU": 1}])
     ray.get(pg.ready(), timeout=60)
     return dict.fromkeys(phase)
