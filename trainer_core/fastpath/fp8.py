@@ -13,7 +13,8 @@ the fp32 sums). The forward pass is untouched: the plain ``F.linear``, bit for b
 Why e4m3 and not e5m2 for ``grad_y``: e5m2's wider range is what per-tensor scaling needs for heavy-tailed gradients;
 with one scale per row, e4m3 still spans 17 binades below each row's amax (only values under 2^-17 of their row's
 largest flush to zero), and its extra mantissa bit halves the rounding step: on a test matrix with channels spread
-over four decades, 3.5% relative error of ``grad_x`` against 5.0% with e5m2 (``tests/trainer_core/fastpath/test_fp8.py``).
+over four decades, 3.5% relative error of ``grad_x`` against 5.0% with e5m2
+(``tests/trainer_core/fastpath/test_fp8.py``).
 """
 
 from __future__ import annotations

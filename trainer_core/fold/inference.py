@@ -51,9 +51,12 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
 
     With LoRA the base model is rebuilt exactly as training built it (same quantization, same preparation, same
     random-init seed for ``model.init=random``) and the saved adapter plus score head are loaded onto it; without
-    LoRA the folder holds the whole fine-tuned model."""
+    LoRA the folder holds the whole fine-tuned model. Then the fast path as the fold had it, placed for prediction
+    (``trainer_core.fastpath.apply``: no weight cache, no recomputation); ``trainer_core.fastpath.release(model)``
+    before the model goes."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from trainer_core import fastpath
     from trainer_core.data.tokenization import ensure_pad_token
     from trainer_core.model.build import build_model
     from trainer_core.model.precision import DTYPES, resolve_precision
@@ -61,6 +64,7 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     adapter_dir = Path(adapter_dir)
     precision = resolve_precision(cfg.train.precision, device)
     tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    fastpath.prepare_load(cfg.model)
     if cfg.model.head == "pairwise":
         from trainer_core.model.pairwise import PairwisePreferenceModel
 
@@ -68,13 +72,15 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     elif cfg.lora.enabled:
         from peft import PeftModel
 
-        # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.
-        base = build_model(replace(cfg.model, gradient_checkpointing="off"),
-                           replace(cfg.lora, enabled=False, freeze_layers=0), pad_token_id=tok.pad_token_id,
-                           precision=precision, device=device, seed=cfg.train.seed)
+        # No fresh adapters: the saved ones load.
+        base = build_model(cfg.model, replace(cfg.lora, enabled=False, freeze_layers=0),
+                           pad_token_id=tok.pad_token_id, precision=precision, device=device, seed=cfg.train.seed)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
         model.to(device)
+    placement = fastpath.place(cfg, model, device=device, precision=precision, seq_len=cfg.data.max_length,
+                               micro_batch=cfg.train.batch_size, training=False)
+    fastpath.apply(model, cfg, placement)
     model.eval()
     return model, tok, precision
