@@ -42,7 +42,7 @@ from trainer_core.model.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FastPath", "Placement", "apply", "place", "prepare_load", "release"]
+__all__ = ["FastPath", "Placement", "apply", "compiled", "place", "prepare_load", "release"]
 
 _HANDLE = "trainer_core_fastpath"  # the model's attribute holding its FastPath (release(model) finds it there)
 
@@ -143,3 +143,10 @@ def release(model) -> None:
     speed = getattr(model, _HANDLE, None)
     if speed is not None:
         speed.release()
+
+
+def compiled(model) -> bool:
+    """Whether :func:`apply` compiled ``model``'s layers (and has not been released): its callers then keep batch
+    shapes fixed (a new batch size compiles every kind of layer again)."""
+    speed = getattr(model, _HANDLE, None)
+    return speed is not None and not speed.released and "compile" in speed.steps

@@ -15,17 +15,25 @@ from trainer_core.model.memory import eval_batch_size, free_device_bytes
 @torch.no_grad()
 def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
                   autocast) -> np.ndarray:
-    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
+    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding.
+
+    A model with compiled layers (``model.compile``) gets every batch at ``batch_size`` rows: a short last batch is
+    filled with copies of its first row, whose outputs are dropped (a new batch size would compile every kind of
+    layer again, ~10 s each on a GPU)."""
+    from trainer_core import fastpath
+
     was_training = model.training
     model.eval()
+    fill = fastpath.compiled(model)
     order = np.argsort([-row_tokens(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), 3), dtype=np.float64)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        input_ids, mask = collate([ids[j] for j in idx], pad_id, device)
+        rows = [ids[j] for j in idx] + [ids[idx[0]]] * ((batch_size - len(idx)) if fill else 0)
+        input_ids, mask = collate(rows, pad_id, device)
         with autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        out[idx] = torch.softmax(logits[:len(idx)].float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return out
 

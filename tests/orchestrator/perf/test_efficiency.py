@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator.efficiency import one_gpu_seconds
+from orchestrator.efficiency import one_gpu_seconds, recompilations_text
 
 
 def test_a_fold_in_pieces_counts_one_load_and_one_prediction():
@@ -13,3 +13,10 @@ def test_a_fold_in_pieces_counts_one_load_and_one_prediction():
     plain = {"fold_seconds": 172.0, "train_seconds": 138.0, "last_run_seconds": 172.0, "last_run_train_seconds": 138.0}
     assert one_gpu_seconds(plain) == pytest.approx(172.0)
     assert one_gpu_seconds({"fold_seconds": 90.0, "train_seconds": 70.0}) == 90.0  # metrics from before the split
+
+
+def test_the_recompilations_line():
+    assert recompilations_text({"recompilations": 7}) == "7 recompilations"
+    assert recompilations_text({"recompilations": 1}) == "1 recompilation"
+    # TORCH_LOGS without recompiles (null), or metrics written before the count existed (no key)
+    assert recompilations_text({"recompilations": None}) == recompilations_text({}) == "recompilations not counted"
