@@ -5,8 +5,10 @@ Runs ``orchestrator.cv`` on the given config and folds, then reads each fold's `
 ran data-parallel over several GPUs counts as the mean one-GPU fold time; a fold trained in pieces
 (``cluster.rotate_folds``) counts its training plus one model load and prediction. Wall time is the whole command,
 Ray start and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
-Also prints where each run of a fold spent its wall time (start, compile, train, prediction and files:
-:mod:`orchestrator.perf.fold_timeline`), the figures a choice between packing and rotation rests on.
+Also prints each fold's torch.compile recompilations (``recompilations`` in its ``metrics.json``: a fold whose layers
+keep compiling new versions spends its first steps compiling, and past dynamo's limit runs them eagerly) and where each
+run of a fold spent its wall time (start, compile, train, prediction and files: :mod:`orchestrator.perf.fold_timeline`),
+the figures a choice between packing and rotation rests on.
 
 Example::
 
@@ -35,6 +37,12 @@ def one_gpu_seconds(m: dict) -> float:
     if m.get("last_run_seconds") is None:
         return m["fold_seconds"]
     return m["train_seconds"] + m["last_run_seconds"] - m["last_run_train_seconds"]
+
+
+def recompilations_text(m: dict) -> str:
+    """The fold's torch.compile recompilations (its last run's; ``trainer_core.fastpath.recompiles``)."""
+    n = m.get("recompilations")
+    return "recompilations not counted" if n is None else f"{n} recompilation{'s' * (n != 1)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = max(1, n_gpus)
     for m in metrics:
         print(f"fold {m['fold']}: {m['world_size']} GPU(s), fold {m['fold_seconds']:.1f}s, "
-              f"training {m['train_seconds']:.1f}s, {m['train_samples_per_s']:.2f} samples/s")
+              f"training {m['train_seconds']:.1f}s, {m['train_samples_per_s']:.2f} samples/s, "
+              f"{recompilations_text(m)}")
     eff = one_gpu_total / (gpus * wall)
     print(f"wall {wall:.1f}s on {gpus} GPU(s); sum of one-GPU fold times {one_gpu_total:.1f}s; "
           f"parallel efficiency {eff:.3f}")

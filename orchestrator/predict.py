@@ -138,6 +138,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
         return
     from trainer_core.data.tokenization import encode
+    from trainer_core.fastpath import release
     from trainer_core.fold.inference import load_fold_model, predict_probs, resolve_eval_batch_size
     from trainer_core.model.precision import make_autocast
 
@@ -155,6 +156,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
             f"({precision})")
+        release(model)  # its hooks and swapped classes: the next fold's model is built in this process
         del model
         yield k, p
 

@@ -15,19 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trainer_core import fastpath
 from trainer_core.config import Config, apply_overrides
 from trainer_core.data.batching import collate, epoch_batches, padding_waste
-from trainer_core.fastpath.dequant_cache import cache_for_training
+from trainer_core.fastpath.recompiles import RecompileCounter
 from trainer_core.fold.optim import build_optimizer
 from trainer_core.fold.step import train_step
-from trainer_core.model.build import (
-    build_model,
-    decoder_layer_count,
-    enable_checkpointing,
-    trainable_parameters,
-)
-from trainer_core.model.memory import apply_budget, free_device_bytes, plan_memory, recomputed_layers
-from trainer_core.model.precision import DTYPES, make_autocast, resolve_precision
+from trainer_core.model.build import build_model, decoder_layer_count, trainable_parameters
+from trainer_core.model.memory import apply_budget
+from trainer_core.model.precision import make_autocast, resolve_precision
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -65,9 +61,11 @@ def our_setup(cfg: Config, device: torch.device, overrides: dict | None = None, 
 
 
 def setup_config(cfg: Config, setup: Setup) -> Config:
-    """``cfg`` as ``setup`` runs it: its overrides applied, its attention and compilation in the model section."""
+    """``cfg`` as ``setup`` runs it: its overrides applied, its attention, compilation and recomputation in the model
+    section."""
     out = apply_overrides(cfg, setup.overrides)
     out.model.attn_implementation, out.model.compile = setup.attn_implementation, setup.compile
+    out.model.gradient_checkpointing = setup.checkpointing
     return out
 
 
@@ -107,35 +105,25 @@ def _sync(device: torch.device) -> None:
 
 
 def build_for(cfg: Config, setup: Setup, device: torch.device, seq_len: int, budget_gib: float | None):
-    """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, the same way fold.py builds them;
-    ``cfg`` is the setup's own (:func:`setup_config`)."""
+    """(model, params, optimizer, scaler, micro, accum, plan_text) for a setup, built with the calls a fold makes
+    (``trainer_core.fold.loop.FoldRun.setup``): ``fastpath.prepare_load``, the plain ``build_model``,
+    ``fastpath.place`` for ``seq_len``-token rows and ``fastpath.apply``; ``cfg`` is the setup's own
+    (:func:`setup_config`). ``fastpath.release(model)`` when done with it."""
     torch.manual_seed(cfg.train.seed)
-    ckpt = "off" if setup.checkpointing == "auto" else setup.checkpointing
+    fastpath.prepare_load(cfg.model)
     model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=setup.precision, device=device,
-                        seed=cfg.train.seed, checkpointing=ckpt)
-    micro, accum, plan_text = setup.batch_size, setup.grad_accum, setup.checkpointing
-    if setup.checkpointing == "auto":
-        if device.type == "cuda":
-            plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
-                               seq_len=seq_len, batch_size=micro, grad_accum=accum,
-                               free_bytes=free_device_bytes(device, budget_gib))
-            if plan.checkpointing:
-                enable_checkpointing(model, only=recomputed_layers(cfg, plan))
-            micro, accum, plan_text = plan.micro_batch, plan.grad_accum, f"auto: {plan.reason}"
-        else:
-            plan_text = "auto: off on CPU"
-    if cfg.model.quantization == "nf4":
-        note = cache_for_training(model, cfg.model.dequant_cache, DTYPES[setup.precision], device,
-                                  freeze_layers=cfg.lora.freeze_layers, seq_len=seq_len, micro_batch=micro,
-                                  budget_gib=budget_gib, fp8_backward=cfg.model.fp8_backward)
-        plan_text += f"; {note}" if note else ""
-    model.train()  # recomputation and dropout act only in training mode, as in fold.py
+                        seed=cfg.train.seed)
+    placement = fastpath.place(cfg, model, device=device, precision=setup.precision, seq_len=seq_len,
+                               micro_batch=setup.batch_size, grad_accum=setup.grad_accum, budget_gib=budget_gib)
+    speed = fastpath.apply(model, cfg, placement)
+    plan_text = placement.reason + (f"; {speed.cache_note}" if speed.cache_note else "")
+    model.train()  # recomputation and dropout act only in training mode, as in a fold
     params = trainable_parameters(model)
     tcfg = copy.deepcopy(cfg.train)
     tcfg.optimizer = setup.optimizer
     optimizer = build_optimizer(params, tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
-    return model, params, optimizer, scaler, micro, accum, plan_text
+    return model, params, optimizer, scaler, placement.micro_batch, placement.grad_accum, plan_text
 
 
 def time_steps(model, params, optimizer, scaler, batches: list, accum: int, autocast, warmup: int,
@@ -166,6 +154,7 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
         apply_budget(device, budget_gib)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    recompiles = RecompileCounter().start()
     model, params, optimizer, scaler, micro, accum, plan_text = build_for(cfg, setup, device, seq_len, budget_gib)
     autocast = make_autocast(setup.precision, device)
     vocab = model.config.vocab_size
@@ -191,6 +180,9 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    recompiles.stop()
+    row["recompilations"] = recompiles.count  # as a fold's metrics.json counts them
+    fastpath.release(model)
     del model, optimizer, params, scaler, full
     if mixed:
         del batches
@@ -224,6 +216,7 @@ def profile_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int
     out = {"setup": setup.name, "micro_batch": micro, "s_per_step": secs / n_steps,
            "device_busy_s_per_step": busy_us / 1e6 / n_steps if cuda else None,
            "table": events.table(sort_by=sort_key, row_limit=top, max_name_column_width=60)}
+    fastpath.release(model)
     del model, optimizer, params, scaler, batches
     free_cuda(device)
     return out
@@ -257,6 +250,7 @@ def compare_numerics(cfg: Config, a: Setup, b: Setup, device: torch.device, rows
             loss.backward()
         g = {n: p.grad.float().cpu() for n, p in model.named_parameters() if grads and p.grad is not None}
         out[setup.name] = (logits.detach().cpu(), loss.item(), g)
+        fastpath.release(model)
         del model, logits, loss
         gc.collect()
     (la, lossa, ga), (lb, lossb, gb) = out[a.name], out[b.name]

@@ -53,8 +53,12 @@ def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value
     grouped = query.view(batch, heads_kv, groups, length, dim)
     p = dropout if module.training else 0.0
     blocks = []
-    for start in range(0, length, BLOCK):
-        end = min(start + BLOCK, length)
+    # Loop over the block count, not over range(0, length, BLOCK): under torch.compile with a dynamic length the
+    # latter specializes on the exact length (a new graph per batch length, up to dynamo's limit of 64 versions),
+    # while this guards only on the count - one graph per 256 tokens of length, 4 up to 1,024.
+    for b in range((length + BLOCK - 1) // BLOCK):
+        start = b * BLOCK
+        end = torch.sym_min(start + BLOCK, length)
         rows = end - start
         q = grouped[:, :, :, start:end].reshape(batch, heads_kv, groups * rows, dim)
         weights = torch.matmul(q, key[:, :, :end].transpose(2, 3))  # (B, H_kv, groups * rows, end)

@@ -1,5 +1,4 @@
-"""Exact memory-for-speed trades on a 4-bit model: frozen nf4 weights kept dequantized, the embedding table kept in
-its checkpoint precision.
+"""An exact memory-for-speed trade on a 4-bit model: frozen nf4 weights kept dequantized.
 
 ``model.dequant_cache``: bitsandbytes dequantizes every nf4 weight at every call - once in the forward pass and once
 more in the backward pass of each adapted layer (7% of the compiled step's device time on an H200) - and for more than
@@ -10,8 +9,9 @@ replaces the ``Linear4bit`` with a plain linear layer holding it. Same numbers, 
 (those are dequantized twice a step).
 
 ``model.fp8_backward`` (opt-in, changes numerics): the cached layers of trained decoder layers also keep an fp8 copy of
-their weight (1 byte per weight, counted in the cache's budget) for an fp8 backward matmul:
-:mod:`trainer_core.fastpath.fp8`.
+their weight (1 byte per weight, counted in the cache's budget) for an fp8 backward matmul
+(:func:`enable_fp8_backward`, :mod:`trainer_core.fastpath.fp8`), a step of its own in
+:func:`trainer_core.fastpath.apply` after the cache.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
     """Replace frozen 4-bit linear layers by :class:`DequantizedLinear` copies in ``dtype`` (the autocast dtype, or
     fp32 without autocast), top decoder layer first, while the copies' total stays within ``max_bytes``. Returns
     (layers cached, decoder layers in the model, GiB used). ``fp8_from``: decoder layers from this index on (the
-    trained ones) also get the fp8 backward (``model.fp8_backward``), one more byte per weight.
+    trained ones) will also hold an fp8 copy (``model.fp8_backward``, :func:`enable_fp8_backward`): one more byte per
+    weight counted against ``max_bytes``.
 
     Only whole decoder layers are cached (a layer's projections share one compiled graph)."""
     used, cached = 0.0, 0
@@ -99,10 +100,7 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
         if used + size > max_bytes:
             break
         for parent, name, child in targets:
-            cached_linear = DequantizedLinear(_dequantize(child, dtype), child.bias)
-            if use_fp8:
-                cached_linear.enable_fp8_backward()
-            setattr(parent, name, cached_linear)
+            setattr(parent, name, DequantizedLinear(_dequantize(child, dtype), child.bias))
         used += size
         cached += 1
     if cached and torch.cuda.is_available():
@@ -110,52 +108,35 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
     return cached, len(layers), used / 2**30
 
 
-def keep_embedding_dtype(model, dtype: torch.dtype) -> bool:
-    """Store the input embedding table in ``dtype`` (its checkpoint precision) and hand out fp32 rows.
-
-    peft's k-bit preparation upcasts every non-quantized tensor to fp32, the 256,000 x 3,584 embedding table too
-    (3.7 GB for Gemma-2 9B). Its values came from ``dtype``, so casting the table back is exact, and casting the
-    looked-up rows to fp32 gives the fp32 table's output bit for bit. Returns whether the table was changed."""
-    emb = model.get_input_embeddings()
-    if emb is None or emb.weight.dtype != torch.float32 or dtype == torch.float32 or emb.weight.requires_grad:
-        return False
-    low = emb.weight.data.to(dtype)
-    if not torch.equal(low.float(), emb.weight.data):  # not exactly representable: keep fp32
-        return False
-    emb.weight.data = low
-    emb.register_forward_hook(lambda _module, _inputs, out: out.float())
-    return True
-
-
-def apply_dequant_cache(model, mode: str, dtype: torch.dtype, free_bytes: float, need_bytes: float,
-                        fp8_from: int | None = None) -> str:
-    """``model.dequant_cache`` applied after the memory plan: ``on`` caches every layer, ``auto`` as many as fit in
-    ``free_bytes`` beside the ``need_bytes`` the plan reserved for activations, ``off`` none (``fp8_from``: see
-    :func:`cache_dequantized_weights`). Returns a note for logs and benchmark tables (empty when nothing was
-    cached)."""
-    if mode == "off":
-        return ""
-    room = float("inf") if mode == "on" else free_bytes - need_bytes
-    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from)
-    note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
-    if fp8_from is not None:
-        fp8_linears = [m for m in model.modules() if isinstance(m, DequantizedLinear) and m.weight_fp8 is not None]
-        path = "_scaled_mm" if any(m.fp8_scaled_mm for m in fp8_linears) else "emulated"
-        note += f"; fp8 backward in {len(fp8_linears)} linear layers ({path})"
+def enable_fp8_backward(model, from_layer: int) -> str:
+    """``model.fp8_backward``: the :class:`DequantizedLinear` layers of decoder layers ``from_layer`` and up (the
+    trained ones) get an fp8 copy of their weight for the backward matmul. Returns a note for logs and benchmark
+    tables."""
+    linears = [m for layer in list(decoder_layers(model))[from_layer:] for m in layer.modules()
+               if isinstance(m, DequantizedLinear)]
+    fp8_linears = [m for m in linears if m.enable_fp8_backward()]
+    path = "_scaled_mm" if any(m.fp8_scaled_mm for m in fp8_linears) else "emulated"
+    note = f"fp8 backward in {len(fp8_linears)} linear layers ({path})"
     log.info(note)
     return note
 
 
 def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.device, *, freeze_layers: int,
-                       seq_len: int, micro_batch: int, budget_gib: float | None, fp8_backward: bool = False) -> str:
-    """:func:`apply_dequant_cache` after the memory plan: the room is the free memory minus the activations of a
-    ``micro_batch`` x ``seq_len`` step as the model now trains (with or without recomputation). ``fp8_backward``:
-    the cached layers of the trained decoder layers (from ``freeze_layers`` on) get the fp8 backward."""
+                       seq_len: int, micro_batch: int, budget_gib: float | None, recomputed: int = 0,
+                       fp8_backward: bool = False) -> str:
+    """``model.dequant_cache`` after the memory plan: ``on`` caches every layer, ``auto`` as many as fit in the free
+    memory beside the activations of a ``micro_batch`` x ``seq_len`` step with ``recomputed`` of the trained layers
+    (those from ``freeze_layers`` on) recomputing theirs, ``off`` none. ``fp8_backward``: room for the fp8 copies of
+    the trained layers' weights too. Returns a note for logs and benchmark tables (empty when nothing was cached)."""
     if mode == "off":
         return ""
-    trained = list(decoder_layers(model))[freeze_layers:]
-    recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in trained)
-    need = activation_bytes_per_token(model.config, len(trained), seq_len, recomputed > 0,
-                                      recomputed) * micro_batch * seq_len * SAFETY
-    return apply_dequant_cache(model, mode, dtype, free_device_bytes(device, budget_gib), need,
-                               freeze_layers if fp8_backward else None)
+    room = float("inf")
+    if mode == "auto":
+        n_trained = len(decoder_layers(model)) - freeze_layers
+        need = activation_bytes_per_token(model.config, n_trained, seq_len, recomputed > 0,
+                                          recomputed) * micro_batch * seq_len * SAFETY
+        room = free_device_bytes(device, budget_gib) - need
+    n, total, gib = cache_dequantized_weights(model, room, dtype, freeze_layers if fp8_backward else None)
+    note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
+    log.info(note)
+    return note

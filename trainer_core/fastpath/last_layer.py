@@ -16,18 +16,17 @@ layer, and the key only serves the joint head (``model.head=joint``) of a Gemma-
 
 The layer object stays where it is and keeps its parameters' names (checkpoints and adapters load either way): only its
 class becomes a subclass whose ``forward`` is the pooled one. It calls the layer's own submodules at call time, so LoRA
-(and its dropout), nf4 layers and those ``trainer_core.fastpath.dequant_cache`` swaps in later all keep working. The
-pooled
+(and its dropout), nf4 layers and those ``trainer_core.fastpath.dequant_cache`` swaps in all keep working. The pooled
 positions come from a forward pre-hook on the classifier, which stores them on the layer for its next call (and for
 the recomputation of that call in the backward pass, which runs before the next forward). ``layer.compile()`` (see
-``trainer_core.model.build.compile_layers``) compiles the pooled computation, with the positions as a tensor argument:
-one
-graph for all batches.
+``trainer_core.fastpath.compile.compile_layers``) compiles the pooled computation, with the positions as a tensor
+argument: one graph for all batches.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -120,9 +119,10 @@ def _pooled_class(cls: type) -> type:
     return type(f"Pooled{cls.__name__}", (PooledLastLayer, cls), {"__module__": __name__})
 
 
-def pool_last_layer(model) -> bool:
+def pool_last_layer(model) -> Callable[[], None] | None:
     """Make the top decoder layer of ``model`` (a Gemma-2 sequence classifier, possibly peft-wrapped) compute only
-    the pooled rows. Returns False if it already does. Call before ``compile_layers``."""
+    the pooled rows. Call before compiling. Returns the function that undoes it (the classifier's pre-hook removed,
+    the layer's own class back), or None if the layer already computes only the pooled rows."""
     from trainer_core.model.build import decoder_layers
 
     classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -131,12 +131,20 @@ def pool_last_layer(model) -> bool:
                          f"{type(classifier).__name__}")
     top = decoder_layers(model)[-1]
     if isinstance(top, PooledLastLayer):
-        return False
-    top.__class__ = _pooled_class(type(top))
+        return None
+    plain_class = type(top)
+    top.__class__ = _pooled_class(plain_class)
 
     def store_positions(module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         top.pooled_index = pooled_positions(input_ids, module.config.get_text_config().pad_token_id)
 
-    classifier.register_forward_pre_hook(store_positions, with_kwargs=True)
-    return True
+    hook = classifier.register_forward_pre_hook(store_positions, with_kwargs=True)
+
+    def undo() -> None:
+        hook.remove()
+        top.__class__ = plain_class
+        for name in ("pooled_index", "pooled_fn"):  # instance values set by the hook and by compile()
+            top.__dict__.pop(name, None)
+
+    return undo

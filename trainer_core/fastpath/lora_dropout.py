@@ -21,6 +21,8 @@ restores the random state, so a recomputed layer draws the same masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +71,8 @@ def _parent_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return x if isinstance(x, torch.Tensor) else None
 
 
-def _draw_hooks(parent: torch.nn.Module, draw: Draw) -> None:
+def _draw_hooks(parent: torch.nn.Module, draw: Draw) -> list:
+    """The pre-hook that draws before ``parent`` runs and the hook that drops the draw after; returns their handles."""
     def before(module, args: tuple, kwargs: dict) -> None:
         x = _parent_input(args, kwargs)
         draw.bits = None if x is None or not module.training else torch.randint(
@@ -78,15 +81,16 @@ def _draw_hooks(parent: torch.nn.Module, draw: Draw) -> None:
     def after(module, args: tuple, kwargs: dict, output) -> None:
         draw.bits = None
 
-    parent.register_forward_pre_hook(before, with_kwargs=True)
-    parent.register_forward_hook(after, with_kwargs=True)
+    return [parent.register_forward_pre_hook(before, with_kwargs=True),
+            parent.register_forward_hook(after, with_kwargs=True)]
 
 
-def share_dropout_draws(model, adapter: str = "default") -> int:
+def share_dropout_draws(model, adapter: str = "default") -> tuple[int, Callable[[], None]]:
     """Replace the LoRA dropouts of sibling modules (q/k/v of an attention, gate/up of an MLP) with
-    :class:`SharedDropout` fed by one draw per parent call. Returns how many parents now draw once. Call after
-    ``get_peft_model`` and before compiling; a no-op for modules with ``lora.dropout = 0`` (peft's ``Identity``)."""
-    count = 0
+    :class:`SharedDropout` fed by one draw per parent call. Call after ``get_peft_model`` and before compiling; a
+    no-op for modules with ``lora.dropout = 0`` (peft's ``Identity``). Returns how many parents now draw once, and the
+    function that undoes it (hooks removed, peft's own dropouts back)."""
+    count, hooks, replaced = 0, [], []
     for parent_name, parent in model.named_modules():
         names = SIBLINGS.get(parent_name.rsplit(".", 1)[-1])
         if names is None:
@@ -96,13 +100,21 @@ def share_dropout_draws(model, adapter: str = "default") -> int:
             module_dict = getattr(getattr(parent, name, None), "lora_dropout", None)
             layer = module_dict[adapter] if module_dict is not None and adapter in module_dict else None
             if isinstance(layer, torch.nn.Dropout) and layer.p > 0:
-                dropouts.append((module_dict, layer.p))
-        rates = {p for _, p in dropouts}
-        if len(dropouts) < 2 or len(rates) != 1 or not 0 < threshold(dropouts[0][1]) <= FIELD:
+                dropouts.append((module_dict, layer))
+        rates = {layer.p for _, layer in dropouts}
+        if len(dropouts) < 2 or len(rates) != 1 or not 0 < threshold(dropouts[0][1].p) <= FIELD:
             continue  # one adapted sibling gains nothing; different rates, or one finer than 2**-20, stay peft's
         draw = Draw()
-        for slot, (module_dict, p) in enumerate(dropouts):
-            module_dict[adapter] = SharedDropout(p, slot, draw)
-        _draw_hooks(parent, draw)
+        for slot, (module_dict, layer) in enumerate(dropouts):
+            module_dict[adapter] = SharedDropout(layer.p, slot, draw)
+            replaced.append((module_dict, layer))
+        hooks += _draw_hooks(parent, draw)
         count += 1
-    return count
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        for module_dict, layer in replaced:
+            module_dict[adapter] = layer
+
+    return count, undo

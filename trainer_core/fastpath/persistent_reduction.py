@@ -59,9 +59,11 @@ class LimitInCacheKey(CustomGraphPass):
 
 def install(limit: int) -> None:
     """Make inductor keep static rows of up to ``limit`` elements in registers for compilations in this thread; with
-    ``limit`` 0, put back inductor's own heuristics if this module had replaced them."""
+    ``limit`` 0, put back inductor's own heuristics if this module had replaced them. Idempotent: a handler with
+    this limit already in place stays (so does a handler someone else installed, when ``limit`` is 0)."""
     if limit > 0:
-        V.set_choices_handler(PersistentRows(limit))
+        if not (isinstance(V.choices, PersistentRows) and V.choices.limit == limit):
+            V.set_choices_handler(PersistentRows(limit))
     elif isinstance(V.choices, PersistentRows):
         V.set_choices_handler(InductorChoices())
 

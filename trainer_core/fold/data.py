@@ -1,5 +1,6 @@
 """A fold's rows as the loop needs them: tokenized training and held-out rows, and the batch schedule (which rows
-each rank takes at each optimizer step), decided once from the data, the config and the memory plan."""
+each rank takes at each optimizer step), decided once from the data, the config and the placement (the memory plan,
+``trainer_core.fastpath.placement``)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ from trainer_core.data.batching import collate, epoch_batches, per_rank_batch, p
 from trainer_core.data.soft_labels import training_targets
 from trainer_core.data.tokenization import encode
 from trainer_core.data.train_rows import fold_training_rows, load_extra_rows
+from trainer_core.fastpath.placement import Placement
 from trainer_core.fold.distill import IGNORED_LABEL
-from trainer_core.fold.ranks import min_over_ranks
-from trainer_core.model.build import decoder_layer_count, enable_checkpointing
-from trainer_core.model.memory import free_device_bytes, plan_memory, recomputed_layers
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +104,12 @@ class BatchSchedule:
         return rank_slice(self._epochs[epoch][pos], rank, self.world)
 
 
-def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: torch.device,
-                 world: int) -> BatchSchedule:
-    """The fold's batch schedule. With several ranks each takes ``batch_size / world`` rows of every micro-batch so
-    the optimizer batch (``batch_size x grad_accum``) stays the recipe's; with ``model.gradient_checkpointing: auto``
-    on a GPU the memory plan may turn on recomputation (on ``model``) and split micro-batches further."""
+def plan_batches(cfg: Config, fold: int, lengths: np.ndarray, placement: Placement, world: int) -> BatchSchedule:
+    """The fold's batch schedule in the placement's micro-batches (``trainer_core.fastpath.place``: with several ranks
+    each takes ``batch_size / world`` rows of every micro-batch so the optimizer batch, ``batch_size x grad_accum``,
+    stays the recipe's; the memory plan may split micro-batches further)."""
     t = cfg.train
-    micro_bs, accum = per_rank_batch(t.batch_size, world), t.grad_accum
-    if world > 1 and micro_bs == t.batch_size:
-        log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
-                    fold, t.batch_size, world, world)
-    if cfg.model.gradient_checkpointing == "auto" and device.type == "cuda":
-        # Every input of the plan is the same on all ranks (all tokenize every training row), free memory included:
-        # ranks with different plans would run different numbers of micro-batches and hang in DDP's all-reduce.
-        free = min_over_ranks(free_device_bytes(device, t.memory_budget_gib), device, world)
-        plan = plan_memory(model.config, n_trained_layers=decoder_layer_count(model) - cfg.lora.freeze_layers,
-                           seq_len=int(lengths.max()), batch_size=micro_bs, grad_accum=accum, free_bytes=free)
-        if plan.checkpointing:
-            enable_checkpointing(model, only=recomputed_layers(cfg, plan))
-        micro_bs, accum = plan.micro_batch, plan.grad_accum
-        log.info("fold %d: memory plan: %s (%.1f GiB estimated of %.1f GiB free)", fold, plan.reason, plan.need_gib,
-                 plan.free_gib)
+    micro_bs, accum = placement.micro_batch, placement.grad_accum
     micro_per_epoch, total_steps = planned_steps(len(lengths), micro_bs, world, t.epochs, accum, t.max_steps)
     total_micro = total_steps * accum if t.max_steps else min(math.ceil(t.epochs * micro_per_epoch),
                                                                total_steps * accum)
@@ -134,6 +118,13 @@ def plan_batches(cfg: Config, fold: int, model, lengths: np.ndarray, device: tor
                          total_steps=total_steps, total_micro=total_micro)
 
 
+def rank_micro_batch(cfg: Config, fold: int, world: int) -> int:
+    """Rows of each micro-batch one rank takes before the memory plan: ``train.batch_size / world``."""
+    micro_bs = per_rank_batch(cfg.train.batch_size, world)
+    if world > 1 and micro_bs == cfg.train.batch_size:
+        log.warning("fold %d: train.batch_size=%d does not split over %d ranks; the optimizer batch grows %dx",
+                    fold, cfg.train.batch_size, world, world)
+    return micro_bs
 
 
 def fill_batch(idx: np.ndarray, labels: torch.Tensor, size: int) -> tuple[np.ndarray, torch.Tensor]:

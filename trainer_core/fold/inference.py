@@ -15,17 +15,25 @@ from trainer_core.model.memory import eval_batch_size, free_device_bytes
 @torch.no_grad()
 def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
                   autocast) -> np.ndarray:
-    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding."""
+    """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding.
+
+    A model with compiled layers (``model.compile``) gets every batch at ``batch_size`` rows: a short last batch is
+    filled with copies of its first row, whose outputs are dropped (a new batch size would compile every kind of
+    layer again, ~10 s each on a GPU)."""
+    from trainer_core import fastpath
+
     was_training = model.training
     model.eval()
+    fill = fastpath.compiled(model)
     order = np.argsort([-row_tokens(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), 3), dtype=np.float64)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        input_ids, mask = collate([ids[j] for j in idx], pad_id, device)
+        rows = [ids[j] for j in idx] + [ids[idx[0]]] * ((batch_size - len(idx)) if fill else 0)
+        input_ids, mask = collate(rows, pad_id, device)
         with autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        out[idx] = torch.softmax(logits[:len(idx)].float(), dim=-1).cpu().numpy()
     model.train(was_training)
     return out
 
@@ -51,9 +59,12 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
 
     With LoRA the base model is rebuilt exactly as training built it (same quantization, same preparation, same
     random-init seed for ``model.init=random``) and the saved adapter plus score head are loaded onto it; without
-    LoRA the folder holds the whole fine-tuned model."""
+    LoRA the folder holds the whole fine-tuned model. Then the fast path as the fold had it, placed for prediction
+    (``trainer_core.fastpath.apply``: no weight cache, no recomputation); ``trainer_core.fastpath.release(model)``
+    before the model goes."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from trainer_core import fastpath
     from trainer_core.data.tokenization import ensure_pad_token
     from trainer_core.model.build import build_model
     from trainer_core.model.precision import DTYPES, resolve_precision
@@ -61,6 +72,7 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     adapter_dir = Path(adapter_dir)
     precision = resolve_precision(cfg.train.precision, device)
     tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    fastpath.prepare_load(cfg.model)
     if cfg.model.head == "pairwise":
         from trainer_core.model.pairwise import PairwisePreferenceModel
 
@@ -68,13 +80,15 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     elif cfg.lora.enabled:
         from peft import PeftModel
 
-        # No checkpointing (nothing to recompute without a backward pass) and no fresh adapters: the saved ones load.
-        base = build_model(replace(cfg.model, gradient_checkpointing="off"),
-                           replace(cfg.lora, enabled=False, freeze_layers=0), pad_token_id=tok.pad_token_id,
-                           precision=precision, device=device, seed=cfg.train.seed)
+        # No fresh adapters: the saved ones load.
+        base = build_model(cfg.model, replace(cfg.lora, enabled=False, freeze_layers=0),
+                           pad_token_id=tok.pad_token_id, precision=precision, device=device, seed=cfg.train.seed)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
         model.to(device)
+    placement = fastpath.place(cfg, model, device=device, precision=precision, seq_len=cfg.data.max_length,
+                               micro_batch=cfg.train.batch_size, training=False)
+    fastpath.apply(model, cfg, placement)
     model.eval()
     return model, tok, precision

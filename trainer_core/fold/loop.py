@@ -29,28 +29,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from trainer_core import fastpath
 from trainer_core.config import Config
 from trainer_core.data.tokenization import build_tokenizer, encode
 from trainer_core.data.tta import swap_responses, tta_average
-from trainer_core.fastpath.dequant_cache import cache_for_training
-from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches
+from trainer_core.fastpath.recompiles import RecompileCounter
+from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_micro_batch
 from trainer_core.fold.distill import distill_loss
 from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
 from trainer_core.fold.optim import build_optimizer, lr_at
-from trainer_core.fold.ranks import dist_info, gather_objects, gather_rows, rank_seed
-from trainer_core.fold.state import (
-    FoldMetrics,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    write_fold_files,
-)
+from trainer_core.fold.ranks import dist_info, gather_objects, gather_rows, min_over_ranks, rank_seed
+from trainer_core.fold.state import FoldMetrics, load_checkpoint, rng_state, save_checkpoint, write_fold_files
 from trainer_core.fold.step import train_step
 from trainer_core.fold.telemetry import Telemetry
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.model.build import build_model, trainable_parameters
-from trainer_core.model.memory import apply_budget
-from trainer_core.model.precision import DTYPES, make_autocast, resolve_precision
+from trainer_core.model.memory import apply_budget, free_device_bytes
+from trainer_core.model.precision import make_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +83,8 @@ def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, 
     ``stop_at``: pause after this fraction of the fold's steps (a piece of a rotated schedule): report a checkpoint
     there (metrics carry ``paused: True``) and return None; a later call resumed from it continues the fold."""
     run = FoldRun(cfg, fold, device=device, report=report)
-    run.setup(rows, resume_from, tb_dir)
     try:
+        run.setup(rows, resume_from, tb_dir)
         if not run.train(stop_at):
             return None  # paused: the checkpoint reported at the last step is where a later piece continues
         metrics, oof = run.evaluate_fold()
@@ -113,24 +108,32 @@ class FoldRun:
         self.before: dict = {}  # seconds and samples spent by earlier runs of this fold (pieces, restarts)
         self.telemetry: Telemetry | None = None
         self.ckpt_root: Path | None = None
+        self.speed: fastpath.FastPath | None = None
+        self.recompiles = RecompileCounter()  # torch.compile's recompilations from the build to the fold's end
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, rows: pd.DataFrame, resume_from: str | Path | None, tb_dir: str | Path | None) -> None:
-        """Tokenized rows, the model (with the memory plan), optimizer and loss scaler; then a checkpoint, if any."""
+        """Tokenized rows, the model (plain build, placement, fast path: as the benchmark builds it), optimizer and
+        loss scaler; then a checkpoint, if any."""
         cfg, t = self.cfg, self.cfg.train
         seed_everything(t.seed + self.fold)
         self.tok = build_tokenizer(cfg.model)
         self.data = FoldData.build(cfg, self.fold, rows, self.tok)
         apply_budget(self.device, t.memory_budget_gib)
+        self.recompiles.start()
+        fastpath.prepare_load(cfg.model)
         self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
                                  device=self.device, seed=t.seed)
-        self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.model, self.data.lengths, self.device,
-                                                   self.world)
-        if cfg.model.quantization == "nf4":  # after the memory plan: the cache takes only what activations leave
-            cache_for_training(self.model, cfg.model.dequant_cache, DTYPES[self.precision], self.device,
-                               freeze_layers=cfg.lora.freeze_layers, seq_len=int(self.data.lengths.max()),
-                               micro_batch=self.batches.micro_batch, budget_gib=t.memory_budget_gib,
-                               fp8_backward=cfg.model.fp8_backward)
+        # every rank plans from the smallest free memory of all: different plans would hang DDP's all-reduce
+        free = (min_over_ranks(free_device_bytes(self.device, t.memory_budget_gib), self.device, self.world)
+                if self.device.type == "cuda" else None)
+        placement = fastpath.place(cfg, self.model, device=self.device, precision=self.precision,
+                                   seq_len=int(self.data.lengths.max()), grad_accum=t.grad_accum,
+                                   micro_batch=rank_micro_batch(cfg, self.fold, self.world),
+                                   budget_gib=t.memory_budget_gib, free_bytes=free)
+        log.info("fold %d: placement: %s", self.fold, placement.reason)
+        self.speed = fastpath.apply(self.model, cfg, placement)
+        self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.data.lengths, placement, self.world)
         self.params = trainable_parameters(self.model)
         # Cross-entropy (None: train_step's default), or with soft labels the distillation loss
         # (trainer_core.fold.distill).
@@ -272,7 +275,8 @@ class FoldRun:
             last_run_train_seconds=run_train_seconds, resumed_from_step=self.start_step, precision=self.precision,
             device=str(self.device), world_size=self.world, fingerprint=self.fingerprint,
             log_loss_tta=None if tta is None else log_loss(labels, tta),
-            accuracy_tta=None if tta is None else accuracy(labels, tta))
+            accuracy_tta=None if tta is None else accuracy(labels, tta), recompilations=self.recompiles.count)
+        log.info("fold %d: %s", self.fold, self.recompiles.summary())
         self.telemetry.scalars({"eval_log_loss": metrics.log_loss, "eval_accuracy": metrics.accuracy}, self.step)
         return metrics, oof
 
@@ -285,6 +289,10 @@ class FoldRun:
             self.report({**metrics.to_dict(), "done": True}, None)
 
     def close(self) -> None:
+        """Whatever setup got to: the model's fast path released, the recompilation count stopped, files closed."""
+        if self.speed is not None:
+            self.speed.release()
+        self.recompiles.stop()
         if self.telemetry is not None:
             self.telemetry.close()
         if self.ckpt_root is not None:

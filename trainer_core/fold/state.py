@@ -47,6 +47,8 @@ class FoldMetrics:
     n_swapped_train_rows: int = 0  # train.swap_augment copies
     log_loss_tta: float | None = None  # with train.eval_tta
     accuracy_tta: float | None = None
+    # torch.compile's recompilations in this run (trainer_core.fastpath.recompiles); None: not counted (TORCH_LOGS)
+    recompilations: int | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; the TTA keys only when the fold scored them."""

@@ -1,4 +1,9 @@
-"""Model building: any ``AutoModelForSequenceClassification`` backbone, Gemma-2 first-class (4-bit/8-bit QLoRA)."""
+"""Model building: any ``AutoModelForSequenceClassification`` backbone, Gemma-2 first-class (4-bit/8-bit QLoRA).
+
+This is the plain model: weights loaded (quantized if configured), LoRA (or the layers fine-tuned in full), the head.
+Every speed change after that - recomputation, compilation, the dequantized-weight cache, the pooled last layer,
+shared dropout draws, fp8 - is :func:`trainer_core.fastpath.apply`, a floor above; so is registering attention
+implementations transformers must know before loading (:func:`trainer_core.fastpath.prepare_load`)."""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig, compile_options
-from trainer_core.model.precision import DTYPES
+from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig
+from trainer_core.model.precision import DTYPES, keep_embedding_dtype, random_weights_dtype
 from trainer_core.model.weights import check_quantization
 from trainer_core.paths import atomic_write_dir, resolve_model_path
 
@@ -98,20 +103,16 @@ def decoder_layer_count(model) -> int:
 
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
-                device: torch.device, seed: int = 0, checkpointing: str | None = None):
-    """The sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.model.pairwise``) ready to train:
+                device: torch.device, seed: int = 0):
+    """The plain sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.model.pairwise``):
     quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of
-    those layers with LoRA disabled), on ``device``.
-
-    ``checkpointing`` overrides ``model_cfg.gradient_checkpointing``; "auto" is left to the caller (it needs the
-    loaded model's memory, see ``trainer_core.model.memory``) and builds without checkpointing."""
-    checkpointing = checkpointing or model_cfg.gradient_checkpointing
+    those layers with LoRA disabled), on ``device``. No recomputation and nothing compiled: the fast path
+    (:func:`trainer_core.fastpath.apply`) comes after, with the memory plan."""
     from transformers import AutoModelForSequenceClassification
 
     dtype = DTYPES[precision]
     if model_cfg.init == "random":
-        path = str(random_weights_dir(model_cfg, pad_token_id, seed, torch.bfloat16 if dtype != torch.float32
-                                      else torch.float32))
+        path = str(random_weights_dir(model_cfg, pad_token_id, seed, random_weights_dtype(precision, device)))
     else:
         path = resolve_model_path(model_cfg.name_or_path)
     quant = _quantization_config(model_cfg, dtype)
@@ -120,9 +121,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     kwargs = dict(config=stored) if stored is not None else dict(num_labels=NUM_LABELS)
     kwargs["dtype"] = dtype
     if model_cfg.attn_implementation:
-        if model_cfg.attn_implementation in BLOCK_CAUSAL:
-            from trainer_core.fastpath import attention
-            attention.register()  # transformers' public registries: the name must be known before loading
+        _check_attention_known(model_cfg.attn_implementation)
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quant is not None:
         # Inside a Ray Train worker the device is already set; never "auto" (spreads layers over other GPUs).
@@ -137,9 +136,6 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
-    if model_cfg.attn_implementation in BLOCK_CAUSAL:
-        from trainer_core.fastpath import attention
-        attention.check_causal(model)
     if quant is None:
         model.to(device)
     n_layers = decoder_layer_count(model)
@@ -148,15 +144,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
         from peft import prepare_model_for_kbit_training
 
         # peft's default would turn on reentrant checkpointing plus input grads, which sends the backward pass through
-        # every frozen layer; checkpointing is chosen separately (enable_checkpointing).
+        # every frozen layer; recomputation is the fast path's choice (trainer_core.fastpath.recompute).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         # ...and it upcasts the embedding table to fp32 (3.7 GB for Gemma-2 9B): stored back in its load dtype, with
-        # fp32 rows handed out, it gives the same numbers (trainer_core.fastpath.dequant_cache.keep_embedding_dtype)
-        from trainer_core.fastpath.dequant_cache import keep_embedding_dtype
-
+        # fp32 rows handed out, it gives the same numbers
         keep_embedding_dtype(model, dtype)
-    if checkpointing in ("on", "reentrant"):
-        enable_checkpointing(model, reentrant=checkpointing == "reentrant")
 
     if lora_cfg.enabled:
         from peft import LoraConfig as PeftLoraConfig
@@ -175,20 +167,21 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
             layers_to_transform=list(range(lora_cfg.freeze_layers, n_layers)) if lora_cfg.freeze_layers else None,
         )
         model = get_peft_model(model, peft_cfg)
-        if lora_cfg.shared_dropout:
-            from trainer_core.fastpath.lora_dropout import share_dropout_draws
-
-            share_dropout_draws(model)
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
-    if model_cfg.pooled_last_layer:  # before compiling: the layer's compile() compiles its pooled computation
-        from trainer_core.fastpath.last_layer import pool_last_layer
-
-        pool_last_layer(model)
-    if model_cfg.compile != "off":
-        compile_layers(model, dynamic=True if model_cfg.compile == "dynamic" else None,
-                       options=compile_options(model_cfg), persistent_max=model_cfg.persistent_reduction_max)
     return model
+
+
+def _check_attention_known(name: str) -> None:
+    """The project's own attention names are registered by ``trainer_core.fastpath.prepare_load``; without that call
+    transformers would refuse them deep inside loading, with its list of names."""
+    if name not in BLOCK_CAUSAL:
+        return
+    from transformers import AttentionInterface
+
+    if name not in AttentionInterface():
+        raise ValueError(f"model.attn_implementation={name} is not registered: call "
+                         "trainer_core.fastpath.prepare_load(cfg.model) before build_model")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -198,47 +191,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def compile_layers(model, dynamic: bool | None = None, options: dict | None = None, persistent_max: int = 0) -> None:
-    """Regional compilation: ``torch.compile`` each decoder layer in place (parameter names and state dicts do not
-    change). Layers of one kind share compiled code, so a 42-layer model compiles a few graphs, not 42; lengths that
-    vary between batches get one dynamic-shape graph after the second length seen. ``options``: torch.compile's
-    (inductor's) options, dotted names (``model.compile_options``). ``persistent_max``: rows of up to that many
-    elements kept in registers (``model.persistent_reduction_max``,
-    :mod:`trainer_core.fastpath.persistent_reduction`)."""
-    import torch._dynamo
-
-    from trainer_core.fastpath import persistent_reduction
-    # frozen vs adapted layers, sliding vs global attention, train vs eval, fixed vs dynamic length: a dozen graphs
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    persistent_reduction.install(persistent_max)
-    options = {**(options or {}), **persistent_reduction.compile_options(persistent_max)}
-    for layer in decoder_layers(model):
-        layer.compile(dynamic=dynamic, options=options or None)
-
-
-def enable_checkpointing(model, reentrant: bool = False, only: range | None = None) -> None:
-    """Recompute each decoder layer's activations in backward (``only``: just the layers of that index range; the
-    others keep their activations - partial recomputation for a card that almost fits).
-
-    Non-reentrant (ours) needs no grad on the embeddings, so backward stops below the lowest trained layer. Reentrant
-    (the seed, via peft's default) needs input grads, which carries the backward pass through every frozen layer."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs = {"use_reentrant": reentrant}
-    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_*
-    if enable is not None:
-        enable(kwargs)
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if reentrant:
-        base.enable_input_require_grads()
-    else:
-        base.disable_input_require_grads()
-    if only is not None:
-        for i, layer in enumerate(decoder_layers(model)):
-            if i not in only:
-                layer.gradient_checkpointing = False  # read per call by transformers' GradientCheckpointingLayer
 
 
 def _freeze_bottom(model, freeze_layers: int, n_layers: int) -> None:

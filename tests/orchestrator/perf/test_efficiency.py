@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator import efficiency
-from orchestrator.efficiency import one_gpu_seconds
+from orchestrator.efficiency import one_gpu_seconds, recompilations_text
 from tests.conftest import CONFIGS
 
 
@@ -50,3 +50,10 @@ def test_efficiency_builds_the_random_weights_the_folds_load(monkeypatch, tmp_pa
         build.build_model(cfg.model, cfg.lora, pad_token_id=0, device=device, seed=cfg.train.seed,
                           precision=resolve_precision(cfg.train.precision, device))
     assert asked[0] == asked[1] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def test_the_recompilations_line():
+    assert recompilations_text({"recompilations": 7}) == "7 recompilations"
+    assert recompilations_text({"recompilations": 1}) == "1 recompilation"
+    # TORCH_LOGS without recompiles (null), or metrics written before the count existed (no key)
+    assert recompilations_text({"recompilations": None}) == recompilations_text({}) == "recompilations not counted"

@@ -7,10 +7,12 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
 from tests.conftest import CONFIGS
+from tests.trainer_core.fastpath.fast_model import build_fast
 from trainer_core.config import load_config
 from trainer_core.data.batching import collate
 from trainer_core.fastpath import dequant_cache
 from trainer_core.fastpath.persistent_reduction import PersistentRows
+from trainer_core.model import build as model_build
 from trainer_core.model.build import build_model, trainable_parameters
 from trainer_core.model.precision import DTYPES, make_autocast
 
@@ -21,8 +23,7 @@ def grads_and_loss(checkpointing: str, precision: str = "fp32", compile: str = "
     runs on the built model first."""
     cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.0", f"model.compile={compile}"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=precision, device=torch.device("cpu"),
-                        checkpointing=checkpointing)
+    model = build_fast(cfg, precision=precision, checkpointing=checkpointing)
     if prepare is not None:
         prepare(model)
     if cache:
@@ -94,12 +95,12 @@ def test_compile_options_reach_every_compiled_layer(monkeypatch):
     for options, expected in (({"triton": {"cudagraphs": False}}, {"triton.cudagraphs": False}), ({}, None)):
         calls.clear()
         cfg = load_config(CONFIGS / "smoke.yaml", {"model.compile": "on", "model.compile_options": options})
-        build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        build_fast(cfg)
         assert calls == [expected] * cfg.model.random_config["num_hidden_layers"]
     calls.clear()
     cfg = load_config(CONFIGS / "smoke.yaml", {"model.compile": "on", "model.persistent_reduction_max": 1024})
     try:
-        build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        build_fast(cfg)
         assert isinstance(V.choices, PersistentRows) and V.choices.limit == 1024  # this thread compiles the forward
     finally:
         V.set_choices_handler(InductorChoices())
@@ -141,7 +142,7 @@ def test_embedding_table_kept_in_load_dtype_gives_the_same_logits(monkeypatch):
     model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="bf16", device=torch.device("cpu"))
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     l_kept, loss_kept, _ = grads_and_loss("off", "bf16")
-    monkeypatch.setattr(dequant_cache, "keep_embedding_dtype", lambda model, dtype: False)
+    monkeypatch.setattr(model_build, "keep_embedding_dtype", lambda model, dtype: False)
     l_fp32, loss_fp32, _ = grads_and_loss("off", "bf16")
     assert loss_kept == loss_fp32
     torch.testing.assert_close(l_kept, l_fp32, rtol=0, atol=0)
@@ -189,7 +190,8 @@ def test_a_short_batch_filled_with_ignored_rows_gives_the_same_loss_and_gradient
 
 def test_partial_recomputation_changes_no_gradient():
     """Recomputing only some trained layers (a card that almost fits) gives the gradients of no recomputation."""
-    from trainer_core.model.build import decoder_layers, enable_checkpointing
+    from trainer_core.fastpath.recompute import enable_checkpointing
+    from trainer_core.model.build import decoder_layers
 
     def recompute_layer_2(model):
         enable_checkpointing(model, only=range(2, 3))

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS
+from tests.trainer_core.fastpath.fast_model import build_fast
 from trainer_core.config import ConfigError, load_config, validate
 from trainer_core.data.batching import collate
 from trainer_core.fastpath import dequant_cache
 from trainer_core.fastpath.last_layer import PooledLastLayer, pool_last_layer
-from trainer_core.model.build import build_model, decoder_layers
+from trainer_core.model.build import decoder_layers
 from trainer_core.model.precision import DTYPES, make_autocast
 
 LENGTHS = (40, 64, 17, 33, 9)  # right-padded to 64; the smoke model's sliding window is 32
@@ -34,8 +35,7 @@ def run(pooled: bool, layers: int = 4, compile: str = "off", checkpointing: str 
     validate(cfg)
     cfg.model.random_config["num_hidden_layers"] = layers
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision=precision, device=torch.device("cpu"),
-                        checkpointing=checkpointing)
+    model = build_fast(cfg, precision=precision, checkpointing=checkpointing)
     if cache:
         cached, total, _ = dequant_cache.cache_dequantized_weights(model, float("inf"), DTYPES[precision])
         assert cached == total == layers
@@ -87,7 +87,7 @@ def test_pooled_top_layer_computes_one_query_row_per_sequence():
     model(input_ids=input_ids, attention_mask=mask)
     assert seen == {(3, "q_proj"): (5, 64), (3, "k_proj"): (5, 64, 64), (2, "q_proj"): (5, 64, 64),
                     (2, "k_proj"): (5, 64, 64)}
-    assert not pool_last_layer(model)  # already pooled
+    assert pool_last_layer(model) is None  # already pooled
     # models built in one process share the pooled class (torch.compile guards on module types)
     assert type(decoder_layers(run(True)[3])[3]) is type(layers[3])
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS
+from tests.trainer_core.fastpath.fast_model import build_fast
 from tests.trainer_core.fastpath.test_last_layer import batch
 from trainer_core.config import load_config, validate
 from trainer_core.fastpath.lora_dropout import FIELD_BITS, SharedDropout, share_dropout_draws
-from trainer_core.model.build import build_model
 from trainer_core.model.precision import make_autocast
 
 
@@ -20,8 +20,7 @@ def build(shared: bool, dropout: float = 0.3, checkpointing: str = "off", compil
     cfg = load_config(CONFIGS / "smoke.yaml", overrides)
     validate(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                        checkpointing=checkpointing)
+    model = build_fast(cfg, checkpointing=checkpointing)
     with torch.no_grad():  # LoRA B starts at zero: give it values so the adapters (and their dropout) matter
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -102,11 +101,11 @@ def test_other_draws_than_plain_dropout_and_the_same_model_in_evaluation():
 
 
 def test_nothing_to_share_without_dropout_or_siblings():
-    assert share_dropout_draws(build(False, dropout=0.0)) == 0  # peft's Identity: nothing drawn
-    assert share_dropout_draws(build(False)) == 2  # the attentions of layers 2 and 3
+    assert share_dropout_draws(build(False, dropout=0.0))[0] == 0  # peft's Identity: nothing drawn
+    assert share_dropout_draws(build(False))[0] == 2  # the attentions of layers 2 and 3
     targets = "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj]"
     every = build(False, 0.3, "off", "off", False, targets)
-    assert share_dropout_draws(every) == 4  # and their MLPs (gate/up); o_proj reads another input: its own dropout
+    assert share_dropout_draws(every)[0] == 4  # and their MLPs (gate/up); o_proj reads another input: its own dropout
     kinds = {n.split(".")[-3]: type(m).__name__ for n, m in dropouts(every).items()}
     assert kinds == {"q_proj": "SharedDropout", "k_proj": "SharedDropout", "v_proj": "SharedDropout",
                      "o_proj": "Dropout", "gate_proj": "SharedDropout", "up_proj": "SharedDropout"}

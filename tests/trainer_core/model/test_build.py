@@ -18,7 +18,7 @@ def test_cold_and_warm_random_weights_cache_build_the_same_model(tmp_path, monke
     def build() -> tuple[dict, torch.Tensor]:
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                            seed=cfg.train.seed, checkpointing="off")
+                            seed=cfg.train.seed)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
 
     cold, rng_after_cold = build()

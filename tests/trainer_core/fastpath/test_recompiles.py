@@ -1,0 +1,109 @@
+"""What torch.compile compiles again: counted (trainer_core.fastpath.recompiles), recorded in a fold's metrics.json,
+and bounded - each kind of decoder layer compiles once per grad mode and shape regime, not once per layer or length.
+
+Recompilations are decided by dynamo's guards, before any backend runs; the fold test compiles with the aot_eager
+backend instead of inductor to stay within a few minutes on a CPU (inductor adds no guard of its own there)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, DATA
+from trainer_core.config import load_config, validate
+from trainer_core.data.arena import assign_folds, load_rows
+from trainer_core.fastpath import attention
+from trainer_core.fastpath.recompiles import RecompileCounter
+
+
+def test_the_counter_counts_recompilations_and_turns_the_log_off_again(monkeypatch):
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    with RecompileCounter() as counter:
+        for shape in ((3,), (3,), (4,), (5,), (3, 3)):  # static, same, dynamic, same, another rank
+            f(torch.ones(shape))
+    assert counter.count == 2 and counter.functions == {"<lambda>": 2}
+    assert counter.summary() == "2 recompilations (<lambda> 2)"
+    after = RecompileCounter()
+    logging.getLogger("torch._dynamo").addHandler(after)  # listening, but the switch is off again
+    try:
+        f(torch.ones(3, 3, 3))
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(after)
+    assert after.count == 0
+    monkeypatch.setenv("TORCH_LOGS", "graph_breaks")  # TORCH_LOGS decides, without recompiles: not counted
+    with RecompileCounter() as hidden:
+        f(torch.ones(2, 2, 2, 2))
+    assert hidden.count is None and "not counted" in hidden.summary()
+
+
+@pytest.mark.slow
+def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(tmp_path, monkeypatch):
+    """A whole fold of the tiny Gemma-2 with the fast config's keys (dequantized weights, pooled top layer, shared
+    dropout draws, compiled layers; eager attention, see the next test) over rows of 155 to 1,024 tokens, evaluated in
+    batches of the training size with a short last one: at most 7 recompilations, written to metrics.json.
+
+    Decoder-layer code: 2 kinds of layer (frozen; adapted, whose input needs no grad) x (the first length static, a
+    dynamic-length graph from the second) in training, and the 2 kinds again in evaluation (grad mode off): 6
+    versions, 5 recompilations. The pooled top layer's function: static, dynamic, evaluation: 2. Every further length,
+    the short last evaluation batch (filled up to the batch size) and the other layers of a kind add none."""
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    real = torch.compile
+
+    def aot_eager(target, *args, dynamic=None, options=None, **kwargs):
+        return real(target, *args, backend="aot_eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    from trainer_core.fold.loop import train_fold
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [
+        "data.max_rows=60", "data.max_length=1024", "train.batch_size=4", "train.eval_batch_size=4",
+        "train.max_steps=8", "model.compile=on", "model.pooled_last_layer=true", "lora.shared_dropout=true",
+        "model.dequant_cache=on", "model.gradient_checkpointing=off",
+        "model.random_config.max_position_embeddings=1024"])
+    validate(cfg)
+    rows = assign_folds(load_rows(DATA, max_rows=60), 5)
+    assert (rows["fold"] == 0).sum() % 4 != 0  # a short last evaluation batch
+    torch.compiler.reset()  # versions compiled by earlier tests of this process would count against this fold
+    result = train_fold(cfg, 0, rows, tmp_path / "fold=0")
+    recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["recompilations"]
+    assert recorded == result.metrics.recompilations
+    assert 0 < recorded <= 7, recorded
+
+
+def test_block_causal_attention_compiles_once_per_block_count(monkeypatch):
+    """Lengths 300, 400 and 450 are two blocks of 256 queries each: one static graph, then one dynamic graph."""
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+
+    class Attention:
+        is_causal, head_dim, training = True, 16, False
+
+    f = torch.compile(lambda q, k, m: attention.block_causal_attention(Attention(), q, k, k, m, softcap=50.0)[0],
+                      backend="aot_eager")
+    with RecompileCounter() as counter:
+        for length in (300, 400, 450):
+            f(torch.randn(2, 4, length, 16), torch.randn(2, 2, length, 16), torch.zeros(2, 1, length, length))
+    assert counter.count == 1
+
+
+def test_a_filled_last_prediction_batch_gives_the_same_probabilities(monkeypatch):
+    """Prediction with compiled layers fills the short last batch with copies of its first row: every row's
+    probabilities are the ones predicted without filling, and the filled rows' are dropped."""
+    from tests.trainer_core.fastpath.fast_model import build_fast
+    from trainer_core import fastpath
+    from trainer_core.fold.inference import predict_probs
+    from trainer_core.model.precision import make_autocast
+
+    model = build_fast(load_config(CONFIGS / "smoke.yaml", ["model.dequant_cache=on"]))
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33, 9, 50, 21)]
+    autocast = make_autocast("fp32", torch.device("cpu"))
+    plain = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    monkeypatch.setattr(fastpath, "compiled", lambda model: True)
+    filled = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
+    assert shapes == [4, 4] and filled.shape == (7, 3)
+    torch.testing.assert_close(torch.as_tensor(filled), torch.as_tensor(plain), rtol=1e-6, atol=1e-7)

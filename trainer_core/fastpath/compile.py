@@ -1,0 +1,43 @@
+"""Regional compilation: ``torch.compile`` of each decoder layer in place (``model.compile``).
+
+Layers compile lazily, at their first call, and layers whose modules have the same types share compiled code: dynamo
+keeps one cache per code object (a decoder layer's ``forward``), guarded on the types of the modules it calls, on
+whether its input requires grad, on grad mode and on shapes. A 42-layer Gemma-2 therefore compiles a few graphs, not
+42: one per kind of layer (frozen or adapted, nf4 or dequantized weights, recomputed or not, the first adapted layer -
+its input needs no grad - apart), per grad mode (training, evaluation), per shape regime (the first length static, a
+dynamic-length graph from the second length on). :mod:`trainer_core.fastpath.recompiles` counts what a fold compiled
+again; tests/trainer_core/fastpath/test_recompiles.py holds the count a fold may reach.
+"""
+
+from __future__ import annotations
+
+from trainer_core.model.build import decoder_layers
+
+# Versions dynamo keeps per code object before it runs the code eagerly. Its default (8) is below what the kinds of
+# layer above need once multiplied by grad modes and shape regimes; a model whose count passed this would silently
+# train eagerly, so it is generous, and the fold's metrics.json records the recompilations actually made.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Dynamo's per-code-object version limit raised to at least ``limit``: a process-wide setting, only ever raised
+    (idempotent; another caller's higher limit stays)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+
+
+def compile_layers(model, dynamic: bool | None = None, options: dict | None = None, persistent_max: int = 0) -> int:
+    """``torch.compile`` each decoder layer in place (parameter names and state dicts do not change); returns how many.
+    ``dynamic``: torch.compile's (None: static first, dynamic from the second shape). ``options``: inductor's options,
+    dotted names (``model.compile_options``). ``persistent_max``: rows of up to that many elements kept in registers
+    (``model.persistent_reduction_max``, :mod:`trainer_core.fastpath.persistent_reduction`)."""
+    from trainer_core.fastpath import persistent_reduction
+
+    raise_recompile_limit()
+    persistent_reduction.install(persistent_max)
+    options = {**(options or {}), **persistent_reduction.compile_options(persistent_max)}
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=dynamic, options=options or None)
+    return len(layers)
