@@ -25,6 +25,7 @@ import psutil
 import pytest
 from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
+
 from tests.orchestrator.cluster.test_faults import check_fold_resumed, checkpoints, cleaned_up, start_cv, wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))

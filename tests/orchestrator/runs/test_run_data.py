@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from orchestrator.runs.rundir import RunDirError, prepare_run_dir
 from orchestrator.reporting.markdown import folds_text
 from orchestrator.runs.data import load_run_data
+from orchestrator.runs.rundir import RunDirError, prepare_run_dir
 from tests.conftest import CONFIGS, arena_row
 from trainer_core.config import load_config
 
@@ -30,7 +30,8 @@ def config(path, *overrides):
 @pytest.mark.parametrize("fold_by", ["id", "row", "prompt"])
 def test_run_json_records_the_split_and_the_repaired_rows(arena_csv, tmp_path, fold_by):
     cfg = config(arena_csv, f"data.fold_by={fold_by}")
-    rows = prepare_run_dir(cfg, tmp_path / "run", [0, 1, 2, 3, 4], False, "python -m orchestrator.cv --config smoke.yaml")
+    rows = prepare_run_dir(cfg, tmp_path / "run", [0, 1, 2, 3, 4], False,
+                           "python -m orchestrator.cv --config smoke.yaml")
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["fold_by"] == fold_by and meta["text_repaired"]["count"] == 1 and meta["text_repaired"]["ids"] == [5]
     saved = pd.read_parquet(tmp_path / "run" / "data.parquet")

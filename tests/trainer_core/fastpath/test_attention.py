@@ -7,10 +7,10 @@ import inspect
 
 import pytest
 import torch
-from tests.trainer_core.fastpath.test_last_layer import assert_same
-from tests.trainer_core.fastpath.test_last_layer import run as run_layers
 
 from tests.conftest import CONFIGS
+from tests.trainer_core.fastpath.test_last_layer import assert_same
+from tests.trainer_core.fastpath.test_last_layer import run as run_layers
 from trainer_core.config import ConfigError, load_config, validate
 from trainer_core.fastpath import attention, softcap_softmax
 

@@ -4,9 +4,9 @@ draws the same masks, evaluation is untouched, and the compiled layer has no gra
 
 import pytest
 import torch
-from tests.trainer_core.fastpath.test_last_layer import batch
 
 from tests.conftest import CONFIGS
+from tests.trainer_core.fastpath.test_last_layer import batch
 from trainer_core.config import load_config, validate
 from trainer_core.fastpath.lora_dropout import FIELD_BITS, SharedDropout, share_dropout_draws
 from trainer_core.model.build import build_model
