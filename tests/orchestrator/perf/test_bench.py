@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import CONFIGS, REPO
 
 
+@pytest.mark.slow  # five setups of the smoke model timed on the CPU, with a profile: minutes on 2 cores
 def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "-m", "orchestrator.bench", "--config", str(CONFIGS / "smoke.yaml"),
