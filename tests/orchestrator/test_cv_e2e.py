@@ -14,6 +14,8 @@ from sklearn.metrics import log_loss as sk_log_loss
 
 from tests.conftest import CONFIGS, DATA, REPO
 
+pytestmark = pytest.mark.slow  # every test here runs orchestrator.cv on a local Ray cluster (or reads such a run)
+
 N_ROWS = 100
 BROKEN_ROW = 7  # its response_a holds "broken emoji \ud83d here"
 

@@ -23,6 +23,9 @@ from trainer_core.data.arena import load_rows
 from trainer_core.data.tta import swap_probs, swap_responses
 from trainer_core.fold.loop import train_fold
 
+# a smoke run trained fold by fold (in this process), then predict's command line on it: about 1.5 CPU-minutes
+pytestmark = pytest.mark.slow
+
 N_ROWS = 60
 SUB_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 

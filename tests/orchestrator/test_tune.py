@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from orchestrator import cv
 from orchestrator.sweep.space import SpaceError, load_space, n_trials, parse_space, to_param_space
 from orchestrator.tune import DEFAULT_SPACE, auto_eval_every, default_space
 from tests.conftest import CONFIGS, REPO
@@ -136,15 +137,6 @@ def test_asha_eval_every_gives_about_four_evaluations():
 # ------------------------------------------------------------------------------------------------ CLI (no Ray)
 
 
-def test_help_documents_every_flag():
-    res = run("orchestrator.tune", "--help")
-    assert res.returncode == 0
-    text = " ".join(res.stdout.split())  # argparse wraps help lines
-    for flag in ("--config", "--folds", "--num-samples", "--space", "--search", "--scheduler", "--out", "--address",
-                 "key=value", "pip install .[optuna]", "python -m orchestrator.tune --config"):
-        assert flag in text, flag
-
-
 def test_bad_space_stops_before_ray_and_writes_nothing(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {loguniform: [-1, 1]}\nlora.rr: {choice: [8]}\n")
@@ -207,6 +199,7 @@ def sweep(tmp_path_factory):
     return out, args, res
 
 
+@pytest.mark.slow  # the sweep fixture runs orchestrator.tune on a local Ray cluster
 def test_leaderboard_has_one_row_per_trial_best_first(sweep):
     out, _, res = sweep
     board = pd.read_csv(out / "leaderboard.csv")
@@ -228,6 +221,7 @@ def test_leaderboard_has_one_row_per_trial_best_first(sweep):
     assert board["trial"].iloc[0] in res.stdout and "complete" in res.stdout and "best: trial" in res.stdout
 
 
+@pytest.mark.slow
 def test_asha_stopped_the_hopeless_trial_early(sweep):
     out, _, res = sweep
     board = pd.read_csv(out / "leaderboard.csv")
@@ -238,19 +232,21 @@ def test_asha_stopped_the_hopeless_trial_early(sweep):
     assert f"trial {hopeless['trial']}: stopped early" in res.stdout
 
 
-def test_best_yaml_round_trips_through_cv(sweep):
+@pytest.mark.slow
+def test_best_yaml_round_trips_through_cv(sweep, capsys):
     out, _, _ = sweep
     board = pd.read_csv(out / "leaderboard.csv")
     text = (out / "best.yaml").read_text()
     assert text.startswith("#") and f"python -m orchestrator.cv --config {out / 'best.yaml'}" in text
-    res = run("orchestrator.cv", "--config", out / "best.yaml", "--print-config")
-    assert res.returncode == 0, res.stderr
-    cfg = yaml.safe_load(res.stdout)
+    capsys.readouterr()
+    assert cv.main(["--config", str(out / "best.yaml"), "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["train"]["lr"] == board["train.lr"].iloc[0]
     assert cfg["data"]["max_rows"] == N_ROWS and cfg["train"]["max_steps"] == MAX_STEPS  # the base config's values
     assert cfg["train"]["eval_every"] is None  # ASHA's interim evaluations stay out of the winner's config
 
 
+@pytest.mark.slow
 def test_rerun_resumes_the_finished_sweep_without_training(sweep):
     out, args, _ = sweep
     before = pd.read_csv(out / "leaderboard.csv")
@@ -261,6 +257,7 @@ def test_rerun_resumes_the_finished_sweep_without_training(sweep):
     pd.testing.assert_frame_equal(before.drop(columns="wall_s"), after.drop(columns="wall_s"))
 
 
+@pytest.mark.slow
 def test_changed_space_for_same_sweep_dir_is_refused(sweep, tmp_path):
     out, args, _ = sweep
     space = tmp_path / "other.yaml"

@@ -10,11 +10,6 @@ from trainer_core.data.arena import assign_folds, load_dataset
 SCRIPT = REPO / "scripts" / "make_synthetic_arena.py"
 
 
-def test_help_says_what_it_writes():
-    res = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "57,477" in res.stdout and "surrogate" in res.stdout
-
-
 def test_a_small_file_has_the_oddities_and_loads(tmp_path):
     out = tmp_path / "arena.csv"
     res = subprocess.run([sys.executable, SCRIPT, "--out", out, "--rows", "400", "--surrogates", "6", "--huge", "1"],

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from orchestrator.tune import auto_eval_every
@@ -19,6 +20,7 @@ DDP = ["cluster.cpu_workers_per_fold=2", "data.max_rows=40", "data.max_length=48
        "train.eval_every=2", "train.log_every=1"]
 
 
+@pytest.mark.slow  # orchestrator.cv on a local Ray cluster, one fold over two DDP workers
 def test_two_worker_fold_gives_every_held_out_row_once_as_its_model_predicts_it(tmp_path):
     from trainer_core.data.tokenization import encode_rows
     from trainer_core.fold.inference import load_fold_model, predict_probs

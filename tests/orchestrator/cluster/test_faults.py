@@ -89,6 +89,7 @@ def check_oof(out, folds):
     assert sorted(oof["id"]) == expected and oof["id"].is_unique
 
 
+@pytest.mark.slow  # orchestrator.cv on a local Ray cluster, a worker killed mid-fold
 def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
     out = tmp_path / "kill"
     proc = start_cv(out, "1", "train.max_steps=200")  # long enough to be killed mid-way

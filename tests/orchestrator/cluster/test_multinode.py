@@ -169,6 +169,7 @@ def http_status(url: str) -> int:
         return e.code
 
 
+@pytest.mark.slow  # a local multi-node Ray cluster and orchestrator.cv on it
 def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, cluster):
     cluster.start_head()
     cluster.add_worker_node("b")

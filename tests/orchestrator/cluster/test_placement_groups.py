@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # each test starts a local Ray cluster in a subprocess
 
 PROBE = """
 import json, sys

@@ -103,11 +103,15 @@ def test_rotation_pays_only_past_the_crossover_computed_from_overheads():
     from orchestrator.cluster.schedule import prefer_rotation, rotation_crossover_s, schedule_seconds
 
     # five folds on four GPUs, 100 s of overhead per phase or piece, data-parallel 1.1x faster over four GPUs
+    # packed: 2 phases, 1 + 1/1.1 fold-times; rotated: 5 pieces, 1.25 fold-times; rotation's 300 s of extra
+    # overhead pays once a fold-time is long enough
     cross = rotation_crossover_s(5, 4, 100.0, 100.0, 1.1)
-    # packed: 2 phases, 1 + 1/1.1 fold-times; rotated: 5 pieces, 1.25 fold-times -> 300 / (1 + 1/1.1 - 1.25)
-    assert cross == pytest.approx(300.0 / (1 + 1 / 1.1 - 1.25))
     packed, rotated = schedule_seconds(5, 4, cross, 100.0, 100.0, 1.1)
     assert packed == pytest.approx(rotated)  # the crossover is where both take the same wall time
+    packed, rotated = schedule_seconds(5, 4, 0.9 * cross, 100.0, 100.0, 1.1)
+    assert packed < rotated  # shorter folds: packing wins
+    packed, rotated = schedule_seconds(5, 4, 1.1 * cross, 100.0, 100.0, 1.1)
+    assert rotated < packed  # longer folds: rotation wins
     assert not prefer_rotation(5, 4, 0.9 * cross, 100.0, 100.0, 1.1)
     assert prefer_rotation(5, 4, 1.1 * cross, 100.0, 100.0, 1.1)
     assert rotation_crossover_s(4, 4, 100.0, 100.0, 1.1) is None        # folds divide evenly: nothing to rotate

@@ -1,13 +1,17 @@
 """The CPU benchmark on the smoke config runs end to end and reports every figure (it times, it does not assert
-speed: figures belong in docs/PERFORMANCE.md)."""
+speed: figures belong in docs/PERFORMANCE.md). What is checked is what the figures rest on: the setups it names are
+the ones it ran, the numerics checks hold, and length grouping cuts the padding."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import CONFIGS, REPO
 
 
+@pytest.mark.slow  # five setups of the smoke model timed on the CPU, with a profile: minutes on 2 cores
 def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "-m", "orchestrator.bench", "--config", str(CONFIGS / "smoke.yaml"),
@@ -22,7 +26,6 @@ def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
     seed_hf, seed, ours, variant, cached = data["rows"]
     # the notebook's exact path: Hugging Face Trainer, batch 4, full-length rows
     assert seed_hf["setup"] == "seed-hf" and seed_hf["micro_batch"] == 4 and seed_hf["samples_per_s"] > 0
-    assert data["ratio_seed_hf"] == ours["samples_per_s"] / seed_hf["samples_per_s"]
     # the dequantized-weight cache and fused AdamW: close to ours. The numerics check runs in eval mode, where
     # bitsandbytes' CPU path switches nf4 layers to its packed bf16 inference kernel while the cache computes in fp32,
     # hence percent-level, not 1e-5 (training mode matches to 1e-5: test_fast_path.py)
@@ -38,6 +41,5 @@ def test_cpu_bench_reports_seed_ours_ratio_and_numerics(tmp_path):
     for row in (seed, ours, variant, cached):
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and 0 <= row["mixed_padding_waste"] < 1
     assert ours["mixed_padding_waste"] < 0.05 < seed["mixed_padding_waste"]  # length grouping
-    assert data["ratio"] == ours["samples_per_s"] / seed["samples_per_s"]
     # identical weights, fp32 on both sides: the fast path computes the same logits
     assert data["numerics"]["rel_logit_diff"] < 1e-5 and data["numerics"]["rel_loss_diff"] < 1e-5

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
 from trainer_core.config import (
     Config,
     ConfigError,
@@ -200,10 +200,6 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=true") == ("a.b", True)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a.b=x=y") == ("a.b", "x=y")
-
-
-def test_repo_has_default_config():
-    assert (REPO / "configs" / "demo_cpu.yaml").exists()
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

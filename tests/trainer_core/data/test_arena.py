@@ -23,6 +23,19 @@ def test_bundled_data_loads_with_balanced_folds():
     assert rows["label"].value_counts().to_dict() == {0: 976, 1: 976, 2: 48}
 
 
+def test_every_bundled_row_is_attributed_to_a_licensed_source():
+    """data/README.md's sources table holds each source's licence and row count; the provenance file maps every id
+    of the bundled data to one source row: together they are the attribution the licences (MIT, Apache-2.0) ask for."""
+    prov = pd.read_csv(DATA.with_name("arena_sample_provenance.csv"))
+    rows = pd.read_csv(DATA)
+    assert prov["id"].is_unique and set(prov["id"]) == set(rows["id"])
+    readme = " ".join(DATA.with_name("README.md").read_text().split())
+    counts = prov["source"].str.split("/").str[0].value_counts().to_dict()
+    assert counts == {"hh-rlhf": 1502, "pandalm": 498}
+    assert "Anthropic HH-RLHF, `helpful-base/test.jsonl.gz` (arXiv 2204.05862) | 1,502 | MIT" in readme
+    assert "PandaLM `data/testset-v1.json` (WeOpenML/PandaLM) | 498 | Apache-2.0" in readme
+
+
 def test_parse_turns_joins_with_space_and_maps_null_to_empty():
     assert parse_turns('["Hi", null, "there"]') == "Hi  there"
     assert parse_turns("[null]") == ""

@@ -47,6 +47,7 @@ def test_block_causal_with_recomputation_and_the_pooled_last_layer(monkeypatch, 
     assert counted
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("name", ["block_causal", "block_causal_triton"])
 def test_block_causal_compiled_matches_eager(monkeypatch, name):
     monkeypatch.setattr(attention, "BLOCK", 24)

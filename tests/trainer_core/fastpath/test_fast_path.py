@@ -68,6 +68,7 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert loss16 == pytest.approx(loss32, rel=0.02)
 
 
+@pytest.mark.slow  # torch.compile on the CPU: minutes on 2 cores
 def test_compiled_layers_match_eager():
     """model.compile=on (torch.compile of each decoder layer, nf4 + LoRA, as the fast GPU config runs) against eager:
     the same logits, loss and gradients in fp32 (fused kernels reorder float sums: tolerance 1e-5 / 1e-4)."""

@@ -108,6 +108,7 @@ def test_pooled_top_layer_under_bf16_autocast():
     assert loss_p == pytest.approx(loss_0, rel=1e-2)
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_compiled_pooled_top_layer_gives_the_plain_numbers():
     """model.compile=on compiles the pooled computation: the eager plain numbers; a batch of the same shape pooled at
     other positions (a tensor argument, not a module attribute) needs no new graph."""

@@ -113,6 +113,7 @@ def test_nothing_to_share_without_dropout_or_siblings():
         SharedDropout(1.0, 0, None)
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_compiled_layers_have_no_graph_break():
     import torch._dynamo.utils
 
@@ -124,6 +125,7 @@ def test_compiled_layers_have_no_graph_break():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
+@pytest.mark.slow  # torch.compile (dynamo tracing) on the CPU
 def test_a_compiled_attention_draws_once():
     """What torch.compile traces for a trained layer: one randint for its three LoRA dropouts, no other random op (a
     fallback to plain dropout would trace three)."""

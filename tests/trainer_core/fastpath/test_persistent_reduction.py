@@ -60,6 +60,7 @@ def test_install_sets_the_limit_and_zero_puts_inductors_rule_back():
     assert persistent_reduction.compile_options(0) == {}
 
 
+@pytest.mark.slow  # torch.compile on the CPU, four compilations
 def test_the_limit_is_part_of_inductors_cache_key(tmp_path, monkeypatch):
     """Compiled code of one limit is never reused for another (inductor's cache does not see the handler itself);
     the same limit is reused."""
