@@ -139,7 +139,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         return
     from trainer_core.data.tokenization import encode
     from trainer_core.fastpath import release
-    from trainer_core.fold.inference import load_fold_model, predict_probs, resolve_eval_batch_size
+    from trainer_core.fold.inference import RowMeter, load_fold_model, predict_probs, resolve_eval_batch_size
     from trainer_core.model.precision import make_autocast
 
     cfg = load_config(run_dir / "config.yaml")
@@ -149,13 +149,15 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         ids = encode(rows, tok, cfg)
         bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
                                                    train_batch=cfg.train.batch_size)
-        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast))
+        meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
+        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter))
         if tta:
             swapped = encode(swap_responses(rows), tok, cfg)
-            p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast)
+            meter.offset = len(rows)
+            p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast, meter)
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
-            f"({precision})")
+            f"({precision}, batch {bs}): {meter.rate():.1f} rows/s after the model loaded")
         release(model)  # its hooks and swapped classes: the next fold's model is built in this process
         del model
         yield k, p

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,26 +16,32 @@ from trainer_core.model.memory import eval_batch_size, free_device_bytes
 
 @torch.no_grad()
 def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
-                  autocast) -> np.ndarray:
+                  autocast, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding.
 
     A model with compiled layers (``model.compile``) gets every batch at ``batch_size`` rows: a short last batch is
     filled with copies of its first row, whose outputs are dropped (a new batch size would compile every kind of
-    layer again, ~10 s each on a GPU)."""
+    layer again, ~10 s each on a GPU). The probabilities stay on the device until the end: one copy to the host, no
+    wait for the card after every batch. ``progress(rows done, rows)`` is called after each batch is queued."""
     from trainer_core import fastpath
 
     was_training = model.training
     model.eval()
     fill = fastpath.compiled(model)
     order = np.argsort([-row_tokens(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), 3), dtype=np.float64)
+    probs = []  # (B, 3) fp32 on the device, batches in ``order``
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         rows = [ids[j] for j in idx] + [ids[idx[0]]] * ((batch_size - len(idx)) if fill else 0)
         input_ids, mask = collate(rows, pad_id, device)
         with autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
-        out[idx] = torch.softmax(logits[:len(idx)].float(), dim=-1).cpu().numpy()
+        probs.append(torch.softmax(logits[:len(idx)].float(), dim=-1))
+        if progress is not None:
+            progress(i + len(idx), len(order))
+    out = np.zeros((len(ids), 3), dtype=np.float64)
+    if probs:
+        out[order] = torch.cat(probs).cpu().numpy()
     model.train(was_training)
     return out
 
@@ -92,3 +100,27 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     fastpath.apply(model, cfg, placement)
     model.eval()
     return model, tok, precision
+
+
+class RowMeter:
+    """predict's progress line: rows scored, rows/s and an ETA, at most every ``every`` seconds. The first call
+    starts the clock (the model is loaded by then); ``offset`` counts rows of earlier passes (the swapped one)."""
+
+    def __init__(self, name: str, total: int, log=print, every: float = 10.0):
+        self.name, self.total, self.log, self.every = name, total, log, every
+        self.offset, self.done, self.t0, self.last = 0, 0, None, 0.0
+
+    def __call__(self, done: int, _rows: int) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = self.last = now
+        self.done = self.offset + done
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.rate()
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(f"{self.name}: {self.done}/{self.total} rows, {rate:.1f} rows/s, eta {eta:.0f}s")
+
+    def rate(self) -> float:
+        elapsed = 0.0 if self.t0 is None else time.perf_counter() - self.t0
+        return self.done / elapsed if elapsed > 0 else 0.0
