@@ -58,7 +58,7 @@ def block_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value
     # while this guards only on the count - one graph per 256 tokens of length, 4 up to 1,024.
     for b in range((length + BLOCK - 1) // BLOCK):
         start = b * BLOCK
-        end = torch.sym_min(start + BLOCK, length)
+        end = min(start + BLOCK, length)  # a guard on the comparison, not on the length
         rows = end - start
         q = grouped[:, :, :, start:end].reshape(batch, heads_kv, groups * rows, dim)
         weights = torch.matmul(q, key[:, :, :end].transpose(2, 3))  # (B, H_kv, groups * rows, end)
