@@ -112,6 +112,8 @@ def test_each_export_predicts_what_orchestrator_predict_does_without_the_project
         assert hashlib.sha256((tmp_path / "ex" / rel).read_bytes()).hexdigest() == entry["sha256"]
     spec = json.loads((tmp_path / "ex" / "export_config.json").read_text())
     assert spec["temperature"] == report["temperature"] and spec["text"]["truncation"] == "balanced"
+    # the text rules it ran are the project's own file, not a second copy that could drift
+    assert (tmp_path / "ex" / "arena_text.py").read_bytes() == (REPO / "trainer_core/data/text.py").read_bytes()
 
 
 def test_a_time_budget_already_spent_keeps_every_row_and_skips_the_swapped_pass(run_dir, test_csv, tmp_path):
@@ -223,17 +225,25 @@ def test_combining_is_the_projects_temperature_and_tta_maths():
 @pytest.mark.parametrize("overrides", [["data.truncation=end"], ["data.truncation=left"], ["data.truncation=balanced"],
                                        ["data.truncation=balanced", "data.prompt_share=0.2"],
                                        ["model.head=pairwise", "lora.enabled=false"]])
-def test_the_template_encodes_exactly_as_the_project(overrides):
-    from orchestrator.export import text_spec
+def test_the_exported_predictor_encodes_exactly_as_the_project(overrides, tmp_path, monkeypatch):
+    from orchestrator.export import copy_predictor, text_spec
     from trainer_core.data.tokenization import build_tokenizer, encode
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["data.max_length=48", *overrides])
-    text = template("submission_text")
+    copy_predictor(tmp_path)
+    # import it as predict.py does: the helpers from the export folder, their own neighbours beside them
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("arena_text", "submission_text"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    text = importlib.import_module("submission_text")
+    assert text.encode_text.__module__ == "arena_text" and text.__file__ == str(tmp_path / "submission_text.py")
     rows = text.read_test(DATA).iloc[:40]
     rows.loc[3, "response_b"] = "word " * 5000  # far past the budget: cut before tokenizing
     rows.loc[5, "prompt"] = ""
     tok = build_tokenizer(cfg.model)
     assert text.encode(rows, tok, text_spec(cfg), cfg.model.head) == encode(rows, tok, cfg)
+    for name in ("arena_text", "submission_text"):  # this folder's modules go with it
+        sys.modules.pop(name, None)
 
 
 def test_help_documents_every_flag():
