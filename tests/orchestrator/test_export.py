@@ -3,7 +3,7 @@ orchestrator or trainer_core fails and from outside the repository: ``each`` giv
 an average of one fold's adapter with itself gives that fold's, a merge adds exactly the adapter, and bad input
 (mismatched adapters, an unfinished run, a missing file, a DIR in use) is one line with nothing left behind.
 
-The run is built in this process as in test_predict.py (five folds of the smoke model, no Ray)."""
+The run is built in this process (tests/orchestrator/smoke_run.py: five folds of the smoke model, no Ray)."""
 
 import hashlib
 import importlib.util
@@ -20,15 +20,12 @@ import pytest
 from orchestrator.export import main as export_main
 from orchestrator.predict import predict_submission
 from orchestrator.reporting.calibration import apply_temperature
-from orchestrator.reporting.reducer import reduce_run
-from orchestrator.runs.rundir import prepare_run_dir
 from tests.conftest import CONFIGS, DATA, REPO
-from trainer_core.config import load_config, validate
+from tests.orchestrator.smoke_run import N_ROWS, build_smoke_run
+from trainer_core.config import load_config
 from trainer_core.data.arena import load_rows
 from trainer_core.data.tta import tta_average
-from trainer_core.fold.loop import train_fold
 
-N_ROWS = 60
 TEMPLATE = REPO / "orchestrator" / "export_template"
 # the offline notebook: none of the project's packages nor Ray can be imported, and the cwd is not the repository
 BLOCKED = ("import sys, runpy\nfor m in ('ray', 'orchestrator', 'trainer_core'): sys.modules[m] = None\n"
@@ -37,14 +34,7 @@ BLOCKED = ("import sys, runpy\nfor m in ('ray', 'orchestrator', 'trainer_core'):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true"])
-    validate(cfg)
-    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, "python -m orchestrator.cv --config configs/smoke.yaml")
-    for k in range(5):
-        train_fold(cfg, k, rows, out / f"fold={k}")
-    reduce_run(out, [0, 1, 2, 3, 4])
-    return out
+    return build_smoke_run(tmp_path_factory.mktemp("export") / "run")
 
 
 @pytest.fixture(scope="module")
