@@ -14,7 +14,8 @@ LoRA updates into one adapter (the mean of the five fold models' weights; see or
 fold model costs. ``--quantize`` is how the predictor loads the weights (bitsandbytes, at load time): ``int8``, as
 the arena winners ran a merged Gemma-2 9B on 16 GB T4s; the default is the run's own ``model.quantization``.
 
-DIR holds: predict.py and its helpers, export_config.json (template, truncation, head, temperatures, files),
+DIR holds: predict.py and its helpers (arena_text.py is the project's own trainer_core/data/text.py: the template,
+parsing and truncation rules training used), export_config.json (truncation settings, head, temperatures, files),
 run_config.yaml, tokenizer/, base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md and
 manifest.json (sha256 of every file). It is written to a temporary folder beside DIR and renamed at the end: bad
 input (a run that is not finished, a missing adapter file, a DIR that is not empty) is one line and leaves nothing.
@@ -33,10 +34,12 @@ from pathlib import Path
 
 from orchestrator.runs.adapters import ADAPTER_FILES, AdapterError, average_adapters, check_same_recipe
 from trainer_core.config import BLOCK_CAUSAL, ConfigError, load_config, to_yaml
-from trainer_core.data import tokenization
+from trainer_core.data import text
 from trainer_core.model.weights import WeightsError, check_weights
 
 TEMPLATE = Path(__file__).parent / "export_template"
+# the project's text rules, copied whole under this name: the template imports them from it (no second copy to drift)
+TEXT_MODULE = "arena_text.py"
 QUANTIZE = ("none", "int8", "nf4")
 
 
@@ -128,13 +131,16 @@ def _copy_base(src: Path, dst: Path) -> None:
 
 
 def text_spec(cfg) -> dict:
-    """What submission_text.py needs to encode rows exactly as the project does."""
-    return {"segment_prefixes": list(tokenization.SEGMENT_PREFIXES), "pair_prefixes": list(tokenization.PAIR_PREFIXES),
-            "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
-            "prompt_share": cfg.data.prompt_share, "add_eos_token": cfg.model.add_eos_token,
-            "cut_margin_tokens": tokenization.CUT_MARGIN_TOKENS,
-            "first_cut_chars_per_token": tokenization.FIRST_CUT_CHARS_PER_TOKEN,
-            "tokenize_chunk": tokenization.TOKENIZE_CHUNK}
+    """The run's text settings, which submission_text.py hands to arena_text.py (the rules themselves)."""
+    return {"max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
+            "prompt_share": cfg.data.prompt_share, "add_eos_token": cfg.model.add_eos_token}
+
+
+def copy_predictor(dst: Path) -> None:
+    """The standalone predictor into ``dst``: the template's files, and trainer_core/data/text.py as TEXT_MODULE."""
+    for f in TEMPLATE.glob("*.py"):
+        shutil.copy(f, dst / f.name)
+    shutil.copy(text.__file__, dst / TEXT_MODULE)
 
 
 def write_export(run_dir: Path, tmp: Path, cfg, report: dict, folds: list[int], mode: str, merge: bool,
@@ -175,8 +181,7 @@ def write_export(run_dir: Path, tmp: Path, cfg, report: dict, folds: list[int], 
             _copy_base(_base_dir(cfg, run_dir, folds[0]), tmp / "base")
             spec["base"] = "base"
             spec["models"] = [{"name": "average", "adapter": "adapters/average"}]
-    for f in TEMPLATE.glob("*.py"):
-        shutil.copy(f, tmp / f.name)
+    copy_predictor(tmp)
     (tmp / "run_config.yaml").write_text(to_yaml(cfg))
     (tmp / "export_config.json").write_text(json.dumps(spec, indent=2))
     from orchestrator.runs.export_report import export_markdown

@@ -80,15 +80,11 @@ def length_batches(order, lengths: np.ndarray, max_tokens: int, seqs: int) -> li
 
 
 def collate(rows: list, pad_id: int, device):
+    """The project's padding and pairwise layout (arena_text.pad_rows), as tensors on ``device``."""
     import torch
+    from arena_text import pad_rows
 
-    seqs = [s for r in rows for s in r] if isinstance(rows[0], tuple) else rows
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+    ids, mask = (torch.from_numpy(a) for a in pad_rows(rows, pad_id))
     return ids.to(device), mask.to(device)
 
 
@@ -184,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     import torch
+    from arena_text import ensure_pad_token
     from submission_model import Scorer
     from submission_text import InputError, encode, read_test, swap_responses
     from transformers import AutoTokenizer
@@ -196,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok = AutoTokenizer.from_pretrained(str(HERE / "tokenizer"))
-    if tok.pad_token is None:  # as the project pads: EOS, else UNK; right padding
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    tok.padding_side = "right"
+    tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(HERE / "tokenizer")))  # pads as the project does
     tta = not args.no_tta and cfg["head"] != "pairwise"  # the pairwise head is symmetric: a swap changes nothing
     if args.device == "auto":
         devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] or [torch.device("cpu")]

@@ -3,7 +3,7 @@ orchestrator or trainer_core fails and from outside the repository: ``each`` giv
 an average of one fold's adapter with itself gives that fold's, a merge adds exactly the adapter, and bad input
 (mismatched adapters, an unfinished run, a missing file, a DIR in use) is one line with nothing left behind.
 
-The run is built in this process as in test_predict.py (five folds of the smoke model, no Ray)."""
+The run is built in this process (tests/orchestrator/smoke_run.py: five folds of the smoke model, no Ray)."""
 
 import hashlib
 import importlib.util
@@ -20,15 +20,12 @@ import pytest
 from orchestrator.export import main as export_main
 from orchestrator.predict import predict_submission
 from orchestrator.reporting.calibration import apply_temperature
-from orchestrator.reporting.reducer import reduce_run
-from orchestrator.runs.rundir import prepare_run_dir
 from tests.conftest import CONFIGS, DATA, REPO
-from trainer_core.config import load_config, validate
+from tests.orchestrator.smoke_run import N_ROWS, build_smoke_run
+from trainer_core.config import load_config
 from trainer_core.data.arena import load_rows
 from trainer_core.data.tta import tta_average
-from trainer_core.fold.loop import train_fold
 
-N_ROWS = 60
 TEMPLATE = REPO / "orchestrator" / "export_template"
 # the offline notebook: none of the project's packages nor Ray can be imported, and the cwd is not the repository
 BLOCKED = ("import sys, runpy\nfor m in ('ray', 'orchestrator', 'trainer_core'): sys.modules[m] = None\n"
@@ -37,14 +34,7 @@ BLOCKED = ("import sys, runpy\nfor m in ('ray', 'orchestrator', 'trainer_core'):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true"])
-    validate(cfg)
-    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, "python -m orchestrator.cv --config configs/smoke.yaml")
-    for k in range(5):
-        train_fold(cfg, k, rows, out / f"fold={k}")
-    reduce_run(out, [0, 1, 2, 3, 4])
-    return out
+    return build_smoke_run(tmp_path_factory.mktemp("export") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +102,8 @@ def test_each_export_predicts_what_orchestrator_predict_does_without_the_project
         assert hashlib.sha256((tmp_path / "ex" / rel).read_bytes()).hexdigest() == entry["sha256"]
     spec = json.loads((tmp_path / "ex" / "export_config.json").read_text())
     assert spec["temperature"] == report["temperature"] and spec["text"]["truncation"] == "balanced"
+    # the text rules it ran are the project's own file, not a second copy that could drift
+    assert (tmp_path / "ex" / "arena_text.py").read_bytes() == (REPO / "trainer_core/data/text.py").read_bytes()
 
 
 def test_a_time_budget_already_spent_keeps_every_row_and_skips_the_swapped_pass(run_dir, test_csv, tmp_path):
@@ -223,17 +215,25 @@ def test_combining_is_the_projects_temperature_and_tta_maths():
 @pytest.mark.parametrize("overrides", [["data.truncation=end"], ["data.truncation=left"], ["data.truncation=balanced"],
                                        ["data.truncation=balanced", "data.prompt_share=0.2"],
                                        ["model.head=pairwise", "lora.enabled=false"]])
-def test_the_template_encodes_exactly_as_the_project(overrides):
-    from orchestrator.export import text_spec
+def test_the_exported_predictor_encodes_exactly_as_the_project(overrides, tmp_path, monkeypatch):
+    from orchestrator.export import copy_predictor, text_spec
     from trainer_core.data.tokenization import build_tokenizer, encode
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["data.max_length=48", *overrides])
-    text = template("submission_text")
+    copy_predictor(tmp_path)
+    # import it as predict.py does: the helpers from the export folder, their own neighbours beside them
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("arena_text", "submission_text"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    text = importlib.import_module("submission_text")
+    assert text.encode_text.__module__ == "arena_text" and text.__file__ == str(tmp_path / "submission_text.py")
     rows = text.read_test(DATA).iloc[:40]
     rows.loc[3, "response_b"] = "word " * 5000  # far past the budget: cut before tokenizing
     rows.loc[5, "prompt"] = ""
     tok = build_tokenizer(cfg.model)
     assert text.encode(rows, tok, text_spec(cfg), cfg.model.head) == encode(rows, tok, cfg)
+    for name in ("arena_text", "submission_text"):  # this folder's modules go with it
+        sys.modules.pop(name, None)
 
 
 def test_help_documents_every_flag():

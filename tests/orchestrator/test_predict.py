@@ -1,9 +1,7 @@
 """orchestrator.predict on a real smoke run: fold models reload exactly, the submission is valid for unseen rows,
 TTA is symmetric on a real model, soft labels match the report, and bad input writes nothing.
 
-The run directory is built once for the module by the same code the Ray path runs (``prepare_run_dir``, then
-``trainer_core.train_fold`` per fold, then the reducer) but in this process: predict never touches Ray, and skipping
-five Ray Train start-ups keeps the module under a minute on 2 cores."""
+The run directory is built once for the module, in this process (tests/orchestrator/smoke_run.py)."""
 
 import json
 import subprocess
@@ -18,28 +16,20 @@ from orchestrator.reporting.calibration import apply_temperature, calibrate_by_f
 from orchestrator.reporting.reducer import reduce_run
 from orchestrator.runs.rundir import prepare_run_dir
 from tests.conftest import CONFIGS, DATA, REPO
-from trainer_core.config import load_config, to_yaml, validate
+from tests.orchestrator.smoke_run import N_ROWS, build_smoke_run, smoke_config
+from trainer_core.config import load_config, to_yaml
 from trainer_core.data.arena import load_rows
 from trainer_core.data.tta import swap_probs, swap_responses
 from trainer_core.fold.loop import train_fold
 
 # a smoke run trained fold by fold (in this process), then predict's command line on it: about 1.5 CPU-minutes
 pytestmark = pytest.mark.slow
-
-N_ROWS = 60
 SUB_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict") / "run"
-    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true"])
-    validate(cfg)
-    rows = prepare_run_dir(cfg, out, [0, 1, 2, 3, 4], False, "python -m orchestrator.cv --config configs/smoke.yaml")
-    for k in range(5):
-        train_fold(cfg, k, rows, out / f"fold={k}")
-    reduce_run(out, [0, 1, 2, 3, 4])
-    return out
+    return build_smoke_run(tmp_path_factory.mktemp("predict") / "run")
 
 
 def predict(*args, timeout=300):
@@ -220,8 +210,7 @@ def test_a_lost_adapter_file_or_an_unfinished_fold_is_one_line_with_the_way_out(
 
 
 def _student(tmp_path, soft, *overrides):
-    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", "data.max_length=64", "train.eval_tta=true",
-                                               f"train.soft_labels={soft}", *overrides])
+    cfg = smoke_config(f"train.soft_labels={soft}", *overrides)
     return cfg, prepare_run_dir(cfg, tmp_path / "student", [0], False, "test")
 
 

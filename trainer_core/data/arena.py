@@ -15,26 +15,23 @@ prompt text in one fold).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+# the text rules (JSON turns, the U+FFFD repair, how a file is read) are shared with an export's predictor
+from trainer_core.data.text import TEXT_COLUMNS, parse_turns, read_frame, repair_text
+
 log = logging.getLogger(__name__)
 
-TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 LABEL_NAMES = ("a", "b", "tie")  # label 0, 1, 2
 FOLD_BY = ("id", "row", "prompt")
 FOLD_SEED = 0  # fold_by=prompt: fixed, so train.seed or a sweep never moves rows between folds
-# Python strings can hold what UTF-8 cannot encode only as surrogate code points: lone ones from JSON escapes, and
-# U+DC80-U+DCFF from reading invalid bytes with errors="surrogateescape".
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def prompt_key(text: pd.Series) -> pd.Series:
@@ -66,13 +63,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a CSV or parquet file")
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        else:
-            # object, not pandas' Arrow-backed str: invalid bytes arrive as surrogate escapes, found and replaced (and
-            # counted) with the JSON-escaped ones in load
-            df = pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8",
-                             encoding_errors="surrogateescape")
+        df = read_frame(path)  # invalid bytes arrive as surrogate escapes, replaced (and counted) in load_dataset
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file for the user
@@ -81,22 +72,6 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{path}: file has a header but no rows")
     return df
-
-
-def parse_turns(cell: object) -> str | None:
-    """A JSON list of strings (``null`` items allowed) joined with a space; None if the cell is not such a list."""
-    if isinstance(cell, (list, tuple, np.ndarray)):  # parquet may already hold lists
-        items = list(cell)
-    else:
-        if not isinstance(cell, str):
-            return None
-        try:
-            items = json.loads(cell)
-        except (json.JSONDecodeError, RecursionError):
-            return None
-    if not isinstance(items, list) or not all(x is None or isinstance(x, str) for x in items):
-        return None
-    return " ".join("" if x is None else x for x in items)
 
 
 def _parse_ids(df: pd.DataFrame, path: Path, errs: list[str]) -> pd.Series | None:
@@ -138,12 +113,6 @@ class Dataset:
 
     rows: pd.DataFrame
     repaired_ids: list[int]  # rows whose text held characters UTF-8 cannot encode, now U+FFFD
-
-
-def repair_text(text: str) -> tuple[str, bool]:
-    """(``text`` with every character UTF-8 cannot encode replaced by U+FFFD, whether any was)."""
-    repaired, n = _SURROGATES.subn("\ufffd", text)
-    return repaired, n > 0
 
 
 def load_rows(path: str | Path, *, require_labels: bool = True, max_rows: int | None = None) -> pd.DataFrame:

