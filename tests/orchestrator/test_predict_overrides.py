@@ -90,3 +90,10 @@ def test_allowed_keys_parse_and_refusals_name_them():
     with pytest.raises(ConfigError) as e:
         parse_predict_overrides(["data.max_length=2048"])
     assert all(k in str(e.value) for k in PREDICT_KEYS)
+
+
+def test_help_names_the_overrides():
+    from orchestrator.predict import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "key=value" in text and "model.name_or_path=/kaggle/input/gemma2" in text

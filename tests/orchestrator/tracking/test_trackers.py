@@ -155,3 +155,11 @@ def test_no_tracker_configured_opens_nothing(run_dir):
     assert tracking.start(load_config(None, []), run_dir) is None
     feed(run_dir, [0])  # the callback finds no tracker and does nothing
     assert not (run_dir / "tracking.json").exists()
+
+
+def test_every_tracking_key_has_its_help_config_line():
+    from trainer_core.config import field_docs
+
+    docs = {k: doc for k, doc, _ in field_docs() if k.startswith("tracking.")}
+    assert set(docs) == {"tracking.mlflow", "tracking.mlflow_experiment", "tracking.wandb", "tracking.wandb_project",
+                         "tracking.wandb_entity"} and all(docs.values())
