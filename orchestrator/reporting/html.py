@@ -12,7 +12,7 @@ from orchestrator.reporting import markdown as markdown_report
 from orchestrator.reporting.honesty import warning
 from orchestrator.reporting.markdown import CLASS_NAMES, fmt, fold_columns, folds_text, summary_rows, title, verdict
 from orchestrator.reporting.plots import COLORS
-from orchestrator.reporting.recipe import recipe_rows
+from orchestrator.reporting.recipe import recipe_rows, shown
 
 CSS = """
 body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2937;
@@ -159,7 +159,7 @@ def _recipe_html(report: dict, figures: dict[str, bytes]) -> str:
         return ""
     rows = "".join(f'<tr><td class="l">{html.escape(label)}</td><td class="l"><code>{html.escape(str(text))}</code>'
                    f"</td></tr>" for label, text in recipe_rows(recipe))
-    keys = "".join(f'<tr><td class="l"><code>{html.escape(k)}</code></td><td class="l"><code>{html.escape(str(v))}'
+    keys = "".join(f'<tr><td class="l"><code>{html.escape(k)}</code></td><td class="l"><code>{html.escape(shown(v))}'
                    f"</code></td></tr>" for k, v in recipe["non_default"].items())
     loss = f'<figure style="margin-top:14px">{_img(figures["loss"], "training loss per fold")}</figure>' \
         if "loss" in figures else ""

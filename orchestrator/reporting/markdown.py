@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.reporting.honesty import warning
-from orchestrator.reporting.recipe import recipe_rows
+from orchestrator.reporting.recipe import recipe_rows, shown
 
 CLASS_NAMES = ("a", "b", "tie")
 
@@ -139,7 +139,7 @@ def _recipe_section(report: dict, plots: dict[str, str]) -> list[str]:
     out = ["", "## Recipe", ""] + [f"- {label}: `{text}`" if label == "TensorBoard" else f"- {label}: {text}"
                                    for label, text in recipe_rows(recipe)]
     out += ["", "Config keys that differ from the defaults:", "", "| key | value |", "|---|---|"]
-    out += [f"| `{k}` | `{v}` |" for k, v in recipe["non_default"].items()]
+    out += [f"| `{k}` | `{shown(v)}` |" for k, v in recipe["non_default"].items()]
     out += _image(plots, "loss", "training loss per fold")
     return out
 

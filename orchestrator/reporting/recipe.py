@@ -66,6 +66,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def shown(value) -> str:
+    """A config value as a person types it (JSON for lists and mappings, not Python's repr)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def non_default_keys(config: dict) -> dict:
     """Dotted keys of a resolved config (``config.yaml``) whose value differs from the schema's default."""
     from trainer_core.config import Config
@@ -114,6 +119,7 @@ def read_recipe(run_dir: Path, folds: list[int], fold_metrics: list[dict], meta:
     tb = run_dir / "tensorboard"
     return {
         "model": model.get("name_or_path"),
+        "model_init": model.get("init"),
         "model_revision": next((s.get("model_revision") for s in reversed(sessions) if s.get("model_revision")), None),
         "tokenizer": model.get("tokenizer"),
         "data_path": meta.get("data_path"),
@@ -138,7 +144,11 @@ def recipe_rows(recipe: dict) -> list[tuple[str, str]]:
         return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m{int(s % 60):02d}s"
 
     rev = f" (revision {recipe['model_revision']})" if recipe.get("model_revision") else ""
-    rows = [("model", f"{recipe.get('model') or '-'}{rev}")]
+    model = recipe.get("model") or "-"
+    if recipe.get("model_init") == "random":
+        model = "random weights (model.init=random, architecture in model.random_config)" + (
+            f" shaped as {recipe['model']}" if recipe.get("model") else "")
+    rows = [("model", f"{model}{rev}")]
     if recipe.get("tokenizer"):
         rows.append(("tokenizer", recipe["tokenizer"]))
     rows.append(("data", f"{recipe.get('data_path') or '-'}, {recipe.get('data_rows') or '-'} rows, sha256 "
