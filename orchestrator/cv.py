@@ -153,9 +153,11 @@ def _cluster_check(cfg) -> None:
 
 def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     # Ray is imported only once the config and data are known to be good.
+    from orchestrator import tracking
     from orchestrator.cluster import folds as ray_folds
     from orchestrator.cluster import schedule
     from orchestrator.cluster.eta import later_fold_times
+    from orchestrator.reporting.recipe import stamp_session
     from orchestrator.reporting.reducer import ReduceError, fold_is_complete, format_table, reduce_run
 
     done = [k for k in folds if fold_is_complete(run_dir, k, rows)]
@@ -163,11 +165,13 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     if done:
         print(f"folds {done} already finished in {run_dir}; skipping them")
     t0 = time.time()
+    tracking.start(cfg, run_dir, folds=folds)  # MLflow / W&B runs, when tracking.* asks for them
     if todo:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
             interrupt.install()  # after ray.init, which replaces SIGTERM's handler
             ray_folds.link_ray_logs(run_dir)
+            stamp_session(run_dir, cfg, resources, todo)  # start time and GPUs, for the report's recipe
             schedule.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
         except schedule.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -211,7 +215,8 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
         return 1
     print()
     print(format_table(report))
-    print(f"\nrun directory: {run_dir}  ({time.time() - t0:.0f}s)")
+    tracking.finish_cv(run_dir, report)
+    print(f"\nreport: {run_dir / 'report.html'}\nrun directory: {run_dir}  ({time.time() - t0:.0f}s)")
     return 0
 
 

@@ -9,6 +9,7 @@ Examples::
     python -m orchestrator.predict --run runs/g9b --soft-labels in_fold.parquet --in-fold   # for train.soft_labels
     python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
     python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv   # an orchestrator.ensemble dir
+    python -m orchestrator.predict --run g9b --data test.csv --out sub.csv model.name_or_path=/kaggle/input/g2  # moved
 
 Submission: ``id,winner_model_a,winner_model_b,winner_tie``, one row per input row, in input order. Each fold's model
 scores every row (``--tta``: also with responses a and b swapped, averaged back); each fold's probabilities are
@@ -38,12 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from orchestrator.reporting import calibration
+from orchestrator.runs.overrides import PREDICT_KEYS, parse_predict_overrides, run_config
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs, run_provenance
 from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from trainer_core import metrics
@@ -82,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --soft-labels: instead write, for every fold k, fold k's model's predictions on fold k's "
                         "own training rows (id, fold=k, p_a, p_b, p_tie): soft labels a student can use in fold k "
                         "without seeing fold k's labels (train.soft_labels); one forward pass per fold")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the run's config.yaml (every member's, for an ensemble) that leave what the "
+                        "folds learned unchanged, e.g. model.name_or_path=/kaggle/input/gemma2 for a copied run "
+                        f"directory; allowed: {', '.join(PREDICT_KEYS)}")
     return p
 
 
@@ -105,13 +112,14 @@ def temperature_for(report: dict | None, tta: bool) -> tuple[float, str]:
 
 
 def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, temperature: float,
-                       device: str = "auto", batch_size: int | None = None, log=print) -> np.ndarray:
+                       device: str = "auto", batch_size: int | None = None, log=print,
+                       overrides: dict | None = None) -> np.ndarray:
     """(N, 3) fold-averaged probabilities for ``rows`` (validated, any labels ignored), in row order.
 
     Each fold's probabilities are temperature-scaled before averaging (T was fitted on single-fold OOF rows)."""
     total = np.zeros((len(rows), 3))
     for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=_device(device), batch_size=batch_size,
-                                 log=log):
+                                 log=log, overrides=overrides):
         total += calibration.apply_temperature(p, temperature)
     return metrics.clip_probs(total / len(folds))
 
@@ -123,7 +131,7 @@ def _device(name: str):
 
 
 def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool, device, batch_size=None,
-                     log=print, cross_fitted: bool = False):
+                     log=print, cross_fitted: bool = False, overrides: dict | None = None):
     """Yield (k, (N, 3) probabilities of fold k's model) for each fold, no temperature applied. For an ensemble
     directory fold k's prediction is its members' fold-k predictions combined with the ensemble's weights (fitted on
     all OOF rows; ``cross_fitted``: fold k's own weights, fitted without fold k's labels, for in-fold soft labels)."""
@@ -132,7 +140,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
     if is_ensemble(run_dir):
         spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
         members = [fold_predictions(m, rows, folds, tta=tta, device=device, batch_size=batch_size, log=log,
-                                    cross_fitted=cross_fitted) for m in member_dirs(run_dir, spec)]
+                                    cross_fitted=cross_fitted, overrides=overrides) for m in member_dirs(run_dir, spec)]
         for k in folds:
             weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
@@ -142,7 +150,7 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
     from trainer_core.fold.inference import RowMeter, load_fold_model, predict_probs, resolve_eval_batch_size
     from trainer_core.model.precision import make_autocast
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir, overrides)
     for k in folds:
         model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
         autocast = make_autocast(precision, device)
@@ -163,14 +171,14 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         yield k, p
 
 
-def check_base_weights(run_dir: Path) -> None:
+def check_base_weights(run_dir: Path, overrides: dict | None = None) -> None:
     """Before any model loads: the base model that a LoRA run's adapters load onto is found (an ensemble: each
     member's); the tokenizer is saved beside the adapters. WeightsError, one line, otherwise."""
     if is_ensemble(run_dir):
         for member in member_dirs(run_dir):
-            check_base_weights(member)
+            check_base_weights(member, overrides)
         return
-    run_cfg = load_config(run_dir / "config.yaml")
+    run_cfg = run_config(run_dir, overrides)
     if run_cfg.lora.enabled:
         check_weights(run_cfg.model, tokenizer=False)
 
@@ -232,7 +240,7 @@ def _check_run_dir(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
     if (args.data is None) != (args.out is None):
         parser.error("--data and --out go together")
     if args.data is None and args.soft_labels is None:
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run
     # Everything is checked and computed before anything is written: a bad input leaves no half-made output.
     try:
+        overrides = parse_predict_overrides(args.overrides)
         _check_run_dir(run_dir)
         needs_report = args.soft_labels is not None or not args.no_temperature
         report = _read_report(run_dir) if needs_report or (run_dir / "report.json").exists() else None
@@ -261,18 +270,19 @@ def main(argv: list[str] | None = None) -> int:
             rows = load_rows(args.data, require_labels=False)
             temperature, source = temperature_for(None if args.no_temperature else report, args.tta)
         if args.data is not None or args.in_fold:
-            check_base_weights(run_dir)
+            check_base_weights(run_dir, overrides)
     except (PredictError, SoftLabelExportError, DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.in_fold:
-        soft = in_fold_soft_labels(run_dir, in_fold, fold_predictions, device=_device(args.device),
+        soft = in_fold_soft_labels(run_dir, in_fold, partial(fold_predictions, overrides=overrides),
+                                   device=_device(args.device),
                                    batch_size=args.batch_size)
     if args.data is not None:
         print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "
               f"({source})")
         probs = predict_submission(run_dir, rows, folds, tta=args.tta, temperature=temperature, device=args.device,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, overrides=overrides)
         sub = pd.DataFrame({"id": rows["id"].values, "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
                             "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
     if soft is not None:

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, steps: int, resumable: bool) -> int:
     # Ray is imported only once the config, space and data are known to be good.
+    from orchestrator import tracking
     from orchestrator.cluster import folds as ray_folds
     from orchestrator.cluster import schedule
     from orchestrator.cluster import sweep_trials as ray_sweep
@@ -192,6 +193,7 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
           f"({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs): {concurrency} at a time; "
           f"scheduler {args.scheduler}, search {args.search}; sweep directory {sweep_dir}")
     t0 = time.time()
+    tracking.start(trial_base, sweep_dir, kind="sweep", folds=folds)  # one MLflow / W&B run per trial
     scheduler = ray_sweep.build_scheduler(args.scheduler, trial_base.train.eval_every, steps * len(folds))
     results = ray_sweep.run_sweep(trial_base.to_dict(), to_param_space(space), sweep_dir, folds, data_sha,
                                   num_samples=args.num_samples, concurrency=concurrency, search=args.search,
@@ -212,6 +214,8 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
     if best is not None:
         lb.write_best_yaml(base, best, keys, folds, sweep_dir / "best.yaml")
         print(f"\nbest: trial {best['trial']}  OOF log loss {best['log_loss']:.4f}  -> {sweep_dir / 'best.yaml'}")
+    tracking.finish(sweep_dir, None, [sweep_dir / "leaderboard.csv", sweep_dir / "best.yaml"],
+                    figures={"best_log_loss": best["log_loss"]} if best is not None else None)
     print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}  ({time.time() - t0:.0f}s)")
     if unfinished or interrupt.requested():
         print(f"sweep {interrupt.MESSAGE} ({sweep_dir})", file=sys.stderr)

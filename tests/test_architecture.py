@@ -3,8 +3,9 @@ goes down or sideways, never up, and no chain of imports comes back to where it 
 
 Floors, lowest first. ``trainer_core`` never imports ``orchestrator`` (nor Ray: tests/trainer_core/test_no_ray.py).
 Inside ``trainer_core``: base modules (``paths``, ``metrics``) < ``config`` < ``data`` < ``model`` < ``fastpath``
-< ``fold``. Inside ``orchestrator``: ``reporting`` < ``runs``, ``sweep``, ``perf`` < ``cluster`` < the command-line
-modules at the top (``cv``, ``tune``, ``predict``, ...). A module may import its own room and any lower floor.
+< ``fold``. Inside ``orchestrator``: ``reporting`` < ``runs``, ``sweep``, ``perf``, ``tracking`` < ``cluster`` < the
+command-line modules at the top (``cv``, ``tune``, ``predict``, ...). A module may import its own room and any lower
+floor.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ FLOORS = {
     "trainer_core.config": 1, "trainer_core.data": 2, "trainer_core.model": 3, "trainer_core.fastpath": 4,
     "trainer_core.fold": 5,
     "orchestrator.reporting": 10, "orchestrator.runs": 11, "orchestrator.sweep": 11, "orchestrator.perf": 11,
+    "orchestrator.tracking": 11,
     "orchestrator.cluster": 12, "orchestrator": 13,
 }
 MAX_LINES = 300

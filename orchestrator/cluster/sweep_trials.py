@@ -25,6 +25,7 @@ import pandas as pd
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator import tracking
 from orchestrator.cluster import folds as ray_folds
 from orchestrator.cluster.folds import TRIAL_RESOURCES, build_trainer
 from trainer_core.config import apply_overrides, config_from_dict
@@ -145,7 +146,7 @@ def run_sweep(base: dict, param_space: dict, sweep_dir: Path, folds: list[int], 
                                             max_concurrent_trials=concurrency, search_alg=build_search(search),
                                             scheduler=scheduler),
             run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir / "ray"), verbose=0,
-                                          callbacks=[SweepProgress()],
+                                          callbacks=[SweepProgress(), *tracking.callbacks(sweep_dir)],
                                           failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
     return tuner.fit()

@@ -12,6 +12,7 @@ from orchestrator.reporting import markdown as markdown_report
 from orchestrator.reporting.honesty import warning
 from orchestrator.reporting.markdown import CLASS_NAMES, fmt, fold_columns, folds_text, summary_rows, title, verdict
 from orchestrator.reporting.plots import COLORS
+from orchestrator.reporting.recipe import recipe_rows, shown
 
 CSS = """
 body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2937;
@@ -152,6 +153,20 @@ def _ensemble_html(report: dict) -> str:
             f"{html.escape(ens['note'])}.</p>{tables}")
 
 
+def _recipe_html(report: dict, figures: dict[str, bytes]) -> str:
+    recipe = report.get("recipe")
+    if not recipe:
+        return ""
+    rows = "".join(f'<tr><td class="l">{html.escape(label)}</td><td class="l"><code>{html.escape(str(text))}</code>'
+                   f"</td></tr>" for label, text in recipe_rows(recipe))
+    keys = "".join(f'<tr><td class="l"><code>{html.escape(k)}</code></td><td class="l"><code>{html.escape(shown(v))}'
+                   f"</code></td></tr>" for k, v in recipe["non_default"].items())
+    loss = f'<figure style="margin-top:14px">{_img(figures["loss"], "training loss per fold")}</figure>' \
+        if "loss" in figures else ""
+    return (f'<h2>Recipe</h2><table>{rows}</table>{loss}<p class="note">Config keys that differ from the '
+            f'defaults:</p><table><tr><th class="l">key</th><th class="l">value</th></tr>{keys}</table>')
+
+
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """The whole page; ``figures`` are the PNGs of :func:`orchestrator.reporting.plots.render_figures`."""
     lc = report["label_counts"]
@@ -191,6 +206,7 @@ diagonal are under-confident, below it over-confident; dot size = rows in the bi
 quantiles, so buckets hold similar row counts. Long rows are where truncation to <code>data.max_length</code> tokens
 cuts text away.</p></div>
 </div>
+{_recipe_html(report, figures)}
 <p class="note" style="margin-top:28px">Regenerate:
 <code>python -m orchestrator.report {html.escape(report['run_dir'])}</code> &middot; numbers: <code>report.json</code>
 &middot; OOF probabilities: <code>oof.parquet</code></p>

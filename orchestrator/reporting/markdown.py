@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.reporting.honesty import warning
+from orchestrator.reporting.recipe import recipe_rows, shown
 
 CLASS_NAMES = ("a", "b", "tie")
 
@@ -126,7 +127,21 @@ def render_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     out += [f"| {b['min_chars']}–{b['max_chars']} | {b['n_rows']} | {fmt(b['log_loss'])} | "
             f"{fmt(b['prior_log_loss'])} | {fmt(b['accuracy'])} |" for b in report["length_buckets"]]
     out += _image(plots, "length", "log loss by input length")
+    out += _recipe_section(report, plots)
     return "\n".join(out) + "\n"
+
+
+def _recipe_section(report: dict, plots: dict[str, str]) -> list[str]:
+    """Model, data, time, GPUs, the config keys that differ from the defaults, the loss curves."""
+    recipe = report.get("recipe")
+    if not recipe:
+        return []
+    out = ["", "## Recipe", ""] + [f"- {label}: `{text}`" if label == "TensorBoard" else f"- {label}: {text}"
+                                   for label, text in recipe_rows(recipe)]
+    out += ["", "Config keys that differ from the defaults:", "", "| key | value |", "|---|---|"]
+    out += [f"| `{k}` | `{shown(v)}` |" for k, v in recipe["non_default"].items()]
+    out += _image(plots, "loss", "training loss per fold")
+    return out
 
 
 def member_name(member: dict) -> str:

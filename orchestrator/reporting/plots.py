@@ -2,7 +2,8 @@
 
 Each figure answers one question a practitioner asks of a CV run: does every fold beat the class prior, and by how
 much (``folds``)? Can the probabilities be trusted as probabilities (``reliability``)? Which outcomes does the model
-mix up (``confusion``)? Does it get worse on long inputs, where truncation bites (``length``)?
+mix up (``confusion``)? Does it get worse on long inputs, where truncation bites (``length``)? Did every fold's
+training loss come down, and alike (``loss``, from the recipe's TensorBoard curves)?
 """
 
 from __future__ import annotations
@@ -142,7 +143,24 @@ def length_figure(report: dict) -> bytes:
     return _png(fig)
 
 
+def loss_figure(curves: dict[str, list]) -> bytes:
+    """Every fold's training loss against its optimizer step (one line per fold)."""
+    fig = Figure(figsize=(7.2, 3.4))
+    ax = fig.subplots()
+    for k, points in sorted(curves.items(), key=lambda kv: int(kv[0])):
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, linewidth=1.3, label=f"fold {k}")
+    _style(ax, "Training loss per fold", "optimizer step", "training loss (mean over the logged window)")
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
 def render_figures(report: dict) -> dict[str, bytes]:
-    """{name: PNG bytes} for every figure of the report."""
-    return {"folds": folds_figure(report), "reliability": reliability_figure(report),
-            "confusion": confusion_figure(report), "length": length_figure(report)}
+    """{name: PNG bytes} for every figure of the report (``loss`` when the folds left TensorBoard curves)."""
+    figures = {"folds": folds_figure(report), "reliability": reliability_figure(report),
+               "confusion": confusion_figure(report), "length": length_figure(report)}
+    curves = (report.get("recipe") or {}).get("loss_curves") or {}
+    if any(curves.values()):
+        figures["loss"] = loss_figure(curves)
+    return figures

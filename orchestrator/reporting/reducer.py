@@ -1,7 +1,8 @@
 """The reducer: fold files -> ``report.json``, ``oof.parquet``, ``report.md``, ``report.html`` (+ ``report_plots/``).
 
-It reads only files (``data.parquet`` and ``fold=<k>/{metrics.json,oof.parquet}``), so it needs no Ray and can be rerun
-on a finished run directory at any time (``python -m orchestrator.report RUN_DIR``).
+It reads only files (``data.parquet``, ``fold=<k>/{metrics.json,oof.parquet}`` and, for the recipe, ``run.json``,
+``config.yaml``, ``sessions.json`` and ``tensorboard/``), so it needs no Ray and can be rerun on a finished run
+directory at any time (``python -m orchestrator.report RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from orchestrator.reporting.honesty import distillation_note, warning
 from orchestrator.reporting.html import render_html
 from orchestrator.reporting.markdown import render_markdown
 from orchestrator.reporting.plots import render_figures
+from orchestrator.reporting.recipe import read_recipe
 from trainer_core import metrics
 from trainer_core.paths import atomic_write, atomic_write_json, atomic_write_text
 
@@ -107,6 +109,7 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     if meta.get("soft_labels"):
         report["distillation"] = distillation_note(meta["soft_labels"])
         report["optimistic_because"] = report["distillation"]["optimistic_because"]
+    report["recipe"] = read_recipe(run_dir, folds, fold_metrics, meta)
     write_reports(run_dir, oof, report)
     return report
 

@@ -84,7 +84,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def changed_keys(run_dir: Path, cfg) -> list[str]:
-    """``key (old -> new)`` for every config key (cluster.* aside: placement never changes results) that differs
+    """``key (old -> new)`` for every config key (cluster.* and tracking.* aside: neither changes results) that differs
     between the run's saved ``config.yaml`` and ``cfg``; keys the old file lacks (added to the project since) are
     compared with nothing and left out."""
     try:
@@ -93,7 +93,7 @@ def changed_keys(run_dir: Path, cfg) -> list[str]:
         return []
     new = _flat(cfg.to_dict())
     return [f"{k} ({old[k]!r} -> {new[k]!r})" for k in sorted(new)
-            if not k.startswith("cluster.") and k in old and old[k] != new[k]]
+            if not k.startswith(("cluster.", "tracking.")) and k in old and old[k] != new[k]]
 
 
 def _input(meta: dict, key: str):

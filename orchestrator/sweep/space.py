@@ -31,7 +31,7 @@ from trainer_core.model.weights import model_fit_problem
 
 KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 # The sweep's rows, folds and placement are fixed for all trials (one data.parquet, one concurrency plan).
-FIXED_PREFIXES = ("experiment", "data.path", "data.max_rows", "data.n_folds", "data.fold_by", "cluster.")
+FIXED_PREFIXES = ("experiment", "data.path", "data.max_rows", "data.n_folds", "data.fold_by", "cluster.", "tracking.")
 
 
 class SpaceError(ValueError):
@@ -98,9 +98,9 @@ def _candidates(p: Param) -> list:
 def _check_against_config(p: Param, base: Config, search: str, errs: list[str]) -> Param:
     """Append the problems of ``p`` to ``errs``; returns ``p`` with choice/grid values in the key's type ('1e-4' ->
     1e-4), so trial configs, the leaderboard and best.yaml all show the value that was used."""
-    if p.key.startswith(FIXED_PREFIXES) or p.key in ("data", "cluster"):
-        errs.append(f"{p.key}: cannot be searched (a sweep's data, folds and cluster placement are the same for "
-                    f"every trial)")
+    if p.key.startswith(FIXED_PREFIXES) or p.key in ("data", "cluster", "tracking"):
+        errs.append(f"{p.key}: cannot be searched (a sweep's data, folds, cluster placement and tracking are the same "
+                    f"for every trial)")
         return p
     typed = []
     for v in _candidates(p):

@@ -23,6 +23,7 @@ from trainer_core.config.schema import (
     DataConfig,
     LoraConfig,
     ModelConfig,
+    TrackingConfig,
     TrainConfig,
 )
 from trainer_core.config.validate import (
@@ -36,6 +37,7 @@ from trainer_core.config.validate import (
 
 __all__ = [
     "BLOCK_CAUSAL", "PERSISTENT_REDUCTION_CAP", "ClusterConfig", "Config", "ConfigError", "DataConfig", "LoraConfig",
-    "ModelConfig", "TrainConfig", "apply_overrides", "compile_options", "config_from_dict", "field_docs", "get_value",
-    "inert_keys", "inert_note", "load_config", "nest", "parse_override", "to_yaml", "validate",
+    "ModelConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "compile_options", "config_from_dict",
+    "field_docs", "get_value", "inert_keys", "inert_note", "load_config", "nest", "parse_override", "to_yaml",
+    "validate",
 ]

@@ -1,5 +1,6 @@
-"""The config schema: one dataclass per section (data, model, lora, train, cluster), every field with its default and
-a one-line doc. Merging, validation and YAML live in :mod:`trainer_core.config`, which re-exports these classes."""
+"""The config schema: one dataclass per section (data, model, lora, train, cluster, tracking), every field with its
+default and a one-line doc. Merging, validation and YAML live in :mod:`trainer_core.config`, which re-exports these
+classes."""
 
 from __future__ import annotations
 
@@ -191,6 +192,21 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow: Optional[str] = _f(
+        None, "MLflow 3 tracking URI (http://host:5000, sqlite:///mlflow.db, databricks): one parent run per CV with "
+        "the resolved config as parameters, one child run per fold with per-step loss, lr and samples/s, the final "
+        "metrics and report.html/report.json/oof.parquet as artifacts; a sweep logs one run per trial. null = off. "
+        "Needs pip install .[tracking]; an unreachable server costs one warning line, not the run")
+    mlflow_experiment: Optional[str] = _f(None, "MLflow experiment name (null = the config's experiment)")
+    wandb: Literal["off", "offline", "online"] = _f(
+        "off", "Weights & Biases: offline = runs written under <run directory>/wandb (upload later with `wandb sync`), "
+        "online = streamed (needs `wandb login`); one run per fold and one for the CV, grouped by the run's name")
+    wandb_project: Optional[str] = _f(None, "W&B project (null = the config's experiment)")
+    wandb_entity: Optional[str] = _f(None, "W&B entity: user or team (null = your default entity)")
+
+
+@dataclass
 class Config:
     experiment: str = _f("cv", "run name: the default run directory is runs/<experiment>")
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,14 +214,17 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not cluster placement; keys added later, at their default)."""
+        """Hash of everything that changes results (not cluster placement nor experiment tracking; keys added later, at
+        their default)."""
         d = self.to_dict()
         d.pop("cluster")
+        d.pop("tracking")
         for name, section in d.items():
             sub = getattr(self, name)
             if dataclasses.is_dataclass(sub):

@@ -9,6 +9,7 @@ import json
 import pickle
 import random
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,4 +154,6 @@ def write_fold_files(out_dir: Path, cfg: Config, model, tok, oof: pd.DataFrame, 
     atomic_write_dir(out_dir / "adapter", save_adapter)
     atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
     atomic_write(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
-    atomic_write_json(out_dir / "metrics.json", result)
+    dev = next(model.parameters()).device  # the report's recipe: which card, and when the fold ended (epoch seconds)
+    atomic_write_json(out_dir / "metrics.json", {**result, "gpu_name": torch.cuda.get_device_name(dev) if dev.type
+                                                 == "cuda" else None, "finished_at": time.time()})
