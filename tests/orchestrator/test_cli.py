@@ -77,7 +77,7 @@ def test_help_config_lists_every_key_with_its_default_and_a_doc(capsys):
     defaults = Config().to_dict()
     expected = {}
     for name, value in defaults.items():
-        if isinstance(value, dict) and name in ("data", "model", "lora", "train", "cluster"):
+        if isinstance(value, dict) and name in ("data", "model", "lora", "train", "cluster", "tracking"):
             expected.update({f"{name}.{k}": v for k, v in value.items()})
         else:
             expected[name] = value
