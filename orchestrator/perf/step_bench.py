@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trainer_core import fastpath
-from trainer_core.config import Config, apply_overrides
+from trainer_core.config import Config, apply_overrides, pad_multiple
 from trainer_core.data.batching import collate, epoch_batches, padding_waste
 from trainer_core.fastpath.recompiles import RecompileCounter
 from trainer_core.fold.optim import build_optimizer
@@ -88,13 +88,13 @@ def model_flops_per_token(config, n_trained_layers: int, seq_len: int) -> float:
 
 
 def _synthetic_batches(lengths: np.ndarray, batch: int, group: bool, vocab: int, device: torch.device,
-                       n_batches: int, seed: int) -> list:
+                       n_batches: int, seed: int, multiple: int = 0) -> list:
     rng = np.random.default_rng(seed)
     plan = epoch_batches(lengths, batch, 1, seed, 0, group)[:n_batches]
     out = []
     for idx in plan:
         ids = [rng.integers(4, vocab, size=int(lengths[i])).tolist() for i in idx]
-        input_ids, mask = collate(ids, 0, device)
+        input_ids, mask = collate(ids, 0, device, multiple)  # padded as a fold pads (model.length_bucket)
         out.append((input_ids, mask, torch.as_tensor(rng.integers(0, 3, size=len(idx)), device=device)))
     return out
 
@@ -172,7 +172,8 @@ def run_setup(cfg: Config, setup: Setup, device: torch.device, *, steps: int, wa
     row["mfu"] = tokens / secs * flops / peak if peak else None
     if mixed:
         lengths = arena_like_lengths(4096, seq_len)
-        batches = _synthetic_batches(lengths, micro, setup.group_by_length, vocab, device, n_batches, 2)
+        batches = _synthetic_batches(lengths, micro, setup.group_by_length, vocab, device, n_batches, 2,
+                                     pad_multiple(cfg.model))
         row["mixed_padding_waste"] = padding_waste([m[1].sum(1).tolist() for m in batches])
         secs, n, samples, tokens = time_steps(model, params, optimizer, scaler, batches, accum, autocast, warmup,
                                               device)

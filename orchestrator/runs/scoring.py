@@ -11,6 +11,7 @@ import pandas as pd
 from orchestrator.runs.overrides import run_config
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs
 from trainer_core import metrics
+from trainer_core.config import pad_multiple
 from trainer_core.data.tta import swap_responses, tta_average
 
 
@@ -42,11 +43,12 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
                                                    train_batch=cfg.train.batch_size)
         meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
-        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter))
+        multiple = pad_multiple(cfg.model)
+        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter, multiple))
         if tta:
             swapped = encode(swap_responses(rows), tok, cfg)
             meter.offset = len(rows)
-            p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast, meter)
+            p_swapped = predict_probs(model, swapped, bs, tok.pad_token_id, device, autocast, meter, multiple)
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
             f"({precision}, batch {bs}): {meter.rate():.1f} rows/s after the model loaded")

@@ -32,12 +32,13 @@ from trainer_core.config.validate import (
     compile_options,
     inert_keys,
     inert_note,
+    pad_multiple,
     validate,
 )
 
 __all__ = [
     "BLOCK_CAUSAL", "PERSISTENT_REDUCTION_CAP", "ClusterConfig", "Config", "ConfigError", "DataConfig", "LoraConfig",
     "ModelConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "compile_options", "config_from_dict",
-    "field_docs", "get_value", "inert_keys", "inert_note", "load_config", "nest", "parse_override", "to_yaml",
-    "validate",
+    "field_docs", "get_value", "inert_keys", "inert_note", "load_config", "nest", "pad_multiple", "parse_override",
+    "to_yaml", "validate",
 ]

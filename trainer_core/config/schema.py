@@ -85,6 +85,12 @@ class ModelConfig:
         "soft-capped softmax over attention's key blocks. 0 = inductor's rule; 1,024 made the Gemma-2 9B step 1.5% "
         "faster on an H200, the same sums in another order (trainer_core.fastpath.persistent_reduction)",
         added=True)
+    length_bucket: int = _f(
+        256, "with model.compile=on every batch is right-padded to a multiple of this many tokens and the layers are "
+        "compiled for static shapes: a few fixed lengths (4 up to 1,024 tokens), each compiled once per kind of layer, "
+        "instead of one graph per batch length or a dynamic-length graph (whose compilation crashed with torch 2.11 "
+        "on an H100); padded positions are masked, so the numbers are the rows' own. 0 = pad to the batch's longest "
+        "row (model.compile=dynamic always does)", added=True)
     dequant_cache: Literal["off", "auto", "on"] = _f(
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
         "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",

@@ -75,6 +75,12 @@ def _compile_option_errors(m: ModelConfig) -> list[str]:
     return errs
 
 
+def pad_multiple(m: ModelConfig) -> int:
+    """Tokens a batch's length is rounded up to: ``model.length_bucket`` for layers compiled with static shapes
+    (``model.compile=on``), else 0 (the batch's longest row)."""
+    return m.length_bucket if m.compile == "on" and m.length_bucket > 0 else 0
+
+
 def inert_keys(cfg: Config) -> list[str]:
     """Keys set to something that does nothing under this config, for one console note: with ``model.compile=off``
     (the eager escape hatch, on any shipped config) the options of compiled layers stay unused."""
@@ -138,6 +144,8 @@ def validate(cfg: Config) -> None:
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     errs.extend(_compile_option_errors(m))
+    if m.length_bucket < 0:
+        errs.append(f"model.length_bucket: must be >= 0 (tokens; 0 = no bucketing), got {m.length_bucket}")
     if not 0 <= m.persistent_reduction_max <= PERSISTENT_REDUCTION_CAP:
         errs.append(f"model.persistent_reduction_max: must be in [0, {PERSISTENT_REDUCTION_CAP}] (elements a row keeps "
                     f"in registers), got {m.persistent_reduction_max}")

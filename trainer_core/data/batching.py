@@ -59,11 +59,11 @@ def row_tokens(row: list[int] | tuple[list[int], ...]) -> int:
     return sum(len(x) for x in row) if isinstance(row, tuple) else len(row)
 
 
-def collate(ids: list, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(ids: list, pad_id: int, device: torch.device, multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) int64 input ids and attention mask on ``device`` (:func:`trainer_core.data.text.pad_rows`,
     which an export's predictor shares). Pairwise rows (tuples of sequences) are laid out side by side: B rows of 2
-    sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
-    input_ids, mask = (torch.from_numpy(a) for a in pad_rows(ids, pad_id))
+    sequences give (2B, T), row i's sequences at 2i and 2i + 1. ``multiple``: T rounded up to a multiple of it."""
+    input_ids, mask = (torch.from_numpy(a) for a in pad_rows(ids, pad_id, multiple))
     return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 

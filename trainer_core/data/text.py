@@ -220,11 +220,14 @@ def encode(df: pd.DataFrame, tok, head: str, max_length: int, truncation: str, p
     return encode_rows(df, tok, max_length, truncation, prompt_share, add_eos)
 
 
-def pad_rows(rows: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (B, T) int64 input ids and attention mask of encoded rows. Pairwise rows (tuples of sequences)
+def pad_rows(rows: list, pad_id: int, multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (B, T) int64 input ids and attention mask of encoded rows; ``multiple``: T rounded up to a
+    multiple of it (a few fixed lengths for layers compiled with static shapes). Pairwise rows (tuples of sequences)
     are laid out side by side: B rows of 2 sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
     seqs = [s for r in rows for s in r] if rows and isinstance(rows[0], tuple) else rows
     t = max(len(s) for s in seqs)
+    if multiple > 0:
+        t = -(-t // multiple) * multiple
     ids = np.full((len(seqs), t), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), t), dtype=np.int64)
     for i, s in enumerate(seqs):

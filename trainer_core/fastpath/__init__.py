@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trainer_core.config import BLOCK_CAUSAL, Config, ModelConfig, compile_options
+from trainer_core.config import BLOCK_CAUSAL, Config, ModelConfig, compile_options, pad_multiple
 from trainer_core.fastpath.placement import Placement, place
 from trainer_core.model.precision import DTYPES
 
@@ -125,7 +125,9 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
     if m.compile != "off":  # 6. compilation
         from trainer_core.fastpath.compile import compile_layers
 
-        n = compile_layers(model, dynamic=True if m.compile == "dynamic" else None, options=compile_options(m),
+        # static shapes with length buckets (model.length_bucket): a few fixed lengths, each compiled once
+        dynamic = True if m.compile == "dynamic" else (False if pad_multiple(m) else None)
+        n = compile_layers(model, dynamic=dynamic, options=compile_options(m),
                            persistent_max=m.persistent_reduction_max)
         speed.steps["compile"] = f"{n} decoder layers compiled ({m.compile})"
     if placement.recompute != "off":  # 7. recomputation

@@ -60,14 +60,15 @@ class FoldData:
                    n_fold_rows=training.n_fold_rows, prior_labels=rows.loc[rows["fold"] != fold, "label"].to_numpy(),
                    row_counts=training.counts(), train_soft=soft)
 
-    def batch(self, idx: np.ndarray, pad_id: int, device: torch.device, fill_to: int | None = None):
+    def batch(self, idx: np.ndarray, pad_id: int, device: torch.device, fill_to: int | None = None,
+              multiple: int = 0):
         """(input_ids (B, T), mask (B, T), targets) of the training rows ``idx``; targets are labels (B,), or
         (labels, teacher probabilities (B, 3)) with soft labels. ``fill_to``: a short batch is filled up to that many
-        rows with ignored ones (``fill_batch``)."""
+        rows with ignored ones (``fill_batch``); ``multiple``: the length rounded up to it (``pad_multiple``)."""
         labels = self.train_labels[idx]
         if fill_to:
             idx, labels = fill_batch(idx, labels, fill_to)
-        input_ids, mask = collate([self.train_ids[i] for i in idx], pad_id, device)
+        input_ids, mask = collate([self.train_ids[i] for i in idx], pad_id, device, multiple)
         labels = labels.to(device, non_blocking=True)
         if self.train_soft is None:
             return input_ids, mask, labels

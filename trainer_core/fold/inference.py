@@ -16,13 +16,14 @@ from trainer_core.model.memory import eval_batch_size, free_device_bytes
 
 @torch.no_grad()
 def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
-                  autocast, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  autocast, progress: Callable[[int, int], None] | None = None, multiple: int = 0) -> np.ndarray:
     """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding.
 
     A model with compiled layers (``model.compile``) gets every batch at ``batch_size`` rows: a short last batch is
     filled with copies of its first row, whose outputs are dropped (a new batch size would compile every kind of
     layer again, ~10 s each on a GPU). The probabilities stay on the device until the end: one copy to the host, no
-    wait for the card after every batch. ``progress(rows done, rows)`` is called after each batch is queued."""
+    wait for the card after every batch. ``progress(rows done, rows)`` is called after each batch is queued.
+    ``multiple``: each batch's length rounded up to it (``trainer_core.config.pad_multiple``)."""
     from trainer_core import fastpath
 
     was_training = model.training
@@ -33,7 +34,7 @@ def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         rows = [ids[j] for j in idx] + [ids[idx[0]]] * ((batch_size - len(idx)) if fill else 0)
-        input_ids, mask = collate(rows, pad_id, device)
+        input_ids, mask = collate(rows, pad_id, device, multiple)
         with autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
         probs.append(torch.softmax(logits[:len(idx)].float(), dim=-1))

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from trainer_core import fastpath
-from trainer_core.config import Config
+from trainer_core.config import Config, pad_multiple
 from trainer_core.data.tokenization import build_tokenizer, encode
 from trainer_core.data.tta import swap_responses, tta_average
 from trainer_core.fastpath.recompiles import RecompileCounter
@@ -103,6 +103,7 @@ class FoldRun:
         self.device = device or default_device()
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast = make_autocast(self.precision, self.device)
+        self.multiple = pad_multiple(cfg.model)  # batch lengths rounded up to it: static compiled shapes
         self.fingerprint = f"{cfg.fingerprint()}:fold={fold}"
         self.t_fold = time.perf_counter()
         self.before: dict = {}  # seconds and samples spent by earlier runs of this fold (pieces, restarts)
@@ -202,8 +203,8 @@ class FoldRun:
             self.samples += len(idx) * self.world
             self.tokens += int(self.data.lengths[idx].sum()) * self.world
             # Compiled layers: a short last batch is filled with ignored rows (a new batch size would recompile).
-            fill_to = self.batches.micro_batch if self.cfg.model.compile != "off" else None
-            out.append(self.data.batch(idx, self.tok.pad_token_id, self.device, fill_to=fill_to))
+            fill_to, multiple = (self.batches.micro_batch if self.cfg.model.compile != "off" else None), self.multiple
+            out.append(self.data.batch(idx, self.tok.pad_token_id, self.device, fill_to=fill_to, multiple=multiple))
         return out
 
     def throughput(self) -> dict:
@@ -245,12 +246,12 @@ class FoldRun:
         """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
         t = self.cfg.train
         local_idx = np.arange(self.rank, len(ids), self.world)
-        local_ids = [ids[i] for i in local_idx]
-        batch = resolve_eval_batch_size(t.eval_batch_size, self.model, local_ids, self.device,
-                                        train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
+        local_ids, tok, dev = [ids[i] for i in local_idx], self.tok, self.device
+        bs = resolve_eval_batch_size(t.eval_batch_size, self.model, local_ids, self.device,
+                                     train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
         if t.eval_batch_size == "auto":
-            log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, batch)
-        local = predict_probs(self.model, local_ids, batch, self.tok.pad_token_id, self.device, self.autocast)
+            log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, bs)
+        local = predict_probs(self.model, local_ids, bs, tok.pad_token_id, dev, self.autocast, None, self.multiple)
         return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
 
     def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:

@@ -41,13 +41,14 @@ def test_the_counter_counts_recompilations_and_turns_the_log_off_again(monkeypat
 @pytest.mark.slow
 def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(tmp_path, monkeypatch):
     """A whole fold of the tiny Gemma-2 with the fast config's keys (dequantized weights, pooled top layer, shared
-    dropout draws, compiled layers; eager attention, see the next test) over rows of 155 to 1,024 tokens, evaluated in
-    batches of the training size with a short last one: at most 7 recompilations, written to metrics.json.
+    dropout draws, compiled layers; eager attention) over rows of 155 to 1,024 tokens, evaluated in batches of the
+    training size with a short last one: every batch the layers see is a multiple of model.length_bucket (256) long,
+    and the layers compile once per kind, length bucket and grad mode, written to metrics.json.
 
-    Decoder-layer code: 2 kinds of layer (frozen; adapted, whose input needs no grad) x (the first length static, a
-    dynamic-length graph from the second) in training, and the 2 kinds again in evaluation (grad mode off): 6
-    versions, 5 recompilations. The pooled top layer's function: static, dynamic, evaluation: 2. Every further length,
-    the short last evaluation batch (filled up to the batch size) and the other layers of a kind add none."""
+    Decoder-layer code: 2 kinds of layer (frozen; adapted, whose input needs no grad) per bucket in training and again
+    in evaluation (grad mode off); the pooled top layer's function once per bucket and mode. With at most 4 buckets
+    (256 to 1,024 tokens) in each mode that is at most 3 x 8 versions, 22 recompilations past the two first
+    compilations - however many distinct row lengths there are (there are dozens here)."""
     monkeypatch.delenv("TORCH_LOGS", raising=False)
     real = torch.compile
 
@@ -65,11 +66,23 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
     validate(cfg)
     rows = assign_folds(load_rows(DATA, max_rows=60), 5)
     assert (rows["fold"] == 0).sum() % 4 != 0  # a short last evaluation batch
+    seen = []
+    from trainer_core.fold import data as fold_data
+    from trainer_core.fold import inference
+
+    for module in (fold_data, inference):
+        def recording(ids, pad_id, device, multiple=0, _collate=module.collate):
+            out = _collate(ids, pad_id, device, multiple)
+            seen.append(out[0].shape[1])
+            return out
+        monkeypatch.setattr(module, "collate", recording)
     torch.compiler.reset()  # versions compiled by earlier tests of this process would count against this fold
     result = train_fold(cfg, 0, rows, tmp_path / "fold=0")
     recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["recompilations"]
     assert recorded == result.metrics.recompilations
-    assert 0 < recorded <= 7, recorded
+    assert seen and all(t % 256 == 0 for t in seen), sorted(set(seen))
+    buckets = len(set(seen))
+    assert 0 < recorded <= 3 * 2 * buckets - 2 <= 22, (recorded, buckets)
 
 
 def test_block_causal_attention_compiles_once_per_block_count(monkeypatch):
@@ -107,3 +120,37 @@ def test_a_filled_last_prediction_batch_gives_the_same_probabilities(monkeypatch
     filled = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
     assert shapes == [4, 4] and filled.shape == (7, 3)
     torch.testing.assert_close(torch.as_tensor(filled), torch.as_tensor(plain), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("attn", ["eager", "block_causal"])
+def test_batches_padded_to_a_length_bucket_give_the_same_probabilities(attn):
+    """model.length_bucket right-pads each batch to a multiple of the bucket: padded positions are masked and come
+    after every real token (causal attention), and the classifier reads the last real token, so each row's
+    probabilities are its own - with the pooled top layer and block-causal attention too."""
+    from tests.trainer_core.fastpath.fast_model import build_fast
+    from trainer_core.fold.inference import predict_probs
+    from trainer_core.model.precision import make_autocast
+
+    model = build_fast(load_config(CONFIGS / "smoke.yaml", ["model.dequant_cache=on", "model.pooled_last_layer=true",
+                                                            f"model.attn_implementation={attn}"]))
+    gen = torch.Generator().manual_seed(5)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33, 9, 50, 21)]
+    autocast = make_autocast("fp32", torch.device("cpu"))
+    plain = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
+    lengths = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    padded = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast, multiple=48)
+    assert lengths == [96, 48]  # longest 64 -> 96, then 33 -> 48
+    torch.testing.assert_close(torch.as_tensor(padded), torch.as_tensor(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_the_bucket_applies_to_layers_compiled_with_static_shapes_only():
+    from trainer_core.config import pad_multiple
+
+    assert pad_multiple(load_config(CONFIGS / "gemma2_9b_fast.yaml").model) == 256
+    assert pad_multiple(load_config(CONFIGS / "gemma2_9b_fast.yaml", ["model.compile=dynamic"]).model) == 0
+    assert pad_multiple(load_config(CONFIGS / "gemma2_9b_fast.yaml", ["model.compile=off"]).model) == 0
+    assert pad_multiple(load_config(CONFIGS / "gemma2_9b_fast.yaml", ["model.length_bucket=0"]).model) == 0
+    with pytest.raises(Exception, match="model.length_bucket: must be >= 0"):
+        validate(load_config(CONFIGS / "smoke.yaml", ["model.length_bucket=-1"]))
