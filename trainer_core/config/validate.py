@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from trainer_core.config.merge import get_value
 from trainer_core.config.schema import (
     Config,
     ConfigError,
@@ -79,6 +80,34 @@ def pad_multiple(m: ModelConfig) -> int:
     """Tokens a batch's length is rounded up to: ``model.length_bucket`` for layers compiled with static shapes
     (``model.compile=on``), else 0 (the batch's longest row)."""
     return m.length_bucket if m.compile == "on" and m.length_bucket > 0 else 0
+
+
+# Lower bounds of plain numeric keys: (key, ">=" or ">", bound, what else the message allows). null (for the keys
+# that may be null) always passes.
+LOWER_BOUNDS = (
+    ("train.max_steps", ">=", 1, ""),
+    ("train.lr", ">", 0, ""),
+    ("train.warmup_steps", ">=", 0, ""),
+    ("train.eval_every", ">=", 1, " or null"),
+    ("train.interim_eval_rows", ">=", 1, ""),
+    ("train.distill_temperature", ">", 0, ""),
+    ("train.checkpoint_every", ">=", 1, " or null"),
+    ("cluster.gpus_per_fold", ">=", 0, ""),
+    ("cluster.cpu_workers_per_fold", ">=", 1, ""),
+    ("cluster.cpus_per_worker", ">", 0, ""),
+    ("cluster.max_concurrent_folds", ">=", 1, " or null"),
+    ("cluster.max_failures", ">=", 0, ""),
+    ("cluster.start_attempts", ">=", 1, " or null"),
+)
+
+
+def _bound_errors(cfg: Config) -> list[str]:
+    errs = []
+    for key, op, bound, other in LOWER_BOUNDS:
+        value = get_value(cfg, key)
+        if value is not None and (value <= bound if op == ">" else value < bound):
+            errs.append(f"{key}: must be {op} {bound}{other}, got {value}")
+    return errs
 
 
 def inert_keys(cfg: Config) -> list[str]:
@@ -168,37 +197,12 @@ def validate(cfg: Config) -> None:
                     "with this head yet)")
     if t.epochs <= 0 and t.max_steps is None:
         errs.append(f"train.epochs: must be > 0, got {t.epochs}")
-    if t.max_steps is not None and t.max_steps < 1:
-        errs.append(f"train.max_steps: must be >= 1, got {t.max_steps}")
-    if t.lr <= 0:
-        errs.append(f"train.lr: must be > 0, got {t.lr}")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
         if getattr(t, name) != "auto" and getattr(t, name) < 1:
             errs.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-    if t.warmup_steps < 0:
-        errs.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
-    if t.eval_every is not None and t.eval_every < 1:
-        errs.append(f"train.eval_every: must be >= 1 or null, got {t.eval_every}")
-    if t.interim_eval_rows < 1:
-        errs.append(f"train.interim_eval_rows: must be >= 1, got {t.interim_eval_rows}")
     if not 0 <= t.distill_weight <= 1:
         errs.append(f"train.distill_weight: must be in [0, 1], got {t.distill_weight}")
-    if t.distill_temperature <= 0:
-        errs.append(f"train.distill_temperature: must be > 0, got {t.distill_temperature}")
-    if t.checkpoint_every is not None and t.checkpoint_every < 1:
-        errs.append(f"train.checkpoint_every: must be >= 1 or null, got {t.checkpoint_every}")
-    if c.gpus_per_fold < 0:
-        errs.append(f"cluster.gpus_per_fold: must be >= 0, got {c.gpus_per_fold}")
-    if c.cpu_workers_per_fold < 1:
-        errs.append(f"cluster.cpu_workers_per_fold: must be >= 1, got {c.cpu_workers_per_fold}")
-    if c.cpus_per_worker <= 0:
-        errs.append(f"cluster.cpus_per_worker: must be > 0, got {c.cpus_per_worker}")
-    if c.max_concurrent_folds is not None and c.max_concurrent_folds < 1:
-        errs.append(f"cluster.max_concurrent_folds: must be >= 1 or null, got {c.max_concurrent_folds}")
-    if c.max_failures < 0:
-        errs.append(f"cluster.max_failures: must be >= 0, got {c.max_failures}")
-    if c.start_attempts is not None and c.start_attempts < 1:
-        errs.append(f"cluster.start_attempts: must be >= 1 or null, got {c.start_attempts}")
+    errs.extend(_bound_errors(cfg))
     if c.gpus_per_fold == 0 and m.quantization != "none" and t.precision == "fp16":
         errs.append("train.precision=fp16 needs a GPU; CPU folds (cluster.gpus_per_fold=0) use bf16 or fp32")
     if errs:

@@ -14,7 +14,8 @@ from orchestrator.tune import auto_eval_every
 from tests.conftest import CONFIGS, DATA, REPO
 from trainer_core.config import load_config
 from trainer_core.data.arena import assign_folds, load_rows
-from trainer_core.fold.data import plan_batches
+from trainer_core.fastpath.placement import Placement
+from trainer_core.fold.data import plan_batches, rank_micro_batch
 
 DDP = ["cluster.cpu_workers_per_fold=2", "data.max_rows=40", "data.max_length=48", "train.checkpoint_every=2",
        "train.eval_every=2", "train.log_every=1"]
@@ -64,5 +65,7 @@ def test_sweep_steps_split_the_batch_over_ranks_as_the_fold_does():
     for workers in (1, 2, 3):  # 3 does not divide batch_size 8: every rank then takes the whole batch
         cfg = load_config(CONFIGS / "smoke.yaml", [f"cluster.cpu_workers_per_fold={workers}"])
         lengths = np.ones(int((rows["fold"] != 0).sum()), dtype=int)
-        fold_plan = plan_batches(cfg, 0, None, lengths, torch.device("cpu"), workers)
+        placement = Placement(device=torch.device("cpu"), precision="fp32", seq_len=1, recompute="off",
+                              micro_batch=rank_micro_batch(cfg, 0, workers), grad_accum=cfg.train.grad_accum)
+        fold_plan = plan_batches(cfg, 0, lengths, placement, workers)
         assert auto_eval_every(cfg, rows, [0])[0] == fold_plan.total_steps
