@@ -100,25 +100,34 @@ def test_block_causal_attention_compiles_once_per_block_count(monkeypatch):
     assert counter.count == 1
 
 
-def test_a_filled_last_prediction_batch_gives_the_same_probabilities(monkeypatch):
-    """Prediction with compiled layers fills the short last batch with copies of its first row: every row's
-    probabilities are the ones predicted without filling, and the filled rows' are dropped."""
+def predict_twice(keys: list[str], seed: int, change, dim: int) -> tuple:
+    """A tiny fast-path model predicts 7 rows of 9-64 tokens in batches of 4, plainly and again after ``change``
+    (called with ``predict_probs``'s keyword arguments to fill in); returns (plain, changed, the size of dimension
+    ``dim`` of each batch the changed pass fed the model)."""
     from tests.trainer_core.fastpath.fast_model import build_fast
-    from trainer_core import fastpath
     from trainer_core.fold.inference import predict_probs
     from trainer_core.model.precision import make_autocast
 
-    model = build_fast(load_config(CONFIGS / "smoke.yaml", ["model.dequant_cache=on"]))
-    gen = torch.Generator().manual_seed(3)
+    model = build_fast(load_config(CONFIGS / "smoke.yaml", keys))
+    gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33, 9, 50, 21)]
     autocast = make_autocast("fp32", torch.device("cpu"))
     plain = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
-    shapes = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]),
-                                    with_kwargs=True)
-    monkeypatch.setattr(fastpath, "compiled", lambda model: True)
-    filled = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
-    assert shapes == [4, 4] and filled.shape == (7, 3)
+    sizes, kwargs = [], {}
+    model.register_forward_pre_hook(lambda m, args, kw: sizes.append(kw["input_ids"].shape[dim]), with_kwargs=True)
+    change(kwargs)
+    changed = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast, **kwargs)
+    return plain, changed, sizes
+
+
+def test_a_filled_last_prediction_batch_gives_the_same_probabilities(monkeypatch):
+    """Prediction with compiled layers fills the short last batch with copies of its first row: every row's
+    probabilities are the ones predicted without filling, and the filled rows' are dropped."""
+    from trainer_core import fastpath
+
+    plain, filled, rows = predict_twice(["model.dequant_cache=on"], 3, lambda kwargs: monkeypatch.setattr(
+        fastpath, "compiled", lambda model: True), dim=0)
+    assert rows == [4, 4] and filled.shape == (7, 3)
     torch.testing.assert_close(torch.as_tensor(filled), torch.as_tensor(plain), rtol=1e-6, atol=1e-7)
 
 
@@ -127,20 +136,8 @@ def test_batches_padded_to_a_length_bucket_give_the_same_probabilities(attn):
     """model.length_bucket right-pads each batch to a multiple of the bucket: padded positions are masked and come
     after every real token (causal attention), and the classifier reads the last real token, so each row's
     probabilities are its own - with the pooled top layer and block-causal attention too."""
-    from tests.trainer_core.fastpath.fast_model import build_fast
-    from trainer_core.fold.inference import predict_probs
-    from trainer_core.model.precision import make_autocast
-
-    model = build_fast(load_config(CONFIGS / "smoke.yaml", ["model.dequant_cache=on", "model.pooled_last_layer=true",
-                                                            f"model.attn_implementation={attn}"]))
-    gen = torch.Generator().manual_seed(5)
-    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33, 9, 50, 21)]
-    autocast = make_autocast("fp32", torch.device("cpu"))
-    plain = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast)
-    lengths = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
-                                    with_kwargs=True)
-    padded = predict_probs(model, ids, 4, 0, torch.device("cpu"), autocast, multiple=48)
+    keys = ["model.dequant_cache=on", "model.pooled_last_layer=true", f"model.attn_implementation={attn}"]
+    plain, padded, lengths = predict_twice(keys, 5, lambda kwargs: kwargs.update(multiple=48), dim=1)
     assert lengths == [96, 48]  # longest 64 -> 96, then 33 -> 48
     torch.testing.assert_close(torch.as_tensor(padded), torch.as_tensor(plain), rtol=1e-5, atol=1e-6)
 
