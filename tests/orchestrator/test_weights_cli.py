@@ -74,6 +74,7 @@ def run_without_base_model(tmp_path):
     before loading a model: run.json, config.yaml, a finished fold's metrics.json and adapter/)."""
     run_dir = tmp_path / "run"
     (run_dir / "fold=0" / "adapter").mkdir(parents=True)
+    (run_dir / "fold=0" / "adapter" / "adapter_model.safetensors").write_bytes(b"")  # present: never read here
     (run_dir / "fold=0" / "metrics.json").write_text("{}")
     (run_dir / "run.json").write_text(json.dumps({"n_folds": 5, "folds": [0]}))
     cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
