@@ -158,7 +158,8 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | 
     return TorchTrainer(
         fold_worker,
         train_loop_config={"cfg": cfg.to_dict(), "fold": fold, "run_dir": str(run_dir), "placement": placement,
-                           "compile_cache": compile_cache_dir(cfg, cache_root or run_dir)},
+                           "compile_cache": None if cfg.model.compile == "off" else compile_cache_dir(
+                               cfg, cache_root or run_dir)},  # nothing compiles: no folder
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
