@@ -193,11 +193,14 @@ def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
 def state_api_available() -> bool:
     """Whether Ray's State API answers (it needs the dashboard, from ray[default])."""
     try:
-        from ray.util.state import list_actors
+        from ray.util.state import list_nodes
 
-        # This cluster's address, not Ray's guess: with two clusters on the machine the guess raises.
-        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10, raise_on_missing_output=False)
-        return True
+        # This cluster's address, not Ray's guess (with two clusters on the machine the guess raises), and an answer
+        # about this cluster's nodes: another cluster's dashboard on the machine once answered for one without any.
+        nodes = list_nodes(address=ray.get_runtime_context().gcs_address, limit=100, timeout=10,
+                           raise_on_missing_output=False)
+        ours = {n["NodeID"] for n in ray.nodes()}
+        return bool(nodes) and all(n.node_id in ours for n in nodes)
     except Exception:  # noqa: BLE001 - any failure means Train cannot use it either
         return False
 
