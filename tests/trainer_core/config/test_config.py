@@ -219,3 +219,9 @@ def test_model_compile_off_runs_on_every_shipped_config(path):
     if keys:
         assert note.startswith("note: model.compile=off: ") and "ignored" in note
     assert inert_keys(load_config(path)) == []  # as shipped, nothing is inert
+
+
+def test_the_demo_keeps_rows_of_one_prompt_in_one_fold():
+    """The README's headline figure is an honest CV: the embedded demo groups folds by prompt (a quarter of the
+    bundled rows share their prompt with another row; id folds would score a fold on prompts it trained on)."""
+    assert load_config(CONFIGS / "demo_cpu.yaml").data.fold_by == "prompt"
