@@ -71,10 +71,20 @@ def _save_random_model(spec: dict, pad_token_id: int, seed: int, dtype: torch.dt
         torch.manual_seed(seed)
         with torch.device(device):  # a 9B model is built directly on the GPU in bf16: minutes faster than on the CPU
             model = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
-    atomic_write_dir(out, lambda tmp, m=model: m.save_pretrained(str(tmp)))
+    atomic_write_dir(out, lambda tmp, m=model: _save_weights_and_config(m, tmp))
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def _save_weights_and_config(model, out: Path) -> None:
+    """config.json plus model.safetensors, written by whichever process builds the cache. Not ``save_pretrained``:
+    inside a torch.distributed group it writes config.json on rank 0 only, so a cache built by rank 1 of a DDP fold
+    (the first to take the lock on a cold machine) was a folder without config.json, unloadable by every rank."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(str(out))
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _prequantized_config(path: str, model_cfg: ModelConfig, compute_dtype: torch.dtype):

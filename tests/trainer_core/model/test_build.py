@@ -28,3 +28,32 @@ def test_cold_and_warm_random_weights_cache_build_the_same_model(tmp_path, monke
     assert cold.keys() == warm.keys() and any("lora_A" in k for k in cold)
     for k in cold:
         assert torch.equal(cold[k], warm[k]), k
+
+
+def _build_as_rank(rank: int, init_file: str, cache: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["TRAINER_CORE_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = load_config(CONFIGS / "smoke.yaml")
+        if rank == 1:  # rank 1 fills the cold cache; rank 0 loads what it wrote
+            build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        dist.barrier()
+        if rank == 0:
+            build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_cache_built_by_rank_one_of_a_ddp_group_loads_on_every_rank(tmp_path):
+    """CI once failed a two-worker fold on a cold machine: rank 1 took the cache lock first, and transformers'
+    save_pretrained writes config.json on rank 0 only, leaving a folder no rank could load."""
+    import torch.multiprocessing as mp
+
+    cache = tmp_path / "cache"
+    mp.start_processes(_build_as_rank, args=(str(tmp_path / "init"), str(cache)), nprocs=2, start_method="spawn")
+    assert len(list(cache.glob("*/config.json"))) == 1
