@@ -16,9 +16,10 @@ the arena winners ran a merged Gemma-2 9B on 16 GB T4s; the default is the run's
 
 DIR holds: predict.py and its helpers (arena_text.py is the project's own trainer_core/data/text.py: the template,
 parsing and truncation rules training used), export_config.json (truncation settings, head, temperatures, files),
-run_config.yaml, tokenizer/, base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md and
-manifest.json (sha256 of every file). It is written to a temporary folder beside DIR and renamed at the end: bad
-input (a run that is not finished, a missing adapter file, a DIR that is not empty) is one line and leaves nothing.
+run_config.yaml, requirements.txt (the predictor's five libraries with the project's version ranges), tokenizer/,
+base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md and manifest.json (sha256 of every
+file). It is written to a temporary folder beside DIR and renamed at the end: bad input (a run that is not finished,
+a missing adapter file, a DIR that is not empty) is one line and leaves nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ TEMPLATE = Path(__file__).parent / "export_template"
 # the project's text rules, copied whole under this name: the template imports them from it (no second copy to drift)
 TEXT_MODULE = "arena_text.py"
 QUANTIZE = ("none", "int8", "nf4")
+# What DIR/predict.py needs, written to DIR/requirements.txt: pyproject.toml's ranges for these five, word for word
+# (tests/test_versions.py checks they agree). Nothing else: not Ray, not this project.
+PREDICTOR_REQUIREMENTS = ("torch>=2.11,<2.14", "transformers>=5.17,<5.26", "peft>=0.21,<0.22",
+                          "bitsandbytes>=0.50,<0.51", "pandas>=2.1")
 
 
 class ExportError(ValueError):
@@ -182,6 +187,7 @@ def write_export(run_dir: Path, tmp: Path, cfg, report: dict, folds: list[int], 
             spec["base"] = "base"
             spec["models"] = [{"name": "average", "adapter": "adapters/average"}]
     copy_predictor(tmp)
+    (tmp / "requirements.txt").write_text("\n".join(PREDICTOR_REQUIREMENTS) + "\n")
     (tmp / "run_config.yaml").write_text(to_yaml(cfg))
     (tmp / "export_config.json").write_text(json.dumps(spec, indent=2))
     from orchestrator.runs.export_report import export_markdown

@@ -34,3 +34,12 @@ def test_pyproject_readme_and_ci_state_one_range():
     assert ci_torch == table["torch"][1][0].removesuffix("+cpu"), "README's CPU CI torch is not what .ci/run installs"
     quick_start = re.search(r"pip install torch==([\w.]+) -e", (REPO / "README.md").read_text()).group(1)
     assert quick_start == ci_torch
+
+
+def test_the_exported_predictor_asks_for_the_projects_ranges():
+    from orchestrator.export import PREDICTOR_REQUIREMENTS
+
+    deps, wanted = pyproject_dependencies(), [Requirement(r) for r in PREDICTOR_REQUIREMENTS]
+    assert [r.name for r in wanted] == ["torch", "transformers", "peft", "bitsandbytes", "pandas"]
+    for r in wanted:
+        assert r.specifier == deps[r.name], f"{r.name}: the export asks for {r.specifier}, pyproject {deps[r.name]}"

@@ -272,7 +272,8 @@ def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
                                       callbacks=[Progress(len(phase), concurrency,
-                                                         later_fold_times=later_fold_times),
+                                                         later_fold_times=later_fold_times,
+                                                         compiled=cfg.model.compile != "off"),
                                                  *tracking.callbacks(run_dir)],  # MLflow / W&B, from the driver
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )

@@ -15,10 +15,13 @@ from orchestrator.cluster.eta import FoldPace, fmt_s, run_eta_s
 
 class Progress(ray.tune.Callback):
     """Console lines for one phase of folds (``n_folds`` of them, ``concurrency`` at a time); ``later_fold_times``:
-    whole-fold durations the phases after this one still take (:func:`orchestrator.cluster.eta.later_fold_times`)."""
+    whole-fold durations the phases after this one still take (:func:`orchestrator.cluster.eta.later_fold_times`);
+    ``compiled``: whether the folds compile their layers (``model.compile`` on or dynamic), which the start line says
+    only when it is so."""
 
-    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout, later_fold_times: float = 0.0):
-        self.n_folds, self.concurrency, self.later = n_folds, concurrency, later_fold_times
+    def __init__(self, n_folds: int, concurrency: int, stream=sys.stdout, later_fold_times: float = 0.0, *,
+                 compiled: bool):
+        self.n_folds, self.concurrency, self.later, self.compiled = n_folds, concurrency, later_fold_times, compiled
         self.finished = 0
         self.stream = stream
         self.t0 = time.time()
@@ -27,8 +30,9 @@ class Progress(ray.tune.Callback):
         self.last_print = 0.0
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(f"fold {trial.config.get('fold')}: started (loading the model; a compiled model's first steps "
-                   f"compile, so the ETA shows once the step rate is steady)")
+        first = "its first steps compile, so " if self.compiled else ""
+        self._line(f"fold {trial.config.get('fold')}: started (loading the model; {first}the ETA shows once the step "
+                   f"rate is steady)")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         fold = trial.config.get("fold")

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from orchestrator.export import PREDICTOR_REQUIREMENTS
 from orchestrator.export import main as export_main
 from orchestrator.predict import predict_submission
 from orchestrator.reporting.calibration import apply_temperature
@@ -96,10 +97,11 @@ def test_each_export_predicts_what_orchestrator_predict_does_without_the_project
     manifest = json.loads((tmp_path / "ex" / "manifest.json").read_text())["files"]
     files = {str(p.relative_to(tmp_path / "ex")) for p in (tmp_path / "ex").rglob("*") if p.is_file()}
     assert set(manifest) == files - {"manifest.json"}
-    assert {"predict.py", "export_config.json", "EXPORT.md", "base/model.safetensors",
+    assert {"predict.py", "export_config.json", "EXPORT.md", "requirements.txt", "base/model.safetensors",
             "adapters/fold=3/adapter_model.safetensors", "tokenizer/tokenizer.json"} <= files
     for rel, entry in manifest.items():
         assert hashlib.sha256((tmp_path / "ex" / rel).read_bytes()).hexdigest() == entry["sha256"]
+    assert (tmp_path / "ex" / "requirements.txt").read_text().split() == list(PREDICTOR_REQUIREMENTS)
     spec = json.loads((tmp_path / "ex" / "export_config.json").read_text())
     assert spec["temperature"] == report["temperature"] and spec["text"]["truncation"] == "balanced"
     # the text rules it ran are the project's own file, not a second copy that could drift

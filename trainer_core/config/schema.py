@@ -15,11 +15,15 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message lists every problem, one per line."""
 
 
-def _f(default: Any, doc: str, *, added: bool = False, **kw: Any) -> Any:
+def _f(default: Any, doc: str, *, added: bool = False, at_least: float | None = None, above: float | None = None,
+       **kw: Any) -> Any:
     """A documented config field. ``added=True``: a key introduced after run directories already existed, whose
     default is exactly the behaviour from before; at its default it stays out of the fingerprint, so adding it does
-    not make earlier runs unresumable."""
+    not make earlier runs unresumable. ``at_least`` / ``above``: the lower bound of a numeric key (null and words
+    such as ``auto`` always pass), checked by :func:`trainer_core.config.validate.validate`."""
     meta = {"doc": doc, "added": added}
+    if at_least is not None or above is not None:
+        meta["bound"] = (">=", at_least) if at_least is not None else (">", above)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -133,17 +137,17 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training folds (fractions allowed)")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (null = epochs decide)")
-    lr: float = _f(2e-4, "peak learning rate")
-    warmup_steps: int = _f(20, "linear warmup steps")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (null = epochs decide)", at_least=1)
+    lr: float = _f(2e-4, "peak learning rate", above=0)
+    warmup_steps: int = _f(20, "linear warmup steps", at_least=0)
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warmup")
-    batch_size: int = _f(4, "rows per device per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_size: int = _f(4, "rows per device per micro-batch", at_least=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", at_least=1)
     eval_batch_size: Union[int, Literal["auto"]] = _f(
         4, "rows per device when predicting the held-out fold; auto = on a GPU the largest power of two up to 64 "
         "whose inference activations fit in the memory free after training "
         "(trainer_core.model.memory.eval_batch_size), "
-        "on the CPU train.batch_size")
+        "on the CPU train.batch_size", at_least=1)
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = _f(
         "adamw_8bit", "bitsandbytes 8-bit AdamW (paged: CUDA only) or torch AdamW (32-bit states, fused on GPUs)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -153,10 +157,12 @@ class TrainConfig:
     seed: int = _f(42, "seed for weights of new layers, dropout and data order")
     memory_budget_gib: Optional[float] = _f(None, "cap GPU memory per fold process (emulates a smaller card)")
     group_by_length: bool = _f(True, "batch rows of similar length together to cut padding")
-    log_every: int = _f(10, "optimizer steps between logged training scalars")
-    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)")
-    eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on them)")
-    interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation")
+    log_every: int = _f(10, "optimizer steps between logged training scalars", at_least=1)
+    checkpoint_every: Optional[int] = _f(None, "optimizer steps between resumable checkpoints (null = none)",
+                                         at_least=1)
+    eval_every: Optional[int] = _f(None, "optimizer steps between interim evaluations (sweeps stop bad trials on "
+                                   "them)", at_least=1)
+    interim_eval_rows: int = _f(256, "held-out rows (lowest ids first) scored by each interim evaluation", at_least=1)
     swap_augment: bool = _f(False, "also train on every training row with responses a/b swapped (labels a<->b, ties "
                             "kept): twice the rows per epoch; a no-op for model.head=pairwise, symmetric already",
                             added=True)
@@ -168,16 +174,17 @@ class TrainConfig:
     distill_weight: float = _f(0.5, "with train.soft_labels: loss = (1 - w) * CE(label) + w * KL(teacher || student), "
                                "w in [0, 1]", added=True)
     distill_temperature: float = _f(1.0, "with train.soft_labels: T softening teacher and student in the KL term "
-                                    "(scaled by T^2)", added=True)
+                                    "(scaled by T^2)", added=True, above=0)
 
 
 @dataclass
 class ClusterConfig:
     address: Optional[str] = _f(None, "Ray address to join ('auto' = the running cluster); null starts a local one")
-    gpus_per_fold: int = _f(0, "GPUs (= Ray Train workers) per fold; 0 trains on CPU workers")
-    cpu_workers_per_fold: int = _f(1, "Ray Train CPU workers per fold when gpus_per_fold = 0")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved for each Ray Train worker")
-    max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)")
+    gpus_per_fold: int = _f(0, "GPUs (= Ray Train workers) per fold; 0 trains on CPU workers", at_least=0)
+    cpu_workers_per_fold: int = _f(1, "Ray Train CPU workers per fold when gpus_per_fold = 0", at_least=1)
+    cpus_per_worker: float = _f(1.0, "CPUs reserved for each Ray Train worker", above=0)
+    max_concurrent_folds: Optional[int] = _f(None, "folds training at once (null = as many as resources allow)",
+                                             at_least=1)
     pack_folds: bool = _f(True, "a last, partial wave of folds shares all the GPUs (DDP inside each fold) "
                               "instead of leaving GPUs idle")
     rotate_folds: Optional[bool] = _f(
@@ -185,11 +192,13 @@ class ClusterConfig:
         "turns, resuming from checkpoints: 1.25 fold-times for 5 folds on 4 GPUs plus a restart per piece, no "
         "data-parallel split (overrides pack_folds); null = GPU folds rotate when their estimated training time is "
         "past the crossover measured against packing (orchestrator.cluster.schedule), CPU folds do not")
-    max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies")
+    max_failures: int = _f(2, "times a fold's worker group restarts from its last checkpoint after a worker dies",
+                           at_least=0)
     start_attempts: Optional[int] = _f(
         10, "tries Ray Train gets to start a fold's workers (each waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, "
         "60 s by default, for the fold's resources) before the fold fails with Ray's error and the run ends, saying "
-        "how to resume; null = without limit (Ray's own default: a fold whose resources never come waits forever)")
+        "how to resume; null = without limit (Ray's own default: a fold whose resources never come waits forever)",
+        at_least=1)
     num_cpus: Optional[int] = _f(None, "CPUs for a local Ray cluster (null = all)")
     compile_cache: str = _f(
         "run", "where compiled layers (torch.compile's inductor and Triton caches) are kept so later folds and sweep "

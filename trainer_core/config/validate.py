@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trainer_core.config.merge import get_value
+import dataclasses
+
 from trainer_core.config.schema import (
     Config,
     ConfigError,
@@ -82,31 +83,20 @@ def pad_multiple(m: ModelConfig) -> int:
     return m.length_bucket if m.compile == "on" and m.length_bucket > 0 else 0
 
 
-# Lower bounds of plain numeric keys: (key, ">=" or ">", bound, what else the message allows). null (for the keys
-# that may be null) always passes.
-LOWER_BOUNDS = (
-    ("train.max_steps", ">=", 1, ""),
-    ("train.lr", ">", 0, ""),
-    ("train.warmup_steps", ">=", 0, ""),
-    ("train.eval_every", ">=", 1, " or null"),
-    ("train.interim_eval_rows", ">=", 1, ""),
-    ("train.distill_temperature", ">", 0, ""),
-    ("train.checkpoint_every", ">=", 1, " or null"),
-    ("cluster.gpus_per_fold", ">=", 0, ""),
-    ("cluster.cpu_workers_per_fold", ">=", 1, ""),
-    ("cluster.cpus_per_worker", ">", 0, ""),
-    ("cluster.max_concurrent_folds", ">=", 1, " or null"),
-    ("cluster.max_failures", ">=", 0, ""),
-    ("cluster.start_attempts", ">=", 1, " or null"),
-)
-
-
 def _bound_errors(cfg: Config) -> list[str]:
+    """Every key below the lower bound its schema field declares (``_f(..., at_least=... / above=...)``); null, and
+    words such as ``auto``, pass."""
     errs = []
-    for key, op, bound, other in LOWER_BOUNDS:
-        value = get_value(cfg, key)
-        if value is not None and (value <= bound if op == ">" else value < bound):
-            errs.append(f"{key}: must be {op} {bound}{other}, got {value}")
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        for f in dataclasses.fields(node) if dataclasses.is_dataclass(node) else ():
+            value, bound = getattr(node, f.name), f.metadata.get("bound")
+            if bound is None or isinstance(value, (str, bool)) or value is None:
+                continue
+            op, limit = bound
+            if value <= limit if op == ">" else value < limit:
+                other = " or null" if str(f.type).startswith("Optional") else ""
+                errs.append(f"{section.name}.{f.name}: must be {op} {limit}{other}, got {value}")
     return errs
 
 
@@ -197,9 +187,6 @@ def validate(cfg: Config) -> None:
                     "with this head yet)")
     if t.epochs <= 0 and t.max_steps is None:
         errs.append(f"train.epochs: must be > 0, got {t.epochs}")
-    for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
-        if getattr(t, name) != "auto" and getattr(t, name) < 1:
-            errs.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if not 0 <= t.distill_weight <= 1:
         errs.append(f"train.distill_weight: must be in [0, 1], got {t.distill_weight}")
     errs.extend(_bound_errors(cfg))

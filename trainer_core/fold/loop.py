@@ -9,7 +9,8 @@ Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (i
 
 The story, as in a torchtune recipe: ``FoldRun.setup`` (data, model, optimizer, a resumed checkpoint),
 ``FoldRun.train`` (the loop, one optimizer step at a time, with logging, checkpoints and interim evaluations),
-``FoldRun.evaluate`` (held-out rows, sharded over ranks), ``FoldRun.finish`` (metrics and the fold's files).
+``FoldRun.evaluate_fold`` (held-out rows, sharded over ranks: :mod:`trainer_core.fold.evaluate`), ``FoldRun.finish``
+(metrics and the fold's files).
 """
 
 from __future__ import annotations
@@ -31,18 +32,16 @@ import torch
 
 from trainer_core import fastpath
 from trainer_core.config import Config, pad_multiple
-from trainer_core.data.tokenization import build_tokenizer, encode
-from trainer_core.data.tta import swap_responses, tta_average
+from trainer_core.data.tokenization import build_tokenizer
 from trainer_core.fastpath.recompiles import RecompileCounter
 from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_micro_batch
 from trainer_core.fold.distill import distill_loss
-from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
+from trainer_core.fold.evaluate import HeldOut, held_out_scores
 from trainer_core.fold.optim import build_optimizer, lr_at
-from trainer_core.fold.ranks import dist_info, gather_objects, gather_rows, min_over_ranks, rank_seed
+from trainer_core.fold.ranks import dist_info, gather_objects, min_over_ranks, rank_seed
 from trainer_core.fold.state import FoldMetrics, load_checkpoint, rng_state, save_checkpoint, write_fold_files
 from trainer_core.fold.step import train_step
 from trainer_core.fold.telemetry import Telemetry
-from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
 from trainer_core.model.build import build_model, trainable_parameters
 from trainer_core.model.memory import apply_budget, free_device_bytes
 from trainer_core.model.precision import make_autocast, resolve_precision
@@ -134,6 +133,8 @@ class FoldRun:
                                    budget_gib=t.memory_budget_gib, free_bytes=free)
         log.info("fold %d: placement: %s", self.fold, placement.reason)
         self.speed = fastpath.apply(self.model, cfg, placement)
+        self.held_out = HeldOut(cfg, self.fold, self.model, self.tok, self.device, self.autocast, self.multiple,
+                                rank=self.rank, world=self.world)
         self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.data.lengths, placement, self.world)
         self.params = trainable_parameters(self.model)
         # Cross-entropy (None: train_step's default), or with soft labels the distillation loss
@@ -191,7 +192,7 @@ class FoldRun:
                             grad_norm=float(grad_norm))
                 window_loss, window_n = torch.zeros((), device=self.device), 0
             if do_eval:
-                logs.update(self.interim_eval())
+                logs.update(self.held_out.interim(self.data))
             self.telemetry.scalars(logs, self.step)
             self.send(logs, checkpoint=do_ckpt)
         return self.step == total
@@ -211,14 +212,6 @@ class FoldRun:
         elapsed = time.perf_counter() - self.t_start
         return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
                 **self.telemetry.memory()}
-
-    def interim_eval(self) -> dict:
-        """Interim held-out score (early stopping of sweeps): the first ``train.interim_eval_rows`` rows by id."""
-        n = min(len(self.data.val_ids), self.cfg.train.interim_eval_rows)
-        probs = self.evaluate(self.data.val_ids[:n])
-        labels = self.data.val_labels[:n]
-        return {"interim_log_loss": log_loss(labels, probs), "interim_accuracy": accuracy(labels, probs),
-                "interim_rows": n}
 
     def send(self, logs: dict, *, checkpoint: bool) -> None:
         """Report ``logs`` (every rank), with a checkpoint of this step written by rank 0 when asked."""
@@ -242,41 +235,20 @@ class FoldRun:
                 "samples": self.before.get("samples", 0) + self.samples}
 
     # ------------------------------------------------------------------------------------------------ evaluate
-    def evaluate(self, ids: list[list[int]]) -> np.ndarray:
-        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
-        t = self.cfg.train
-        local_idx = np.arange(self.rank, len(ids), self.world)
-        local_ids, tok, dev = [ids[i] for i in local_idx], self.tok, self.device
-        bs = resolve_eval_batch_size(t.eval_batch_size, self.model, local_ids, self.device,
-                                     train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
-        if t.eval_batch_size == "auto":
-            log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, bs)
-        local = predict_probs(self.model, local_ids, bs, tok.pad_token_id, dev, self.autocast, None, self.multiple)
-        return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
-
     def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:
-        """Every held-out row (and, with ``train.eval_tta``, the same rows with responses a/b swapped)."""
+        """Every held-out row (and, with ``train.eval_tta``, the same rows swapped): the OOF table, and the fold's
+        metrics, its scores with this run's steps, seconds and device."""
         run_train_seconds = time.perf_counter() - self.t_start
-        data, done = self.data, self.totals()
-        probs, labels = self.evaluate(data.val_ids), data.val_labels
-        oof = pd.DataFrame({"id": data.val_rows["id"].values, "fold": self.fold, "label": labels,
-                            "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
-        tta = None
-        if self.cfg.train.eval_tta:  # p_a/p_b/p_tie stay the plain figure; the averages go beside them
-            swapped = encode(swap_responses(data.val_rows), self.tok, self.cfg)
-            tta = clip_probs(tta_average(probs, self.evaluate(swapped)))
-            oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
+        done = self.totals()
+        probs, tta, oof = self.held_out.oof(self.data)
         metrics = FoldMetrics(
-            fold=self.fold, log_loss=log_loss(labels, probs), accuracy=accuracy(labels, probs),
-            n_rows=len(data.val_rows), n_train_rows=data.n_fold_rows, **data.row_counts,
-            prior_log_loss=log_loss(labels, prior_probs(data.prior_labels, len(data.val_rows))),
-            steps=self.step, train_seconds=done["train_seconds"],
+            fold=self.fold, **held_out_scores(self.data, probs, tta), steps=self.step,
+            train_seconds=done["train_seconds"],
             train_samples_per_s=done["samples"] / done["train_seconds"] if done["train_seconds"] > 0 else None,
             fold_seconds=self.totals()["fold_seconds"], last_run_seconds=time.perf_counter() - self.t_fold,
             last_run_train_seconds=run_train_seconds, resumed_from_step=self.start_step, precision=self.precision,
             device=str(self.device), world_size=self.world, fingerprint=self.fingerprint,
-            log_loss_tta=None if tta is None else log_loss(labels, tta),
-            accuracy_tta=None if tta is None else accuracy(labels, tta), recompilations=self.recompiles.count)
+            recompilations=self.recompiles.count)
         log.info("fold %d: %s", self.fold, self.recompiles.summary())
         self.telemetry.scalars({"eval_log_loss": metrics.log_loss, "eval_accuracy": metrics.accuracy}, self.step)
         return metrics, oof

@@ -10,6 +10,7 @@ import pytest
 from orchestrator.cluster.eta import FoldPace, later_fold_times, run_eta_s
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import Placement, phase_shares
+from tests.conftest import CONFIGS
 
 
 def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 1000, start: int = 0,
@@ -23,7 +24,7 @@ def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 
 def test_a_slow_start_gives_no_eta_then_the_steady_rate():
     """The H100 case: compilation, then 1 s a step while recompiling, then 0.26 s a step. An average would have said
     hours; the console says "compiling"/"warming up" and then the steady rate's ETA."""
-    p = Progress(n_folds=1, concurrency=1, stream=io.StringIO())
+    p = Progress(n_folds=1, concurrency=1, stream=io.StringIO(), compiled=True)
     assert "compiling" in feed(p, 0, elapsed=150.0, step=10, compiles=3)
     assert p.eta(0) is None
     t, line = 150.0, ""
@@ -38,6 +39,35 @@ def test_a_slow_start_gives_no_eta_then_the_steady_rate():
     line = feed(p, 0, elapsed=t, step=60, compiles=6)
     assert p.eta(0) == pytest.approx(0.26 * (1000 - 60))
     assert "eta 4m04s" in line and "all folds: 4m04s" in line
+
+
+@pytest.mark.parametrize("setting, says_compile", [("off", False), ("on", True), ("dynamic", True)])
+def test_the_start_line_speaks_of_compilation_only_when_the_folds_compile(setting, says_compile, monkeypatch,
+                                                                         tmp_path):
+    """cv's folds get a Progress whose start line follows the config's model.compile (it said "a compiled model's
+    first steps compile" to every run, the eager default included)."""
+    import orchestrator.cluster.folds as folds
+    from trainer_core.config import load_config
+
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def tuner(trainable, *, param_space, tune_config, run_config):
+        made.extend(c for c in run_config.callbacks if isinstance(c, Progress))
+        raise Stop
+
+    monkeypatch.setattr(folds.ray.tune, "Tuner", tuner)
+    monkeypatch.setattr(folds.ray.tune, "with_parameters", lambda fn, **kw: fn)
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"model.compile={setting}"])
+    with pytest.raises(Stop):
+        folds._tune_folds(cfg, {0: None}, tmp_path, 1, 0.0)
+    made[0].stream = io.StringIO()
+    made[0].on_trial_start(0, [], SimpleNamespace(config={"fold": 0}))
+    line = made[0].stream.getvalue()
+    assert "fold 0: started (loading the model; " in line and "the ETA shows once the step rate is steady" in line
+    assert ("compile" in line) == says_compile
 
 
 def test_without_a_compile_count_two_agreeing_intervals_make_a_rate():

@@ -225,3 +225,35 @@ def test_the_demo_keeps_rows_of_one_prompt_in_one_fold():
     """The README's headline figure is an honest CV: the embedded demo groups folds by prompt (a quarter of the
     bundled rows share their prompt with another row; id folds would score a fold on prompts it trained on)."""
     assert load_config(CONFIGS / "demo_cpu.yaml").data.fold_by == "prompt"
+
+
+BOUNDED = {"train.max_steps": (">=", 1), "train.lr": (">", 0), "train.warmup_steps": (">=", 0),
+           "train.batch_size": (">=", 1), "train.grad_accum": (">=", 1), "train.eval_batch_size": (">=", 1),
+           "train.log_every": (">=", 1), "train.checkpoint_every": (">=", 1), "train.eval_every": (">=", 1),
+           "train.interim_eval_rows": (">=", 1), "train.distill_temperature": (">", 0),
+           "cluster.gpus_per_fold": (">=", 0), "cluster.cpu_workers_per_fold": (">=", 1),
+           "cluster.cpus_per_worker": (">", 0), "cluster.max_concurrent_folds": (">=", 1),
+           "cluster.max_failures": (">=", 0), "cluster.start_attempts": (">=", 1)}
+
+
+def test_every_lower_bound_is_declared_with_its_key_and_refused_just_past_it():
+    import dataclasses
+
+    sections = {s.name: getattr(Config(), s.name) for s in dataclasses.fields(Config)}
+    declared = {f"{name}.{f.name}": f.metadata["bound"] for name, node in sections.items()
+                if dataclasses.is_dataclass(node) for f in dataclasses.fields(node) if "bound" in f.metadata}
+    assert declared == BOUNDED
+    base = ["data.path=x", "model.name_or_path=m"]
+    for key, (op, limit) in BOUNDED.items():
+        validate(load_config(None, [*base, f"{key}={limit + (op == '>') * 0.5}"]))  # on (or just inside) the bound
+        past = limit if op == ">" else limit - 1
+        with pytest.raises(ConfigError) as e:
+            validate(load_config(None, [*base, f"{key}={past}"]))
+        nullable = " or null" if key in ("train.max_steps", "train.checkpoint_every", "train.eval_every",
+                                         "cluster.max_concurrent_folds", "cluster.start_attempts") else ""
+        said = [ln.strip().rsplit(", got ", 1) for ln in str(e.value).splitlines()[1:]]
+        assert [(head, float(got)) for head, got in said] == [(f"{key}: must be {op} {limit}{nullable}", past)], key
+    # all at once, one line each, null passing where a key may be null
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, [*base, "train.lr=0", "cluster.max_failures=-1", "train.max_steps=null"]))
+    assert str(e.value).count("must be") == 2

@@ -95,76 +95,46 @@ def test_text_utf8_cannot_encode_becomes_fffd_row_kept_and_reported_once(tmp_pat
     df.to_parquet(tmp_path / "out.parquet")  # pyarrow raised UnicodeEncodeError here before
 
 
-def _bad(tmp_path, kind):
-    good = [arena_row(i, "a" if i % 2 else "b") for i in range(1, 8)]
-    if kind == "missing_column":
-        return write_csv(tmp_path, [{k: v for k, v in r.items() if k != "response_b"} for r in good])
-    if kind == "bad_json":
-        good[2]["response_a"] = "[unclosed"
-        good[4]["response_a"] = '{"a": 1}'
-        return write_csv(tmp_path, good)
-    if kind == "not_strings":
-        good[1]["prompt"] = "[1, 2]"
-        return write_csv(tmp_path, good)
-    if kind == "empty_cell":
-        good[3]["response_b"] = ""
-        return write_csv(tmp_path, good)
-    if kind == "two_winners":
-        good[0]["winner_model_b"] = 1
-        return write_csv(tmp_path, good)
-    if kind == "no_winner":
-        good[5]["winner_model_a"] = good[5]["winner_model_b"] = 0
-        return write_csv(tmp_path, good)
-    if kind == "label_not_01":
-        good[2]["winner_tie"] = 2
-        return write_csv(tmp_path, good)
-    if kind == "dup_ids":
-        good[3]["id"] = good[1]["id"]
-        return write_csv(tmp_path, good)
-    if kind == "non_int_id":
-        good[2]["id"] = "abc"
-        return write_csv(tmp_path, good)
-    if kind == "missing_id":
-        good[4]["id"] = ""
-        return write_csv(tmp_path, good)
-    if kind == "empty_file":
-        p = tmp_path / "d.csv"
-        p.write_text("")
-        return p
-    if kind == "header_only":
-        p = tmp_path / "d.csv"
-        p.write_text(",".join(good[0].keys()) + "\n")
-        return p
-    if kind == "directory":
-        return tmp_path
-    if kind == "not_found":
-        return tmp_path / "nope.csv"
-    if kind == "bad_parquet":
-        p = tmp_path / "d.parquet"
-        p.write_bytes(b"this is not parquet")
-        return p
-    raise AssertionError(kind)
+# (what is wrong, how the input is made, the line that must say so). How: a column name = that column removed from
+# seven good rows (ids 1-7); a list = cells (row index, column, value) changed in them; a pair = a file (name, bytes)
+# written as is, or not written (None: the folder itself for ".", else a missing file).
+BAD_INPUT = [
+    ("missing_column", "response_b", r"d.csv: missing column response_b"),
+    ("bad_json", [(2, "response_a", "[unclosed"), (4, "response_a", '{"a": 1}')],
+     r"column 'response_a': ids 3, 5: not a JSON list of strings"),
+    ("not_strings", [(1, "prompt", "[1, 2]")], r"column 'prompt': id 2: not a JSON list of strings"),
+    ("empty_cell", [(3, "response_b", "")], r"column 'response_b': id 4: not a JSON list of strings"),
+    ("two_winners", [(0, "winner_model_b", 1)], r"winner_tie: id 1: exactly one must be 1"),
+    ("no_winner", [(5, "winner_model_a", 0), (5, "winner_model_b", 0)], r"winner_tie: id 6: exactly one must be 1"),
+    ("label_not_01", [(2, "winner_tie", 2)], r"winner_tie: id 3: values must be 0 or 1"),
+    ("dup_ids", [(3, "id", 2)], r"column 'id': duplicate id 2"),
+    ("non_int_id", [(2, "id", "abc")], r"column 'id': missing or non-integer values at lines 4"),
+    ("missing_id", [(4, "id", "")], r"column 'id': missing or non-integer values at lines 6"),
+    ("empty_file", ("d.csv", b""), r"d.csv: file is empty"),
+    ("header_only", ("d.csv", ",".join(arena_row(1)).encode() + b"\n"), r"d.csv: file has a header but no rows"),
+    ("directory", (".", None), r"is a directory"),
+    ("not_found", ("nope.csv", None), r"nope.csv: file not found"),
+    ("bad_parquet", ("d.parquet", b"this is not parquet"), r"d.parquet: cannot read as parquet"),
+]
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing_column", r"d.csv: missing column response_b"),
-    ("bad_json", r"column 'response_a': ids 3, 5: not a JSON list of strings"),
-    ("not_strings", r"column 'prompt': id 2: not a JSON list of strings"),
-    ("empty_cell", r"column 'response_b': id 4: not a JSON list of strings"),
-    ("two_winners", r"winner_tie: id 1: exactly one must be 1"),
-    ("no_winner", r"winner_tie: id 6: exactly one must be 1"),
-    ("label_not_01", r"winner_tie: id 3: values must be 0 or 1"),
-    ("dup_ids", r"column 'id': duplicate id 2"),
-    ("non_int_id", r"column 'id': missing or non-integer values at lines 4"),
-    ("missing_id", r"column 'id': missing or non-integer values at lines 6"),
-    ("empty_file", r"d.csv: file is empty"),
-    ("header_only", r"d.csv: file has a header but no rows"),
-    ("directory", r"is a directory"),
-    ("not_found", r"nope.csv: file not found"),
-    ("bad_parquet", r"d.parquet: cannot read as parquet"),
-])
-def test_bad_input_gets_one_clear_line(tmp_path, kind, message):
-    p = _bad(tmp_path, kind)
+def make_bad_input(tmp_path, how):
+    rows = [arena_row(i, "a" if i % 2 else "b") for i in range(1, 8)]
+    if isinstance(how, str):
+        return write_csv(tmp_path, [{k: v for k, v in r.items() if k != how} for r in rows])
+    if isinstance(how, list):
+        for i, column, value in how:
+            rows[i][column] = value
+        return write_csv(tmp_path, rows)
+    path = tmp_path / how[0]
+    if how[1] is not None:
+        path.write_bytes(how[1])
+    return path
+
+
+@pytest.mark.parametrize("how, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_gets_one_clear_line(tmp_path, how, message):
+    p = make_bad_input(tmp_path, how)
     with pytest.raises(DataError, match=message) as e:
         load_rows(p)
     assert str(p.name if p.is_file() or not p.exists() else p) in str(e.value)

@@ -48,6 +48,22 @@ def test_fold_writes_the_contract_files(tmp_path, smoke_rows):
     assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
 
 
+def test_interim_scores_go_with_their_steps_and_tta_goes_beside_the_plain_figures(tmp_path, smoke_rows):
+    cfg = smoke_cfg("train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.interim_eval_rows=4",
+                    "train.eval_tta=true")
+    reports = []
+    res = train_fold(cfg, 3, smoke_rows, tmp_path / "fold=3", report=lambda m, c: reports.append(m))
+    interim = {m["step"]: m for m in reports if "interim_log_loss" in m}
+    assert list(interim) == [2] and interim[2]["interim_rows"] == 4  # not at the last step: the final score is there
+    assert 0 < interim[2]["interim_log_loss"] < 5 and 0 <= interim[2]["interim_accuracy"] <= 1
+    oof = pd.read_parquet(tmp_path / "fold=3" / "oof.parquet")
+    plain, tta = oof[["p_a", "p_b", "p_tie"]].to_numpy(), oof[["p_a_tta", "p_b_tta", "p_tie_tta"]].to_numpy()
+    assert res.metrics.log_loss == pytest.approx(log_loss(oof["label"], plain))
+    assert res.metrics.log_loss_tta == pytest.approx(log_loss(oof["label"], tta)) and not np.allclose(plain, tta)
+    held = smoke_rows[smoke_rows["fold"] == 3]
+    assert res.metrics.n_rows == len(held) and res.metrics.n_train_rows == len(smoke_rows) - len(held)
+
+
 def test_lora_only_on_layers_from_freeze_layers(smoke_rows):
     from trainer_core.data.tokenization import build_tokenizer
     from trainer_core.model.build import build_model
