@@ -34,6 +34,13 @@ class S3:
     def read(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def checkpointed(self, prefix: str, fold: int) -> bool:
+        """Whether Ray Train has registered a checkpoint of the run's fold in the bucket (listed in its snapshot)."""
+        try:
+            return "checkpoint_" in self.read(f"{prefix}/ray/fold={fold}/checkpoint_manager_snapshot.json").decode()
+        except self.client.exceptions.NoSuchKey:
+            return False
+
 
 @contextlib.contextmanager
 def s3_server(bucket: str = "runs") -> Iterator[S3]:

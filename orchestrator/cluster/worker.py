@@ -35,6 +35,8 @@ def fold_worker(config: dict) -> dict:
         rows = pd.read_parquet(run_dir / "data.parquet")
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
+            if metrics.get("done"):  # the fold's files are written; Tune may end the trial once it sees this report
+                stage.publish()
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             ray.train.report(metrics, checkpoint=checkpoint)
             if ckpt_dir is not None:

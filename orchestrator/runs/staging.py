@@ -29,6 +29,18 @@ from orchestrator.runs import storage
 
 SKIPPED_DIRS = ("ray", "adapter", "compile_cache")  # checkpoints, fold weights, compile caches: read where needed
 MARKERS = ("run.json", "metrics.json", "report.json")  # on equal mtimes these go last
+STAGE_PREFIX = "orchestrator-stage-"  # + <pid>-<random>, under the system's temporary folder
+
+
+def remove_stale_staging() -> None:
+    """Remove the staging folders of processes that are gone (a fold worker killed mid-fold cannot remove its own):
+    each folder's name carries the pid of the process that made it."""
+    import psutil
+
+    for path in Path(tempfile.gettempdir()).glob(f"{STAGE_PREFIX}*-*"):
+        pid = path.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run_files(rel: str) -> bool:
@@ -86,7 +98,8 @@ class RemoteRunDir(RunDir):
         self.fs, self.root = storage.filesystem(self.location)
         if check:
             storage.check_reachable(self.fs, self.root, self.location)
-        self._tmp = Path(tempfile.mkdtemp(prefix="orchestrator-stage-"))
+        remove_stale_staging()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-"))
         self.local = self._tmp / (self.root.rsplit("/", 1)[-1] or "run")
         self.local.mkdir()
         self._remote: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the object when last synced
@@ -170,9 +183,9 @@ def staged(location: str | Path, *, keep: Callable[[str], bool] = run_files,
 class FoldStage:
     """Where a fold's Ray Train worker writes: the run directory itself when it is local (the same path on every
     node: a local or shared disk), else a staging folder holding the run's ``data.parquet``, from which rank 0's
-    ``fold=<k>/`` and ``tensorboard/fold=<k>/`` are uploaded when the fold ends (the events also at every checkpoint,
-    :meth:`sync_events`). A fold that stops on an error uploads only its events: its files are written again by the
-    run that finishes it."""
+    ``fold=<k>/`` and ``tensorboard/fold=<k>/`` are uploaded just before the fold's final report (:meth:`publish`;
+    the events also at every checkpoint, :meth:`sync_events`). A fold that stops on an error uploads only its
+    events: its files are written again by the run that finishes it."""
 
     def __init__(self, location: str, fold: int):
         self.fold = fold
@@ -184,17 +197,24 @@ class FoldStage:
     def sync_events(self) -> None:
         self.run.push(f"tensorboard/fold={self.fold}")
 
+    def publish(self) -> None:
+        """Upload the fold's events, then its files (``metrics.json`` last: the fold is complete on the store only
+        now). Called before the fold's final report: once Tune sees that report it may end the trial, workers and
+        all, at any moment."""
+        self.sync_events()
+        self.run.push(f"fold={self.fold}")
+        self.run.close()  # nothing is read from it any more, and the worker may not get to remove it
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *_) -> None:
         try:
-            if exc_type is not None:
+            if exc_type is None:
+                self.publish()  # anything not yet uploaded (a paused piece's last events)
+            else:
                 with contextlib.suppress(Exception):  # the fold's own error is the one to report
                     self.sync_events()
-                return
-            self.sync_events()
-            self.run.push(f"fold={self.fold}")  # metrics.json last: the fold is complete on the store only now
         finally:
             self.run.close()
 
@@ -221,7 +241,8 @@ def _stage_tree(location: str, stack: contextlib.ExitStack) -> Path:
     if not any(storage.is_uri(m) for m in members):
         return local
     if not remote:  # a local ensemble with members on object storage: its copy points at their staging folders
-        copy = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="orchestrator-stage-"))) / local.name
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{STAGE_PREFIX}{os.getpid()}-"))
+        copy = Path(tmp) / local.name
         shutil.copytree(local, copy)
         local = copy
     spec["members"] = [str(_stage_tree(m, stack)) if storage.is_uri(m) else m for m in members]

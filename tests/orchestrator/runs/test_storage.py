@@ -121,8 +121,10 @@ def test_a_failed_upload_leaves_the_old_object_and_no_temporary_key(s3, tmp_path
 def test_a_prefix_that_is_not_a_run_is_never_pulled_nor_written(s3):
     s3.client.put_object(Bucket=s3.bucket, Key="thesis/thesis.tex", Body=b"\\documentclass{article}")
     for restart in (False, True):
-        with pytest.raises(RunDirError, match=r"s3://runs/thesis is not empty and holds no run.json .*thesis.tex"):
-            prepare_run_dir(config(), open_run(s3.uri("thesis")), [0], restart, "test")
+        with open_run(s3.uri("thesis")) as run, pytest.raises(
+                RunDirError, match=r"s3://runs/thesis is not empty and holds no run.json .*thesis.tex"):
+            prepare_run_dir(config(), run, [0], restart, "test")
+        assert list(run.local.iterdir()) == []  # nothing pulled
     assert s3.keys("thesis") == ["thesis.tex"]
 
 
