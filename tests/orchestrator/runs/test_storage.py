@@ -36,16 +36,18 @@ def upload_tree(local, uri):
         run.push()
 
 
-@pytest.mark.parametrize("out, says", [("foo://bucket/run", "no filesystem serves 'foo://'"),
-                                       ("s3:/bucket/run", "looks like a s3:// URI with a slash missing")])
-def test_a_uri_nothing_serves_is_one_line_and_no_local_folder(tmp_path, monkeypatch, out, says):
-    monkeypatch.chdir(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--out",
-                          out, "--folds", "0"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+@pytest.mark.parametrize("command, out, says", [
+    ("orchestrator.cv", "foo://bucket/run", "no filesystem serves 'foo://'"),
+    ("orchestrator.cv", "s3:/bucket/run", "looks like a s3:// URI with a slash missing"),
+    ("orchestrator.tune", "foo://bucket/sweep", "no filesystem serves 'foo://'")])
+def test_a_uri_nothing_serves_is_one_line_and_no_local_folder(tmp_path, command, out, says):
+    res = subprocess.run([sys.executable, "-m", command, "--config", str(CONFIGS / "smoke.yaml"), "--out", out,
+                          "--folds", "0"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("error: --out "), res.stderr
+    assert says in lines[-1] and lines[-1].startswith("error: --out "), res.stderr
+    assert [line for line in lines if not line.startswith("search space:")] == lines[-1:]  # tune names its space
     assert list(tmp_path.iterdir()) == []  # never a folder named foo: or s3:
 
 
@@ -55,6 +57,17 @@ def test_a_missing_bucket_is_one_line_naming_it(s3, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bucket 'no-such-bucket' does not exist" in err[0] and s3.endpoint in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheme_only_fsspec_serves_goes_through_fsspec():
+    fs, path = storage.filesystem("memory://bucket/run")
+    assert "fsspec" in fs.type_name and path.endswith("bucket/run")
+    with RemoteRunDir("memory://bucket/run") as run:
+        (run.local / "run.json").write_text('{"n_folds": 5}')
+        assert run.push() == 1
+    with RemoteRunDir("memory://bucket/run") as again:
+        assert again.top_names() == ["run.json"] and again.pull() == 1
+        assert (again.local / "run.json").read_text() == '{"n_folds": 5}'
 
 
 def test_push_uploads_whole_files_in_write_order_and_only_what_changed(s3, monkeypatch):
@@ -121,10 +134,10 @@ def test_a_failed_upload_leaves_the_old_object_and_no_temporary_key(s3, tmp_path
 def test_a_prefix_that_is_not_a_run_is_never_pulled_nor_written(s3):
     s3.client.put_object(Bucket=s3.bucket, Key="thesis/thesis.tex", Body=b"\\documentclass{article}")
     for restart in (False, True):
-        with open_run(s3.uri("thesis")) as run, pytest.raises(
-                RunDirError, match=r"s3://runs/thesis is not empty and holds no run.json .*thesis.tex"):
-            prepare_run_dir(config(), run, [0], restart, "test")
-        assert list(run.local.iterdir()) == []  # nothing pulled
+        with open_run(s3.uri("thesis")) as run:
+            with pytest.raises(RunDirError, match=r"s3://runs/thesis is not empty and holds no run.json .*thesis.tex"):
+                prepare_run_dir(config(), run, [0], restart, "test")
+            assert list(run.local.iterdir()) == []  # nothing pulled
     assert s3.keys("thesis") == ["thesis.tex"]
 
 
@@ -164,3 +177,12 @@ def test_report_compare_and_ensemble_read_runs_from_the_store(s3, tmp_path, caps
     assert spec["members"] == ["s3://runs/remote", "../local"]  # the URI kept; a local member relative, as before
     assert report_main([s3.uri("nothing-here")]) == 2
     assert "s3://runs/nothing-here: nothing there" in capsys.readouterr().err
+
+
+def test_workers_get_the_endpoint_and_region_never_the_credentials():
+    from orchestrator.cluster.folds import worker_env
+
+    env = worker_env({"AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_REGION": "eu-west-1",
+                      "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"})
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} & set(env)
