@@ -27,6 +27,7 @@ is checked against the model's real layer count before Ray starts: a value that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -194,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:
     """The sweep on Ray; what the driver writes into a sweep directory at a URI is uploaded however it ends."""
     try:
-        return _run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
-    finally:
-        sweep.push()
+        code = _run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            sweep.push()
+        raise
+    sweep.push()
+    return code
 
 
 def _run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:
