@@ -7,6 +7,7 @@ Examples::
     python -m orchestrator.compare runs/plain runs/swap_augment
     python -m orchestrator.compare runs/a_s1,runs/a_s2,runs/a_s3 runs/b_s1,runs/b_s2,runs/b_s3   # seeds per side
     python -m orchestrator.compare runs/teacher runs/student --json
+    python -m orchestrator.compare s3://bucket/runs/plain runs/swap_augment     # a run directory on object storage
 
 The difference is A - B per row (negative: A has the lower log loss); with several runs on a side, each row's loss is
 that side's mean over its runs. Each row is scored by both sides, so the rows' shared difficulty cancels. The interval
@@ -25,6 +26,7 @@ Runs over different ids, folds or labels are refused with one line (exit 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -35,6 +37,8 @@ import pandas as pd
 from orchestrator.reporting import bootstrap
 from orchestrator.reporting.reducer import PROB_COLUMNS
 from orchestrator.runs.align import RunMismatch, check_aligned, load_oof
+from orchestrator.runs.staging import staged
+from orchestrator.runs.storage import StorageError, is_uri
 from trainer_core.data.arena import prompt_key
 
 DEFAULT_SEED_SPREAD = 0.010  # docs/QUALITY.md: one recipe's OOF log loss moved up to 0.010 between training seeds
@@ -114,8 +118,8 @@ def format_comparison(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_a", help="a finished run (or ensemble) directory; several, comma-separated, for repeated "
-                                 "seeds of one recipe (e.g. runs/a1,runs/a2,runs/a3)")
+    p.add_argument("run_a", help="a finished run (or ensemble) directory, a folder or a URI (s3://..., gs://...); "
+                                 "several, comma-separated, for repeated seeds of one recipe (e.g. runs/a1,runs/a2)")
     p.add_argument("run_b", help="the same for B, over the same ids and folds")
     p.add_argument("--seed-spread", type=float, default=None, metavar="X",
                    help="differences up to X are 'within seed noise' (default: measured from repeated runs of a side, "
@@ -124,17 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seed_spread is not None and args.seed_spread < 0:
         p.error("--seed-spread must be >= 0")
-    dirs_a, dirs_b = ([Path(x) for x in side.split(",") if x] for side in (args.run_a, args.run_b))
+    names_a, names_b = ([x if is_uri(x) else str(Path(x)) for x in side.split(",") if x]
+                        for side in (args.run_a, args.run_b))
     try:
-        oofs = [load_oof(d) for d in dirs_a + dirs_b]
-        check_aligned([(str(d), o) for d, o in zip(dirs_a + dirs_b, oofs)])
-    except RunMismatch as e:
+        with contextlib.ExitStack() as stack:  # a run at a URI: its OOF rows and data, staged
+            dirs = [stack.enter_context(staged(d)) for d in names_a + names_b]
+            oofs = [load_oof(d) for d in dirs]
+            check_aligned([(n, o) for n, o in zip(names_a + names_b, oofs)])
+            groups, grouped_by = prompt_groups(dirs[0], oofs[0]["id"].to_numpy())
+    except (RunMismatch, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    groups, grouped_by = prompt_groups(dirs_a[0], oofs[0]["id"].to_numpy())
-    res = {"run_a": args.run_a, "run_b": args.run_b, "runs_a": list(map(str, dirs_a)),
-           "runs_b": list(map(str, dirs_b)), "grouped_by": grouped_by,
-           **compare_oof(oofs[:len(dirs_a)], oofs[len(dirs_a):], groups, args.seed_spread)}
+    res = {"run_a": args.run_a, "run_b": args.run_b, "runs_a": names_a, "runs_b": names_b, "grouped_by": grouped_by,
+           **compare_oof(oofs[:len(names_a)], oofs[len(names_a):], groups, args.seed_spread)}
     print(json.dumps(res, indent=2) if args.json else format_comparison(res))
     return 0
 

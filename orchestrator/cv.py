@@ -5,16 +5,20 @@ Examples::
     python -m orchestrator.cv --folds 0-4                                   # embedded demo (CPU, real MiniLM)
     python -m orchestrator.cv --config configs/smoke.yaml --folds 0,2 train.lr=1e-3
     python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --folds 0-4 --address auto --out runs/g9b
+    python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --folds 0-4 --address auto --out s3://bucket/g9b
     python -m orchestrator.cv --config configs/gemma2_9b_qlora.yaml --print-config --format json
 
 Rerunning the same command with the same ``--out`` resumes: finished folds (checked by their files) are skipped,
 unfinished ones continue from their last checkpoint. A different config or data file for that directory is refused
-unless ``--restart`` is given.
+unless ``--restart`` is given. ``--out`` may be a URI on object storage (s3://, gs://, any scheme pyarrow or fsspec
+serves; an S3-compatible endpoint through AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL): the run directory then lives
+there, resumes from there, and every node of the cluster reads and writes it there (orchestrator/runs/staging.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,6 +28,8 @@ from pathlib import Path
 from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
 from orchestrator.cluster.schedule import ClusterError
 from orchestrator.runs.rundir import RunDirError, prepare_run_dir
+from orchestrator.runs.staging import RunDir, open_run
+from orchestrator.runs.storage import StorageError
 from trainer_core.config import ConfigError, field_docs, inert_note, load_config, to_yaml, validate
 from trainer_core.data.arena import DataError, parse_folds
 from trainer_core.model.weights import WeightsError, check_weights, model_fit_problem
@@ -50,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.cv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="the run directory itself (default: runs/<experiment>); rerun with the same --out to resume")
+    p.add_argument("--out", default=None,
+                   help="the run directory itself (default: runs/<experiment>): a folder, or a URI on object storage "
+                        "(s3://bucket/prefix, gs://..., any scheme pyarrow or fsspec serves; S3-compatible endpoints "
+                        "via AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL); rerun with the same --out to resume")
     p.add_argument("--restart", action="store_true",
                    help="wipe the run directory's results and checkpoints first (needed to reuse it for a new config)")
     return p
@@ -116,7 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = (args.out or Path("runs") / cfg.experiment).resolve()
+    try:
+        run = open_run(args.out or Path("runs") / cfg.experiment)  # a URI nothing serves stops here, one line
+    except StorageError as e:
+        print(f"error: --out {e}", file=sys.stderr)
+        return 2
+    try:
+        return _checked_run(args, argv, cfg, folds, run)
+    finally:
+        run.close()  # a URI's staging folder
+
+
+def _checked_run(args, argv: list[str], cfg, folds: list[int], run: RunDir) -> int:
     try:
         check_weights(cfg.model)  # model and tokenizer found (or downloaded) before anything is written
         misfit = model_fit_problem(cfg)  # e.g. lora.freeze_layers past the model's real depth
@@ -124,15 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {misfit}", file=sys.stderr)
             return 2
         command = " ".join(["python -m orchestrator.cv", *argv])
-        rows = prepare_run_dir(cfg, run_dir, folds, args.restart, command, before_write=lambda: _cluster_check(cfg))
-    except (DataError, RunDirError, WeightsError) as e:
+        rows = prepare_run_dir(cfg, run, folds, args.restart, command, before_write=lambda: _cluster_check(cfg))
+    except (DataError, RunDirError, WeightsError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     try:
-        return run_cv(cfg, rows, folds, run_dir)
+        return run_cv(cfg, rows, folds, run)
     except KeyboardInterrupt:  # Ctrl-C before Ray started, or a second one
         print(f"\n{interrupt.MESSAGE}", file=sys.stderr)
         return interrupt.EXIT_CODE
@@ -151,7 +170,20 @@ def _cluster_check(cfg) -> None:
         check_gpus(cfg)
 
 
-def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
+def run_cv(cfg, rows, folds: list[int], run: RunDir) -> int:
+    """Train the folds not yet finished, then the report. A run directory at a URI gets what the driver wrote
+    (sessions.json, error logs, the report, tracking ids) uploaded however this ends; the folds upload their own."""
+    try:
+        code = _run_cv(cfg, rows, folds, run)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            run.push()
+        raise
+    run.push()
+    return code
+
+
+def _run_cv(cfg, rows, folds: list[int], run: RunDir) -> int:
     # Ray is imported only once the config and data are known to be good.
     from orchestrator import tracking
     from orchestrator.cluster import folds as ray_folds
@@ -160,18 +192,21 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
     from orchestrator.reporting.recipe import stamp_session
     from orchestrator.reporting.reducer import ReduceError, fold_is_complete, format_table, reduce_run
 
+    run_dir = run.local  # the run directory, or a URI's staging folder
     done = [k for k in folds if fold_is_complete(run_dir, k, rows)]
     todo = [k for k in folds if k not in done]
     if done:
-        print(f"folds {done} already finished in {run_dir}; skipping them")
+        print(f"folds {done} already finished in {run.show()}; skipping them")
     t0 = time.time()
     tracking.start(cfg, run_dir, folds=folds)  # MLflow / W&B runs, when tracking.* asks for them
     if todo:
         try:
             resources = ray_folds.init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
             interrupt.install()  # after ray.init, which replaces SIGTERM's handler
-            ray_folds.link_ray_logs(run_dir)
+            if not run.remote:  # a link on this machine into Ray's logs: nothing to upload
+                ray_folds.link_ray_logs(run_dir)
             stamp_session(run_dir, cfg, resources, todo)  # start time and GPUs, for the report's recipe
+            run.push()
             schedule.plan_concurrency(cfg, resources, len(todo))  # refuses a cluster that cannot run one fold
         except schedule.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -193,30 +228,32 @@ def run_cv(cfg, rows, folds: list[int], run_dir: Path) -> int:
                                               for k, p in phase.items())) if pieces else ""
             print(f"training folds {list(phase)} on Ray ({resources.get('CPU', 0):g} CPUs, "
                   f"{resources.get('GPU', 0):g} GPUs): {where.describe()}, {concurrency} at a time{stops}; run "
-                  f"directory {run_dir}")
+                  f"directory {run.show()}")
             later = later_fold_times(shares[i + 1:], concurrencies[i + 1:])
-            errors.update(ray_folds.run_folds(cfg, phase, run_dir, concurrency, later))
+            errors.update(ray_folds.run_folds(cfg, phase, run, concurrency, later))
             if interrupt.requested():
                 break
         if interrupt.requested():  # no later phase, no blame for the folds it stopped
             ray_folds.shutdown_ray()
             print(interrupt.MESSAGE, file=sys.stderr)
             return interrupt.EXIT_CODE
+        run.pull()  # the folds' files, uploaded by their workers
         failed = {k: e for k, e in errors.items() if e is not None or not fold_is_complete(run_dir, k, rows)}
         if failed:
             for k, e in sorted(failed.items()):
                 print(f"fold {k} failed: {e or 'finished without complete files'}", file=sys.stderr)
-            print(f"rerun the same command to resume; finished folds are kept in {run_dir}", file=sys.stderr)
+            print(f"rerun the same command to resume; finished folds are kept in {run.show()}", file=sys.stderr)
             return 1
     try:
-        report = reduce_run(run_dir, folds)
+        report = reduce_run(run_dir, folds, location=run.location)
     except ReduceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print()
     print(format_table(report))
+    run.push()  # the report, before the trackers and the console name it
     tracking.finish_cv(run_dir, report)
-    print(f"\nreport: {run_dir / 'report.html'}\nrun directory: {run_dir}  ({time.time() - t0:.0f}s)")
+    print(f"\nreport: {run.show('report.html')}\nrun directory: {run.show()}  ({time.time() - t0:.0f}s)")
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
+from orchestrator.runs.staging import staged
 from trainer_core.config import load_config
 
 
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="config to run")
     p.add_argument("--folds", default="0-4", help="folds (default 0-4)")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", required=True,
                    help="run directory: new, empty, or an earlier run's (wiped first: cv --restart, which refuses any "
-                        "other folder)")
+                        "other folder); a folder or a URI (s3://bucket/prefix, gs://..., as cv --out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -67,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     n_gpus = torch.cuda.device_count()
     t0, t0_wall = time.perf_counter(), time.time()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(args.config), "--folds",
-                          args.folds, "--out", str(args.out), "--restart", *args.overrides])
+                          args.folds, "--out", args.out, "--restart", *args.overrides])
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         return res.returncode
-    metrics = [json.loads(f.read_text()) for f in sorted(args.out.glob("fold=*/metrics.json"))]
+    with staged(args.out, write_back=True) as out:  # a run at a URI: its files, and efficiency.json back there
+        return _measure(out, wall, t0_wall, n_gpus)
+
+
+def _measure(out: Path, wall: float, t0_wall: float, n_gpus: int) -> int:
+    """Print and write (efficiency.json) the figures of the finished run in ``out``."""
+    metrics = [json.loads(f.read_text()) for f in sorted(out.glob("fold=*/metrics.json"))]
     single = [one_gpu_seconds(m) for m in metrics if m["world_size"] == 1]
     mean_single = sum(single) / len(single) if single else None
     one_gpu_total = sum(one_gpu_seconds(m) if m["world_size"] == 1 else mean_single for m in metrics)
@@ -83,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     eff = one_gpu_total / (gpus * wall)
     print(f"wall {wall:.1f}s on {gpus} GPU(s); sum of one-GPU fold times {one_gpu_total:.1f}s; "
           f"parallel efficiency {eff:.3f}")
-    runs = breakdown(read_run_logs(args.out), t0_wall)
+    runs = breakdown(read_run_logs(out), t0_wall)
     overheads = mean_overheads(runs)
     print("where the wall time went, per run of a fold (start: trial, workers, model load; after: prediction and "
           "files):")
     print(format_breakdown(runs))
     print("mean per run: " + ", ".join(f"{k} {v:.1f}" for k, v in overheads.items() if v is not None))
-    (args.out / "efficiency.json").write_text(json.dumps({"wall_s": wall, "gpus": gpus, "efficiency": eff,
+    (out / "efficiency.json").write_text(json.dumps({"wall_s": wall, "gpus": gpus, "efficiency": eff,
                                                           "one_gpu_total_s": one_gpu_total, "folds": metrics,
                                                           "runs": runs, "mean_overheads": overheads}, indent=2))
     return 0

@@ -6,6 +6,7 @@ Examples::
 
     python -m orchestrator.ensemble runs/minilm runs/gemma --out runs/ens
     python -m orchestrator.ensemble runs/a runs/b runs/c --out runs/ens_logit --method logit
+    python -m orchestrator.ensemble s3://bucket/runs/a runs/b --out runs/ens   # members on object storage too
     python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv
 
 Methods (``--method``, default ``weights``): ``mean`` averages the members' probabilities; ``weights`` fits a
@@ -13,12 +14,14 @@ weighted average (weights >= 0 summing to 1); ``logit`` fits ``softmax(sum_m w_m
 are cross-fitted, so the ensemble's OOF log loss is as honest as its members': fold k's rows are combined with weights
 fitted on the other folds' OOF rows only. An optimistic member (say, a student of plain OOF soft labels) makes the
 ensemble optimistic, and its reports say so. Members must cover the same ids with the same folds and labels, and come
-from the same data file, data.fold_by and data.n_folds (refused otherwise).
+from the same data file, data.fold_by and data.n_folds (refused otherwise). A member given as a URI (s3://, gs://, ...)
+is read from there and recorded as that URI in ``ensemble.json``; ``predict`` downloads it again when it needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -32,6 +35,8 @@ from orchestrator.reporting.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise,
 from orchestrator.runs import ensemble_weights
 from orchestrator.runs.align import RunMismatch, check_aligned, load_oof, read_report
 from orchestrator.runs.provenance import ENSEMBLE_FILE, ensemble_provenance, is_ensemble, run_provenance
+from orchestrator.runs.staging import staged
+from orchestrator.runs.storage import StorageError, is_uri
 from trainer_core import metrics
 from trainer_core.paths import atomic_write, atomic_write_json
 
@@ -49,16 +54,19 @@ def check_out(out: Path, run_dirs: list[Path]) -> None:
             raise RunMismatch(f"--out {out} {where} the member {d}; write the ensemble to a directory of its own")
 
 
-def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
-    """(ensemble OOF rows, the data rows, report dict, ensemble.json dict), computed without writing anything."""
+def build_ensemble(run_dirs: list[Path], method: str,
+                   uris: list[str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """(ensemble OOF rows, the data rows, report dict, ensemble.json dict), computed without writing anything.
+    ``uris``: per member, the URI it was read from when ``run_dirs`` holds its local staging copy (else None)."""
     if len(run_dirs) < 2:
         raise RunMismatch("an ensemble needs at least two run directories")
-    if len({d.resolve() for d in run_dirs}) < len(run_dirs):
+    names = [u or str(d.resolve()) for d, u in zip(run_dirs, uris or [None] * len(run_dirs))]
+    if len(set(names)) < len(run_dirs):
         raise RunMismatch("the same run directory is given twice")
     oofs = [load_oof(d) for d in run_dirs]
-    check_aligned([(str(d), o) for d, o in zip(run_dirs, oofs)])
+    check_aligned([(n, o) for n, o in zip(names, oofs)])
     # Members share data and folds (refused otherwise); an optimistic member makes the ensemble optimistic.
-    provenance = ensemble_provenance([run_provenance(d) for d in run_dirs], [str(d) for d in run_dirs])
+    provenance = ensemble_provenance([run_provenance(d) for d in run_dirs], names)
     labels, fold_of = oofs[0]["label"].to_numpy(), oofs[0]["fold"].to_numpy()
     probs = [o[PROB_COLUMNS].to_numpy() for o in oofs]
     combined, fold_weights = ensemble_weights.cross_fit(labels, probs, fold_of, method)
@@ -69,8 +77,8 @@ def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.
     rows = pd.read_parquet(run_dirs[0] / "data.parquet")
     report = summarise(oof[OOF_COLUMNS], rows, folds, [{"fold": k} for k in folds])
     members = []
-    for d, p in zip(run_dirs, probs):
-        members.append({"run_dir": str(d.resolve()), "experiment": read_report(d).get("experiment"),
+    for d, name, p in zip(run_dirs, names, probs):
+        members.append({"run_dir": name, "experiment": read_report(d).get("experiment"),
                         "cv_log_loss": metrics.log_loss(labels, p),
                         "log_loss_by_fold": {str(k): metrics.log_loss(labels[fold_of == k], p[fold_of == k])
                                              for k in folds}})
@@ -92,10 +100,11 @@ def build_ensemble(run_dirs: list[Path], method: str) -> tuple[pd.DataFrame, pd.
 def write_ensemble(out: Path, oof: pd.DataFrame, rows: pd.DataFrame, report: dict, spec: dict) -> None:
     """Write the ensemble directory (replacing an earlier ensemble there, never a run). Members are stored relative to
     it, so a copied tree of runs and ensemble still predicts."""
-    check_out(out, [Path(m) for m in spec["members"]])
+    check_out(out, [Path(m) for m in spec["members"] if not is_uri(m)])
     if out.exists() and any(out.iterdir()) and not is_ensemble(out):
         raise RunMismatch(f"{out}: exists and is not an ensemble directory; choose another --out")
-    spec = {**spec, "members": [os.path.relpath(Path(m).resolve(), out.resolve()) for m in spec["members"]]}
+    spec = {**spec, "members": [m if is_uri(m) else os.path.relpath(Path(m).resolve(), out.resolve())
+                                for m in spec["members"]]}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -108,17 +117,21 @@ def write_ensemble(out: Path, oof: pd.DataFrame, rows: pd.DataFrame, report: dic
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.ensemble", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
-                   help="finished runs (or ensembles), two or more")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="finished runs (or ensembles), two or more: folders or URIs (s3://bucket/prefix, gs://...)")
     p.add_argument("--out", type=Path, required=True, help="the ensemble directory to write")
     p.add_argument("--method", choices=ensemble_weights.METHODS, default="weights",
                    help="mean: average; weights: fitted weighted average (default); logit: fitted weighted log-average")
     args = p.parse_args(argv)
     try:
-        check_out(args.out, args.run_dirs)  # before reading anything: an ensemble that holds itself never ends
-        oof, rows, report, spec = build_ensemble(args.run_dirs, args.method)
+        # before reading anything: an ensemble that holds itself never ends
+        check_out(args.out, [Path(d) for d in args.run_dirs if not is_uri(d)])
+        with contextlib.ExitStack() as stack:  # members at URIs: their reports and OOF rows, staged
+            dirs = [stack.enter_context(staged(d)) for d in args.run_dirs]
+            uris = [d if is_uri(d) else None for d in args.run_dirs]
+            oof, rows, report, spec = build_ensemble(dirs, args.method, uris)
         write_ensemble(args.out, oof, rows, report, spec)
-    except RunMismatch as e:
+    except (RunMismatch, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = [f"{'member':<40} {'cv_log_loss':>11} {'weight':>8}"]

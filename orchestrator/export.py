@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.runs.adapters import ADAPTER_FILES, AdapterError, average_adapters, check_same_recipe
+from orchestrator.runs.staging import staged, with_adapters
+from orchestrator.runs.storage import StorageError
 from trainer_core.config import BLOCK_CAUSAL, ConfigError, load_config, to_yaml
 from trainer_core.data import text
 from trainer_core.model.weights import WeightsError, check_weights
@@ -55,7 +57,8 @@ class ExportError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="a finished run directory (report.json, every fold's adapter/)")
+    p.add_argument("run", help="a finished run directory (report.json, every fold's adapter/): a folder or a URI "
+                               "(s3://bucket/prefix, gs://...)")
     p.add_argument("--out", type=Path, required=True, help="the export folder to create (must not exist or be empty)")
     p.add_argument("--folds", choices=("each", "average"), default="each",
                    help="each: every fold's model, probabilities averaged (default); average: the folds' LoRA "
@@ -233,7 +236,16 @@ def write_manifest(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, report, folds, quantize = check_export(args.run, args.out, args.folds, args.merge, args.quantize)
+        with staged(args.run, keep=with_adapters) as run_dir:  # a run at a URI: downloaded with its adapters
+            return _export(args, run_dir)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _export(args, run_dir: Path) -> int:
+    try:
+        cfg, report, folds, quantize = check_export(run_dir, args.out, args.folds, args.merge, args.quantize)
     except (ExportError, AdapterError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would follow the folder through the rename
     try:
-        write_export(args.run, tmp, cfg, report, folds, args.folds, args.merge, quantize)
+        write_export(run_dir, tmp, cfg, report, folds, args.folds, args.merge, quantize)
         write_manifest(tmp)
         if out.exists():
             out.rmdir()  # checked empty above

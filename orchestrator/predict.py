@@ -5,6 +5,7 @@ Examples::
 
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv
     python -m orchestrator.predict --run runs/g9b --data test.csv --out submission.csv --tta
+    python -m orchestrator.predict --run s3://bucket/runs/g9b --data test.csv --out submission.csv  # object storage
     python -m orchestrator.predict --run runs/g9b --soft-labels soft_labels.parquet
     python -m orchestrator.predict --run runs/g9b --soft-labels in_fold.parquet --in-fold   # for train.soft_labels
     python -m orchestrator.predict --run runs/smoke --data test.csv --out sub.csv --folds 0,1 --no-temperature
@@ -50,6 +51,8 @@ from orchestrator.runs.overrides import PREDICT_KEYS, parse_predict_overrides, r
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs, run_provenance
 from orchestrator.runs.scoring import fold_predictions
 from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
+from orchestrator.runs.staging import staged_for_predict
+from orchestrator.runs.storage import StorageError, is_uri
 from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data.arena import DataError, load_rows, parse_folds
@@ -67,7 +70,10 @@ class PredictError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="a finished run directory written by orchestrator.cv")
+    p.add_argument("--run", required=True,
+                   help="a finished run (or ensemble) directory written by orchestrator.cv: a folder or a URI "
+                        "(s3://bucket/prefix, gs://...: its reports and fold weights are downloaded to a temporary "
+                        "folder first)")
     p.add_argument("--data", type=Path, help="rows to predict: CSV or parquet with id, prompt, response_a, response_b")
     p.add_argument("--out", type=Path, help="submission CSV to write (id,winner_model_a,winner_model_b,winner_tie)")
     p.add_argument("--tta", action="store_true",
@@ -208,7 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--in-fold goes with --soft-labels PATH")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    run_dir = args.run
+    try:
+        with staged_for_predict(args.run) as run_dir:
+            return _predict(args, run_dir)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _predict(args, run_dir: Path) -> int:
     # Everything is checked and computed before anything is written: a bad input leaves no half-made output.
     try:
         overrides = parse_predict_overrides(args.overrides)
@@ -245,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = pd.DataFrame({"id": rows["id"].values, "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
                             "winner_tie": probs[:, 2]})[SUBMISSION_COLUMNS]
     if soft is not None:
-        prov = run_provenance(run_dir)
+        prov = {**run_provenance(run_dir), **({"run": args.run} if is_uri(args.run) else {})}
         # What a student checks and inherits (trainer_core.data.soft_labels): this run's data, folds and honesty.
         stamp = {"teacher_run": prov["run"], "kind": "in_fold" if args.in_fold else "oof",
                  **{k: prov[k] for k in ("data_sha256", "fold_by", "n_folds", "folds_sha256")},

@@ -16,7 +16,8 @@ ASHA compares trials at equal optimizer steps. A trial's final score is always i
 
 Rerunning the same command with the same ``--out`` resumes an interrupted sweep: finished trials are kept, unfinished
 ones continue (finished folds skipped, others from their last checkpoint). A sweep directory that holds a different
-config, data file, space or search setting is refused.
+config, data file, space or search setting is refused. ``--out`` may be a URI on object storage (s3://, gs://, any
+scheme pyarrow or fsspec serves), as for ``orchestrator.cv``: trials, checkpoints and Tune's state live there.
 
 Without ``--space`` a config gets its own space, ``sweeps/<config name>.yaml`` beside it (``configs/sweeps/smoke.yaml``
 for ``configs/smoke.yaml``), else ``configs/sweeps/lr_rank_freeze.yaml`` (sized for Gemma-2 9B). Every searched value
@@ -26,6 +27,7 @@ is checked against the model's real layer count before Ray starts: a value that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +38,8 @@ from pathlib import Path
 from orchestrator.cluster import interrupt  # signals only: Ray is imported once the input is known to be good
 from orchestrator.cv import REPO_ROOT, resolve_config
 from orchestrator.runs.data import load_run_data, write_data_parquet
+from orchestrator.runs.staging import RunDir, open_run
+from orchestrator.runs.storage import StorageError, ray_storage
 from orchestrator.sweep.space import SpaceError, load_space, n_trials, space_fingerprint
 from trainer_core.config import ConfigError, apply_overrides, to_yaml
 from trainer_core.data.arena import DataError, parse_folds
@@ -67,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha stops trials whose interim held-out log loss trails the others at the same step; "
                         "none runs every trial to the end (default: asha)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="the sweep directory (default: runs/<experiment>-sweep); rerun with the same --out to resume")
+    p.add_argument("--out", default=None,
+                   help="the sweep directory (default: runs/<experiment>-sweep): a folder or a URI on object storage "
+                        "(s3://bucket/prefix, gs://..., as cv --out); rerun with the same --out to resume")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' = the one running here); default: start a local cluster")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -93,10 +98,18 @@ def default_space(config_path: Path) -> Path:
     return own if own.is_file() else DEFAULT_SPACE
 
 
-def claim_sweep_dir(sweep_dir: Path, meta: dict, rows) -> bool:
-    """Check or claim the sweep directory; returns True when an earlier sweep there can be resumed."""
+def claim_sweep_dir(sweep: RunDir, meta: dict, rows) -> bool:
+    """Check or claim the sweep directory; returns True when an earlier sweep there can be resumed. One at a URI is
+    pulled first (all but checkpoints and weights), unless it holds something other than a sweep."""
     from ray.tune import Tuner
 
+    if sweep.remote:
+        names = sweep.top_names()
+        if names and "sweep.json" not in names:
+            raise ConfigError(f"{sweep.location} is not empty and holds no sweep.json ({', '.join(names[:5])}); "
+                              f"choose an empty or new --out")
+        sweep.pull()
+    sweep_dir = sweep.local
     meta_path = sweep_dir / "sweep.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -104,12 +117,13 @@ def claim_sweep_dir(sweep_dir: Path, meta: dict, rows) -> bool:
                  "folds": "folds", "search": "--search", "scheduler": "--scheduler", "num_samples": "--num-samples"}
         changed = [names[k] for k in names if old.get(k) != meta[k]]
         if changed:
-            raise ConfigError(f"{sweep_dir} holds a sweep with a different {', '.join(changed)}; rerun it with the "
-                              f"same settings to resume, or use another --out")
+            raise ConfigError(f"{sweep.location} holds a sweep with a different {', '.join(changed)}; rerun it with "
+                              f"the same settings to resume, or use another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_data_parquet(sweep_dir, rows)
     atomic_write_json(meta_path, meta)
-    return Tuner.can_restore(str(sweep_dir / "ray" / "tune"))
+    path, fs = ray_storage(sweep.location, "ray")
+    return Tuner.can_restore(f"{path}/tune", storage_filesystem=fs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         if eval_every >= steps:
             print(f"warning: folds run {steps} steps and train.eval_every={eval_every}: no interim evaluation, "
                   f"so ASHA cannot stop any trial early", file=sys.stderr)
-    sweep_dir = (args.out or Path("runs") / f"{base.experiment}-sweep").resolve()
     data_sha = data.sha256
     meta = {"experiment": base.experiment, "fingerprint": trial_base.fingerprint(), "data_path": base.data.path,
             "data_sha256": data_sha, "space_fingerprint": space_fingerprint(space),
@@ -160,19 +173,38 @@ def main(argv: list[str] | None = None) -> int:
             "eval_every": trial_base.train.eval_every, "command": " ".join(["python -m orchestrator.tune", *argv]),
             **data.notes}
     try:
-        resumable = claim_sweep_dir(sweep_dir, meta, rows)
-    except ConfigError as e:
+        sweep = open_run(args.out or Path("runs") / f"{base.experiment}-sweep")
+    except StorageError as e:
+        print(f"error: --out {e}", file=sys.stderr)
+        return 2
+    try:
+        resumable = claim_sweep_dir(sweep, meta, rows)
+        (sweep.local / "config.yaml").write_text(to_yaml(trial_base))
+        sweep.push()
+        return run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
+    except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (sweep_dir / "config.yaml").write_text(to_yaml(trial_base))
-    try:
-        return run(args, base, trial_base, space, folds, sweep_dir, data_sha, steps, resumable)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         print(f"\nsweep {interrupt.MESSAGE}", file=sys.stderr)
         return interrupt.EXIT_CODE
+    finally:
+        sweep.close()
 
 
-def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, steps: int, resumable: bool) -> int:
+def run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:
+    """The sweep on Ray; what the driver writes into a sweep directory at a URI is uploaded however it ends."""
+    try:
+        code = _run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            sweep.push()
+        raise
+    sweep.push()
+    return code
+
+
+def _run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:
     # Ray is imported only once the config, space and data are known to be good.
     from orchestrator import tracking
     from orchestrator.cluster import folds as ray_folds
@@ -191,15 +223,17 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
         return 3
     print(f"{'resuming' if resumable else 'starting'} sweep of {total} trials x folds {folds} on Ray "
           f"({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs): {concurrency} at a time; "
-          f"scheduler {args.scheduler}, search {args.search}; sweep directory {sweep_dir}")
+          f"scheduler {args.scheduler}, search {args.search}; sweep directory {sweep.show()}")
     t0 = time.time()
+    sweep_dir = sweep.local  # the sweep directory, or a URI's staging folder
     tracking.start(trial_base, sweep_dir, kind="sweep", folds=folds)  # one MLflow / W&B run per trial
     scheduler = ray_sweep.build_scheduler(args.scheduler, trial_base.train.eval_every, steps * len(folds))
-    results = ray_sweep.run_sweep(trial_base.to_dict(), to_param_space(space), sweep_dir, folds, data_sha,
+    results = ray_sweep.run_sweep(trial_base.to_dict(), to_param_space(space), sweep, folds, data_sha,
                                   num_samples=args.num_samples, concurrency=concurrency, search=args.search,
                                   scheduler=scheduler, restore=resumable)
     if interrupt.requested():
         ray_folds.shutdown_ray()  # the trials have stopped; their checkpoints and Tune's state are on disk
+    sweep.pull()  # the trials' reports, uploaded by the trials
     records = ray_sweep.trial_records(results)
     keys = list(space)
     board = lb.build_leaderboard(records, keys, folds, sweep_dir)
@@ -213,12 +247,13 @@ def run(args, base, trial_base, space, folds, sweep_dir: Path, data_sha: str, st
     unfinished = sum(r["status"] == "unfinished" for r in records)
     if best is not None:
         lb.write_best_yaml(base, best, keys, folds, sweep_dir / "best.yaml")
-        print(f"\nbest: trial {best['trial']}  OOF log loss {best['log_loss']:.4f}  -> {sweep_dir / 'best.yaml'}")
+        print(f"\nbest: trial {best['trial']}  OOF log loss {best['log_loss']:.4f}  -> {sweep.show('best.yaml')}")
     tracking.finish(sweep_dir, None, [sweep_dir / "leaderboard.csv", sweep_dir / "best.yaml"],
                     figures={"best_log_loss": best["log_loss"]} if best is not None else None)
-    print(f"leaderboard: {sweep_dir / 'leaderboard.csv'}  ({time.time() - t0:.0f}s)")
+    sweep.push()  # before the console names them
+    print(f"leaderboard: {sweep.show('leaderboard.csv')}  ({time.time() - t0:.0f}s)")
     if unfinished or interrupt.requested():
-        print(f"sweep {interrupt.MESSAGE} ({sweep_dir})", file=sys.stderr)
+        print(f"sweep {interrupt.MESSAGE} ({sweep.show()})", file=sys.stderr)
         return interrupt.EXIT_CODE
     if best is None:
         print("no trial completed (errors above; a rerun retries failed trials)", file=sys.stderr)

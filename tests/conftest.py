@@ -42,3 +42,13 @@ def nf4_gemma2_dir(tmp_path_factory) -> Path:
     from tests.tiny_gemma import save_prequantized_gemma2
 
     return save_prequantized_gemma2(tmp_path_factory.mktemp("tiny-gemma2-bnb-4bit"))
+
+
+@pytest.fixture
+def s3():
+    """A local S3-compatible server (moto, in this process, on a free port) with a bucket ``runs``; this process's
+    environment points AWS_ENDPOINT_URL and test credentials at it while the test runs (tests/s3_server.py)."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -3,15 +3,14 @@
 
 Ray Train V2 (Ray >= 2.51) cannot be passed to a Tuner directly: a trial is a function that builds a TorchTrainer and
 calls ``fit()``; ``TuneReportCallback`` forwards the workers' reports to Tune. Each fold's Train run is named
-``fold=<k>`` under ``<run_dir>/ray``, so a rerun of the same run directory resumes from its last checkpoint.
+``fold=<k>`` under ``<run_dir>/ray``, so a rerun of the same run directory resumes from its last checkpoint. A run
+directory at a URI is Ray's ``storage_path`` there, with its ``storage_filesystem`` (``orchestrator.runs.storage``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import ray
@@ -25,7 +24,10 @@ from orchestrator.cluster.address import SETUP_HOOK
 from orchestrator.cluster.errors import root_cause
 from orchestrator.cluster.progress import Progress
 from orchestrator.cluster.schedule import TRIAL_DRIVER_CPU, Phase, Placement, base_placement
-from orchestrator.runs.compile_cache import compile_cache_dir, use_compile_cache
+from orchestrator.cluster.worker import fold_worker
+from orchestrator.runs import storage
+from orchestrator.runs.compile_cache import compile_cache_dir
+from orchestrator.runs.staging import RunDir
 from trainer_core.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,11 @@ WORKER_ENV = {
 
 
 def worker_env(environ: dict | None = None) -> dict[str, str]:
-    """The environment variables for Ray workers: :data:`WORKER_ENV`, each overridden by ``environ``'s value."""
+    """The environment variables for Ray workers: :data:`WORKER_ENV`, each overridden by ``environ``'s value, plus
+    where the object store is (``storage.STORAGE_ENV``: endpoint and region, never credentials) when set here."""
     environ = os.environ if environ is None else environ
-    return {k: environ.get(k, v) for k, v in WORKER_ENV.items()}
+    return {**{k: environ.get(k, v) for k, v in WORKER_ENV.items()},
+            **{k: environ[k] for k in storage.STORAGE_ENV if environ.get(k)}}
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> dict:
@@ -111,45 +115,13 @@ def link_ray_logs(run_dir: Path) -> Path | None:
     return link
 
 
-def fold_worker(config: dict) -> dict:
-    """Runs on every Ray Train worker of one fold: a thin adapter around ``trainer_core.fold.loop.train_fold``."""
-    import pandas as pd
-    import torch
-
-    from trainer_core.fold.loop import train_fold
-
-    cfg = config_from_dict(config["cfg"])
-    fold, run_dir, placement = config["fold"], Path(config["run_dir"]), config["placement"]
-    use_compile_cache(config.get("compile_cache"))
-    if not placement.use_gpu:
-        torch.set_num_threads(max(1, int(placement.cpus_per_worker)))  # a packed CPU fold uses all it reserved
-    rows = pd.read_parquet(run_dir / "data.parquet")
-
-    def report(metrics: dict, ckpt_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        resume_dir = Path(tempfile.mkdtemp(prefix=f"fold{fold}-resume-"))
-        checkpoint.to_directory(str(resume_dir))
-    try:
-        result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
-                            tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device(),
-                            stop_at=placement.stop_at)
-    finally:
-        if resume_dir is not None:
-            shutil.rmtree(resume_dir, ignore_errors=True)
-    return {"paused": True} if result is None else result.metrics.to_dict()
-
-
-def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | None = None,
-                  callbacks: list | None = None, cache_root: Path | None = None) -> TorchTrainer:
+def build_trainer(cfg: Config, fold: int, run_dir: str | Path, placement: Placement | None = None,
+                  callbacks: list | None = None, cache_root: str | Path | None = None) -> TorchTrainer:
     """Fold ``fold``'s Ray Train run, placed as ``placement`` (default: as ``cluster.*`` asks, the whole fold).
-    ``cache_root``: the folder whose ``compile_cache`` the fold compiles into (default ``run_dir``; a sweep passes its
-    own folder so every trial shares one)."""
+    ``run_dir``: a local path or a URI (``RunDir.location``). ``cache_root``: the folder whose ``compile_cache`` the
+    fold compiles into (default ``run_dir``; a sweep passes its own folder so every trial shares one)."""
     placement = placement or base_placement(cfg)
+    storage_path, storage_fs = storage.ray_storage(run_dir, "ray")
     scaling = ray.train.ScalingConfig(
         num_workers=placement.workers,
         use_gpu=placement.use_gpu,
@@ -163,7 +135,8 @@ def build_trainer(cfg: Config, fold: int, run_dir: Path, placement: Placement | 
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"fold={fold}",  # stable: a rerun finds this fold's checkpoints
-            storage_path=str((run_dir / "ray").resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=fold_failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
@@ -186,7 +159,7 @@ def fold_trial(config: dict, cfg: dict, run_dir: str, phase: Phase) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     fold = config["fold"]
-    trainer = build_trainer(config_from_dict(cfg), fold, Path(run_dir), phase[fold], callbacks=[TuneReportCallback()])
+    trainer = build_trainer(config_from_dict(cfg), fold, run_dir, phase[fold], callbacks=[TuneReportCallback()])
     trainer.fit()  # raises TrainingFailedError after cluster.max_failures restarts; Tune marks the trial errored
 
 
@@ -221,7 +194,7 @@ def remove_leftover_placement_groups() -> int:
     return n
 
 
-def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
+def run_folds(cfg: Config, phase: Phase, run: RunDir, concurrency: int,
               later_fold_times: float = 0.0) -> dict[int, str | None]:
     """Train the folds of ``phase``, each placed as it says, as concurrent Tune trials; returns {fold: None if it
     finished (or paused at its placement's ``stop_at``, a piece of a rotated schedule), else the error text}.
@@ -248,10 +221,10 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
                 if interrupt.requested():
                     break
                 wave = {k: phase[k] for k in folds[i:i + concurrency]}
-                out.update(_tune_folds(cfg, wave, run_dir, concurrency, later_fold_times))
+                out.update(_tune_folds(cfg, wave, run, concurrency, later_fold_times))
                 remove_leftover_placement_groups()
             return out
-    out = _tune_folds(cfg, phase, run_dir, concurrency, later_fold_times)
+    out = _tune_folds(cfg, phase, run, concurrency, later_fold_times)
     if not cfg.cluster.address:
         freed = remove_leftover_placement_groups()
         if freed:
@@ -259,22 +232,22 @@ def run_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
     return out
 
 
-def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
+def _tune_folds(cfg: Config, phase: Phase, run: RunDir, concurrency: int,
                 later_fold_times: float) -> dict[int, str | None]:
     if interrupt.requested():  # Ctrl-C came between two Tuners: start no other
         return {}
-    storage = (run_dir / "ray").resolve()
-    shutil.rmtree(storage / "folds", ignore_errors=True)  # Tune's own bookkeeping; Train checkpoints live beside it
-    trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=str(run_dir.resolve()), phase=phase)
+    storage.remove_tree(run.location, "ray/folds")  # Tune's own bookkeeping; Train checkpoints live beside it
+    storage_path, storage_fs = storage.ray_storage(run.location, "ray")
+    trial = ray.tune.with_parameters(fold_trial, cfg=cfg.to_dict(), run_dir=run.location, phase=phase)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trial, TRIAL_RESOURCES),
         param_space={"fold": ray.tune.grid_search(list(phase))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=ray.tune.RunConfig(name="folds", storage_path=str(storage), verbose=0,
+        run_config=ray.tune.RunConfig(name="folds", storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
                                       callbacks=[Progress(len(phase), concurrency,
                                                          later_fold_times=later_fold_times,
                                                          compiled=cfg.model.compile != "off"),
-                                                 *tracking.callbacks(run_dir)],  # MLflow / W&B, from the driver
+                                                 *tracking.callbacks(run.local)],  # MLflow / W&B, from the driver
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
@@ -285,8 +258,8 @@ def _tune_folds(cfg: Config, phase: Phase, run_dir: Path, concurrency: int,
             out[fold] = None
             continue
         full = str(r.error)
-        log_path = run_dir / "logs" / f"fold={fold}.error.txt"
+        log_path = run.local / "logs" / f"fold={fold}.error.txt"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(full)
-        out[fold] = f"{root_cause(full)} (full traceback: {log_path})"
+        out[fold] = f"{root_cause(full)} (full traceback: {run.show(f'logs/fold={fold}.error.txt')})"
     return out

@@ -5,7 +5,9 @@ reducer.
 
 Layout: ``<sweep>/trial=<trial id>/`` is an ordinary run directory (``data.parquet``, ``run.json``, ``fold=<k>/``,
 ``oof.parquet``, ``report.json``); its Train runs are ``<sweep>/trial=<id>/ray/fold=<k>``, unique per (trial, fold),
-so a restarted trial resumes its own checkpoints. Tune's own state is ``<sweep>/ray/tune``.
+so a restarted trial resumes its own checkpoints. Tune's own state is ``<sweep>/ray/tune``. A sweep directory at a
+URI keeps all of this there: each trial works on a staging copy of its trial directory (orchestrator.runs.staging),
+its folds upload their own files, and Ray keeps checkpoints and state at the URI.
 
 What Tune sees (metric ``loss``, minimised): the interim held-out log loss of each ``train.eval_every`` evaluation of
 a fold, at ``sweep_step`` = optimizer steps of the trial so far (over its folds) - ASHA's clock; and, last, the trial's
@@ -15,11 +17,11 @@ the metric (Tune checks that strictly) and none of them is stale.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import ray.tune
@@ -28,6 +30,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator import tracking
 from orchestrator.cluster import folds as ray_folds
 from orchestrator.cluster.folds import TRIAL_RESOURCES, build_trainer
+from orchestrator.runs import storage
+from orchestrator.runs.staging import RunDir, open_run
 from trainer_core.config import apply_overrides, config_from_dict
 
 METRIC = "loss"
@@ -55,29 +59,40 @@ class SweepReportCallback(TuneReportCallback):
 
 
 def sweep_trial(config: dict, base: dict, sweep_dir: str, folds: list[int], data_sha256: str) -> None:
-    """One Tune trial: ``config`` is the trial's dotted overrides; folds run sequentially, finished ones are skipped."""
+    """One Tune trial: ``config`` is the trial's dotted overrides; folds run sequentially, finished ones are skipped.
+    ``sweep_dir``: the sweep directory's location, a local path or a URI."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    with open_run(storage.join(sweep_dir, f"trial={trial_id}"), check=False) as trial:
+        report = _run_trial(config, base, sweep_dir, trial, trial_id, folds, data_sha256)
+    ray.tune.report({METRIC: report["cv_log_loss"], TIME_ATTR: report["sweep_steps"], "log_loss": report["cv_log_loss"],
+                     "accuracy": report["cv_accuracy"], "complete": True,
+                     **{f"fold_{f['fold']}_log_loss": f["log_loss"] for f in report["folds"]}})
+
+
+def _run_trial(config: dict, base: dict, sweep_dir: str, trial, trial_id: str, folds: list[int],
+               data_sha256: str) -> dict:
     from orchestrator.reporting.reducer import fold_is_complete, reduce_run
     from orchestrator.runs.rundir import claim_run_dir, run_meta
     from trainer_core.paths import atomic_write_json
 
-    trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_overrides(config_from_dict(base), config)
-    sweep = Path(sweep_dir)
-    trial_dir = sweep / f"trial={trial_id}"
-    rows = pd.read_parquet(sweep / "data.parquet")
+    rows = pd.read_parquet(io.BytesIO(storage.read_bytes(sweep_dir, "data.parquet")))
     overrides = " ".join(f"{k}={v}" for k, v in config.items())
+    trial.pull()  # a resumed trial's files
+    trial_dir = trial.local
     claim_run_dir(trial_dir, cfg, rows, run_meta(cfg, rows, folds, data_sha256, f"sweep trial {trial_id}: {overrides}"),
                   restart=False)
     atomic_write_json(trial_dir / "trial.json", {"trial_id": trial_id, "overrides": config})
+    trial.push()
     steps = 0
     for k in folds:
         if not fold_is_complete(trial_dir, k, rows):
-            build_trainer(cfg, k, trial_dir, callbacks=[SweepReportCallback(steps)], cache_root=sweep).fit()
+            build_trainer(cfg, k, trial.location, callbacks=[SweepReportCallback(steps)], cache_root=sweep_dir).fit()
+            trial.pull()
         steps += json.loads((trial_dir / f"fold={k}" / "metrics.json").read_text())["steps"]
-    report = reduce_run(trial_dir, folds)
-    ray.tune.report({METRIC: report["cv_log_loss"], TIME_ATTR: steps, "log_loss": report["cv_log_loss"],
-                     "accuracy": report["cv_accuracy"], "complete": True,
-                     **{f"fold_{f['fold']}_log_loss": f["log_loss"] for f in report["folds"]}})
+    report = reduce_run(trial_dir, folds, location=trial.location)
+    trial.push()
+    return {**report, "sweep_steps": steps}
 
 
 class SweepProgress(ray.tune.Callback):
@@ -128,16 +143,18 @@ def build_search(name: str):
     return None  # Tune's default BasicVariantGenerator: random sampling plus grid_search
 
 
-def run_sweep(base: dict, param_space: dict, sweep_dir: Path, folds: list[int], data_sha256: str, *,
+def run_sweep(base: dict, param_space: dict, sweep: RunDir, folds: list[int], data_sha256: str, *,
               num_samples: int, concurrency: int, search: str, scheduler, restore: bool):
-    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+    """Run (or resume) the sweep in ``sweep`` (local, or at a URI: Tune's state there too); returns Tune's
+    ResultGrid."""
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), folds=folds,
+        ray.tune.with_parameters(sweep_trial, base=base, sweep_dir=sweep.location, folds=folds,
                                  data_sha256=data_sha256),
         TRIAL_RESOURCES)  # on the head node, like cv folds: a lost worker node costs only its Train workers
-    path = str(sweep_dir / "ray" / "tune")
+    storage_path, storage_fs = storage.ray_storage(sweep.location, "ray")
     if restore:
-        tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(f"{storage_path}/tune", trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=storage_fs)
     else:
         tuner = ray.tune.Tuner(
             trainable,
@@ -145,8 +162,8 @@ def run_sweep(base: dict, param_space: dict, sweep_dir: Path, folds: list[int], 
             tune_config=ray.tune.TuneConfig(metric=METRIC, mode="min", num_samples=num_samples,
                                             max_concurrent_trials=concurrency, search_alg=build_search(search),
                                             scheduler=scheduler),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir / "ray"), verbose=0,
-                                          callbacks=[SweepProgress(), *tracking.callbacks(sweep_dir)],
+            run_config=ray.tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=storage_fs,
+                                          verbose=0, callbacks=[SweepProgress(), *tracking.callbacks(sweep.local)],
                                           failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
     return tuner.fit()

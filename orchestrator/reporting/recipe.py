@@ -98,10 +98,12 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def read_recipe(run_dir: Path, folds: list[int], fold_metrics: list[dict], meta: dict) -> dict:
+def read_recipe(run_dir: Path, folds: list[int], fold_metrics: list[dict], meta: dict,
+                location: str | None = None) -> dict:
     """The recipe section of report.json, from ``run.json`` (``meta``), ``config.yaml``, ``sessions.json``, the folds'
     ``metrics.json`` (``fold_metrics``) and their TensorBoard events. Keys whose source is absent (a run from before
-    this file existed) are None."""
+    this file existed) are None. ``location``: the run directory as the report names it (a URI), when ``run_dir`` is a
+    local staging copy."""
     run_dir = Path(run_dir)
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -133,7 +135,7 @@ def read_recipe(run_dir: Path, folds: list[int], fold_metrics: list[dict], meta:
         "gpu_type": ", ".join(gpu_names) or None,
         "gpus_per_fold": max((m.get("world_size", 1) for m in fold_metrics if m.get("gpu_name")), default=0),
         "cluster_gpus": sessions[-1].get("gpus") if sessions else None,
-        "tensorboard": f"tensorboard --logdir {tb}",
+        "tensorboard": f"tensorboard --logdir {location.rstrip('/') + '/tensorboard' if location else tb}",
         "loss_curves": {str(k): loss_curve(tb / f"fold={k}") for k in folds},
     }
 

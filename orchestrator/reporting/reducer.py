@@ -78,8 +78,9 @@ def load_fold(run_dir: Path, fold: int, rows: pd.DataFrame) -> tuple[dict, pd.Da
     return fold_metrics, oof
 
 
-def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
-    """Build and write the combined report for ``folds``; returns the report dict."""
+def reduce_run(run_dir: str | Path, folds: list[int], location: str | None = None) -> dict:
+    """Build and write the combined report for ``folds``; returns the report dict. ``location``: where the run
+    directory lives when ``run_dir`` is its local staging copy (a URI), as the report names it."""
     run_dir = Path(run_dir)
     if not (run_dir / "data.parquet").exists():
         raise ReduceError(f"{run_dir}: not a run directory (no data.parquet)")
@@ -99,7 +100,7 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     has_tta = all(set(TTA_COLUMNS) <= set(p.columns) for p in parts)
     oof = pd.concat(parts).sort_values("id").reset_index(drop=True)[OOF_COLUMNS + (TTA_COLUMNS if has_tta else [])]
     report = summarise(oof, rows, folds, fold_metrics)
-    report["run_dir"] = str(run_dir.resolve())
+    report["run_dir"] = location or str(run_dir.resolve())
     run_meta = run_dir / "run.json"
     meta = json.loads(run_meta.read_text()) if run_meta.exists() else {}
     report["experiment"] = meta.get("experiment")
@@ -109,7 +110,7 @@ def reduce_run(run_dir: str | Path, folds: list[int]) -> dict:
     if meta.get("soft_labels"):
         report["distillation"] = distillation_note(meta["soft_labels"])
         report["optimistic_because"] = report["distillation"]["optimistic_because"]
-    report["recipe"] = read_recipe(run_dir, folds, fold_metrics, meta)
+    report["recipe"] = read_recipe(run_dir, folds, fold_metrics, meta, location)
     write_reports(run_dir, oof, report)
     return report
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.runs.storage import is_uri
 from trainer_core.config import Config
 
 
-def compile_cache_dir(cfg: Config, cache_root: Path) -> str | None:
+def compile_cache_dir(cfg: Config, cache_root: str | Path) -> str | None:
     """``cluster.compile_cache`` as a folder: ``run`` -> ``<cache_root>/compile_cache``; ``local`` -> None (torch's
-    default folder on each machine); else the configured path."""
+    default folder on each machine); else the configured path. A run directory on object storage (``cache_root`` a
+    URI) has no folder to compile into: ``run`` then means ``local``."""
     where = cfg.cluster.compile_cache
-    if where == "local":
+    if where == "local" or (where == "run" and is_uri(cache_root)):
         return None
-    return str((cache_root / "compile_cache").resolve() if where == "run" else Path(where).expanduser().resolve())
+    return str((Path(cache_root) / "compile_cache").resolve() if where == "run" else Path(where).expanduser().resolve())
 
 
 def use_compile_cache(path: str | None) -> None:

@@ -2,7 +2,8 @@
 before any Ray work. Shared by ``orchestrator.cv`` and sweep trials.
 
 A directory is only ever claimed - and with ``--restart`` only ever emptied - when it is empty or already holds this
-project's ``run.json``: ``--out ~/thesis`` must not delete a thesis."""
+project's ``run.json``: ``--out ~/thesis`` must not delete a thesis. The same holds for a run directory on object
+storage (``orchestrator.runs.staging``), checked on the store's listing before anything is downloaded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.runs.data import file_sha256, load_run_data, write_data_parquet
+from orchestrator.runs.staging import RunDir, open_run
 from trainer_core.config import to_yaml
 from trainer_core.data.soft_labels import check_soft_labels
 from trainer_core.paths import atomic_write_json, atomic_write_text
@@ -71,6 +73,16 @@ def check_claimable(run_dir: Path) -> None:
         shown = ", ".join(entries[:5]) + (f" (+{len(entries) - 5} more)" if len(entries) > 5 else "")
         raise RunDirError(f"{run_dir} is not empty and holds no run.json of this project ({shown}): refusing to use it "
                           f"as a run directory, with or without --restart; choose an empty or new --out")
+
+
+def check_remote_claimable(run: RunDir) -> None:
+    """:func:`check_claimable` for a run directory at a URI, on the store's listing (nothing is downloaded from a
+    prefix that is not a run's)."""
+    names = run.top_names()
+    if names and "run.json" not in names:
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        raise RunDirError(f"{run.location} is not empty and holds no run.json of this project ({shown}): refusing to "
+                          f"use it as a run directory, with or without --restart; choose an empty or new --out")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -137,17 +149,30 @@ def claim_run_dir(run_dir: Path, cfg, rows, meta: dict, restart: bool) -> None:
     write_data_parquet(run_dir, rows)
 
 
-def prepare_run_dir(cfg, run_dir: Path, folds: list[int], restart: bool, command: str, before_write=None):
+def prepare_run_dir(cfg, run_dir: Path | RunDir, folds: list[int], restart: bool, command: str, before_write=None):
     """Validate the data (before any Ray work), claim or check the run directory, write data.parquet once.
     ``before_write``: called after every check of the inputs and before anything is written (cv's cluster check).
+    A run directory at a URI is checked on its listing, then pulled (all but checkpoints and weights) into its
+    staging folder, checked and claimed there like a local one, and what was written is pushed (``--restart``
+    first deletes everything under the URI, Ray's checkpoints included).
 
     Returns the rows with folds assigned."""
     data = load_run_data(cfg)
     meta = run_meta(cfg, data.rows, folds, data.sha256, command, data.notes)
-    check_claimable(run_dir)
-    if (Path(run_dir) / "run.json").exists() and not restart:
-        check_same_run(run_dir, cfg, meta)
+    run = open_run(run_dir)
+    if run.remote:
+        check_remote_claimable(run)
+        run.pull()
+    try:
+        check_claimable(run.local)
+        if (run.local / "run.json").exists() and not restart:
+            check_same_run(run.local, cfg, meta)
+    except RunDirError as e:  # named as the user gave it, not as its staging folder
+        raise RunDirError(str(e).replace(str(run.local), run.location)) from None
     if before_write is not None:
         before_write()
-    claim_run_dir(run_dir, cfg, data.rows, meta, restart)
+    if restart:
+        run.clear()
+    claim_run_dir(run.local, cfg, data.rows, meta, restart)
+    run.push()
     return data.rows

@@ -203,7 +203,8 @@ class ClusterConfig:
     compile_cache: str = _f(
         "run", "where compiled layers (torch.compile's inductor and Triton caches) are kept so later folds and sweep "
         "trials start warm: run = <run directory>/compile_cache (a sweep's folder for its trials; shared with every "
-        "node where the run directory is), local = torch's default folder on each machine, or a folder path")
+        "node where the run directory is; a run directory on object storage uses local), local = torch's default "
+        "folder on each machine, or a folder path")
 
 
 @dataclass

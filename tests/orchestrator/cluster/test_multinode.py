@@ -3,12 +3,18 @@
 (its raylet, agents and workers) once the fold it trains has a checkpoint, and a replacement node started. The run
 must end with exit code 0, a complete OOF file and a fold that resumed from its checkpoint.
 
+The nodes share no run directory: it lives in an S3-compatible bucket (moto's server on a local port,
+tests/s3_server.py) that every node reaches over HTTP, as a cluster without a shared disk would. The fold's worker on
+node b reads its data from there, Ray Train keeps its checkpoints there, and the replacement node resumes from there.
+
 The cluster runs with Ray's token authentication (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN), as a real one
 should: ``cv --address`` joins it with the token, and the dashboard refuses a request without it.
 
 The cluster is this test's own: a temporary ``--temp-dir``, ports picked free for every process, and a marker in the
 environment of every process it starts, so teardown kills exactly those processes and nothing else."""
 
+import io
+import json
 import os
 import shutil
 import socket
@@ -21,12 +27,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
-from tests.orchestrator.cluster.test_faults import check_fold_resumed, checkpoints, cleaned_up, start_cv, wait_for
+from tests.conftest import DATA
+from tests.orchestrator.cluster.test_faults import cleaned_up, start_cv, wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))
 MARK = "ORCHESTRATOR_TEST_RAY_CLUSTER"  # set in every process of the test cluster (inherited by raylets' workers)
@@ -170,7 +178,8 @@ def http_status(url: str) -> int:
 
 
 @pytest.mark.slow  # a local multi-node Ray cluster and orchestrator.cv on it
-def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, cluster):
+def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(s3, cluster):
+    cluster.env.update(s3.env)  # every node reaches the bucket (credentials from its own environment)
     cluster.start_head()
     cluster.add_worker_node("b")
     nodes = cluster.wait_for_nodes(2, 90)
@@ -178,10 +187,10 @@ def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, clust
     node_b = next(n.node_id for n in nodes if not n.is_head_node)
     assert http_status(f"{cluster.dashboard}/api/v0/nodes") == 401  # token authentication is on
 
-    out = tmp_path / "multinode"
+    out = s3.uri("multinode")
     proc = start_cv(out, "1", "--address", cluster.address, "train.max_steps=200", env=cluster.env)
     with cleaned_up(proc):
-        wait_for(lambda: checkpoints(out, 1), 240, "fold 1's first checkpoint", proc)
+        wait_for(lambda: s3.checkpointed("multinode", 1), 240, "fold 1's first checkpoint in the bucket", proc)
         # The fold's Train worker is on node b (the only node with CPUs), its trial driver and Train controller on
         # the head (ray_folds.TRIAL_RESOURCES), and the worker's pid is one of node b's processes.
         workers = actors(cluster, class_name="RayTrainWorker", state="ALIVE")
@@ -198,7 +207,12 @@ def test_worker_node_lost_mid_fold_resumes_on_a_replacement_node(tmp_path, clust
 
         cluster.add_worker_node("b2")  # the same resources come back on a new node
         stdout, _ = proc.communicate(timeout=400)
-    check_fold_resumed(proc, stdout, out, fold=1, steps=200)
+    assert proc.returncode == 0, stdout[-4000:]
+    metrics = json.loads(s3.read("multinode/fold=1/metrics.json"))
+    assert metrics["steps"] == 200 and metrics["resumed_from_step"] >= 5, stdout[-3000:]
+    oof = pd.read_parquet(io.BytesIO(s3.read("multinode/oof.parquet")))
+    assert sorted(oof["id"]) == sorted(i for i in pd.read_csv(DATA, usecols=["id"]).head(60)["id"] if i % 5 == 1)
+    assert oof["id"].is_unique
     # the restarted worker ran on the replacement node
     nodes_now = {n.node_id for n in cluster.alive_nodes()} - {head}
     assert {w.node_id for w in actors(cluster, class_name="RayTrainWorker")} & nodes_now, stdout[-3000:]

@@ -61,8 +61,10 @@ def test_the_start_line_speaks_of_compilation_only_when_the_folds_compile(settin
     monkeypatch.setattr(folds.ray.tune, "Tuner", tuner)
     monkeypatch.setattr(folds.ray.tune, "with_parameters", lambda fn, **kw: fn)
     cfg = load_config(CONFIGS / "smoke.yaml", [f"model.compile={setting}"])
+    from orchestrator.runs.staging import RunDir
+
     with pytest.raises(Stop):
-        folds._tune_folds(cfg, {0: None}, tmp_path, 1, 0.0)
+        folds._tune_folds(cfg, {0: None}, RunDir(tmp_path), 1, 0.0)
     made[0].stream = io.StringIO()
     made[0].on_trial_start(0, [], SimpleNamespace(config={"fold": 0}))
     line = made[0].stream.getvalue()

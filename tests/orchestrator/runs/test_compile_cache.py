@@ -34,6 +34,8 @@ def test_the_setting_names_a_folder(tmp_path, setting, expected):
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"cluster.compile_cache={setting}"])
     got = compile_cache_dir(cfg, tmp_path)
     assert got == (None if expected is None else expected.replace("RUN", str(tmp_path)))
+    # a run directory on object storage has no folder to compile into: run means each machine's own (local)
+    assert compile_cache_dir(cfg, "s3://bucket/run") == (None if setting == "run" else got)
 
 
 @pytest.mark.slow
