@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -31,9 +30,10 @@ import torch
 
 from trainer_core import fastpath
 from trainer_core.config import Config, pad_multiple
-from trainer_core.data.tokenization import build_tokenizer, encode
+from trainer_core.data.tokenization import build_tokenizer, encode, features
 from trainer_core.data.tta import swap_responses, tta_average
 from trainer_core.fastpath.recompiles import RecompileCounter
+from trainer_core.fold import ranks
 from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_micro_batch
 from trainer_core.fold.distill import distill_loss
 from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
@@ -43,7 +43,7 @@ from trainer_core.fold.state import FoldMetrics, load_checkpoint, rng_state, sav
 from trainer_core.fold.step import train_step
 from trainer_core.fold.telemetry import Telemetry
 from trainer_core.metrics import accuracy, clip_probs, log_loss, prior_probs
-from trainer_core.model.build import build_model, trainable_parameters
+from trainer_core.model.build import build_model, fit_length_term, trainable_parameters
 from trainer_core.model.memory import apply_budget, free_device_bytes
 from trainer_core.model.precision import make_autocast, resolve_precision
 
@@ -58,16 +58,6 @@ class FoldResult:
     fold: int
     metrics: FoldMetrics
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
@@ -100,7 +90,7 @@ class FoldRun:
     def __init__(self, cfg: Config, fold: int, *, device: torch.device | None, report: ReportFn | None):
         self.cfg, self.fold, self.report = cfg, fold, report
         self.rank, self.world = dist_info()
-        self.device = device or default_device()
+        self.device = device or ranks.default_device()
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast = make_autocast(self.precision, self.device)
         self.multiple = pad_multiple(cfg.model)  # batch lengths rounded up to it: static compiled shapes
@@ -117,7 +107,7 @@ class FoldRun:
         """Tokenized rows, the model (plain build, placement, fast path: as the benchmark builds it), optimizer and
         loss scaler; then a checkpoint, if any."""
         cfg, t = self.cfg, self.cfg.train
-        seed_everything(t.seed + self.fold)
+        ranks.seed_everything(t.seed + self.fold)
         self.tok = build_tokenizer(cfg.model)
         self.data = FoldData.build(cfg, self.fold, rows, self.tok)
         apply_budget(self.device, t.memory_budget_gib)
@@ -125,6 +115,9 @@ class FoldRun:
         fastpath.prepare_load(cfg.model)
         self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
                                  device=self.device, seed=t.seed)
+        if cfg.model.length_features:  # fitted on this fold's training rows alone, before DDP copies rank 0's
+            loss = fit_length_term(self.model, self.data.train_feats, self.data.train_labels.numpy())
+            log.info("fold %d: length term fitted on the training rows: log loss %.4f", self.fold, loss)
         # every rank plans from the smallest free memory of all: different plans would hang DDP's all-reduce
         free = (min_over_ranks(free_device_bytes(self.device, t.memory_budget_gib), self.device, self.world)
                 if self.device.type == "cuda" else None)
@@ -149,7 +142,7 @@ class FoldRun:
                 find_unused_parameters=False)
             # Same seed above, so every rank built the same new weights; from here each rank draws its own dropout
             # masks (one seed would repeat the same masks on every rank's rows).
-            seed_everything(rank_seed(t.seed + self.fold, self.rank))
+            ranks.seed_everything(rank_seed(t.seed + self.fold, self.rank))
         self.step = 0
         if resume_from is not None:
             self.step, self.before = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scaler,
@@ -215,7 +208,8 @@ class FoldRun:
     def interim_eval(self) -> dict:
         """Interim held-out score (early stopping of sweeps): the first ``train.interim_eval_rows`` rows by id."""
         n = min(len(self.data.val_ids), self.cfg.train.interim_eval_rows)
-        probs = self.evaluate(self.data.val_ids[:n])
+        feats = self.data.val_feats
+        probs = self.evaluate(self.data.val_ids[:n], None if feats is None else feats[:n])
         labels = self.data.val_labels[:n]
         return {"interim_log_loss": log_loss(labels, probs), "interim_accuracy": accuracy(labels, probs),
                 "interim_rows": n}
@@ -242,8 +236,9 @@ class FoldRun:
                 "samples": self.before.get("samples", 0) + self.samples}
 
     # ------------------------------------------------------------------------------------------------ evaluate
-    def evaluate(self, ids: list[list[int]]) -> np.ndarray:
-        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
+    def evaluate(self, ids: list[list[int]], feats: np.ndarray | None) -> np.ndarray:
+        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered. ``feats``:
+        the rows' length features (model.length_features), else None."""
         t = self.cfg.train
         local_idx = np.arange(self.rank, len(ids), self.world)
         local_ids, tok, dev = [ids[i] for i in local_idx], self.tok, self.device
@@ -251,20 +246,22 @@ class FoldRun:
                                      train_batch=t.batch_size, budget_gib=t.memory_budget_gib)
         if t.eval_batch_size == "auto":
             log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, bs)
-        local = predict_probs(self.model, local_ids, bs, tok.pad_token_id, dev, self.autocast, None, self.multiple)
+        local = predict_probs(self.model, local_ids, bs, tok.pad_token_id, dev, self.autocast, None, self.multiple,
+                              None if feats is None else feats[local_idx])
         return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
 
     def evaluate_fold(self) -> tuple[FoldMetrics, pd.DataFrame]:
         """Every held-out row (and, with ``train.eval_tta``, the same rows with responses a/b swapped)."""
         run_train_seconds = time.perf_counter() - self.t_start
         data, done = self.data, self.totals()
-        probs, labels = self.evaluate(data.val_ids), data.val_labels
+        probs, labels = self.evaluate(data.val_ids, data.val_feats), data.val_labels
         oof = pd.DataFrame({"id": data.val_rows["id"].values, "fold": self.fold, "label": labels,
                             "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
         tta = None
         if self.cfg.train.eval_tta:  # p_a/p_b/p_tie stay the plain figure; the averages go beside them
-            swapped = encode(swap_responses(data.val_rows), self.tok, self.cfg)
-            tta = clip_probs(tta_average(probs, self.evaluate(swapped)))
+            swapped = swap_responses(data.val_rows)  # its length features swapped with it
+            tta = clip_probs(tta_average(probs, self.evaluate(encode(swapped, self.tok, self.cfg),
+                                                              features(swapped, self.tok, self.cfg))))
             oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
         metrics = FoldMetrics(
             fold=self.fold, log_loss=log_loss(labels, probs), accuracy=accuracy(labels, probs),
