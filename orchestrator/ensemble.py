@@ -7,6 +7,7 @@ Examples::
     python -m orchestrator.ensemble runs/minilm runs/gemma --out runs/ens
     python -m orchestrator.ensemble runs/a runs/b runs/c --out runs/ens_logit --method logit
     python -m orchestrator.ensemble s3://bucket/runs/a runs/b --out runs/ens   # members on object storage too
+    python -m orchestrator.ensemble runs/minilm --with-length-baseline --out runs/minilm_plus_length
     python -m orchestrator.predict --run runs/ens --data test.csv --out submission.csv
 
 Methods (``--method``, default ``weights``): ``mean`` averages the members' probabilities; ``weights`` fits a
@@ -16,6 +17,12 @@ fitted on the other folds' OOF rows only. An optimistic member (say, a student o
 ensemble optimistic, and its reports say so. Members must cover the same ids with the same folds and labels, and come
 from the same data file, data.fold_by and data.n_folds (refused otherwise). A member given as a URI (s3://, gs://, ...)
 is read from there and recorded as that URI in ``ensemble.json``; ``predict`` downloads it again when it needs it.
+
+
+``--with-length-baseline`` adds the report's length-only logistic regression as one more member (one run is then
+enough): cross-fitted like the report's baseline (fold k's rows scored by a regression fitted on the other folds'
+rows), weighted by the same cross-fitted weights, and refitted per fold on the ensemble's data for new rows. The
+ensemble's figure against the run's own says what the model adds on top of length.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.reporting import baselines
 from orchestrator.reporting.honesty import warning
 from orchestrator.reporting.reducer import OOF_COLUMNS, PROB_COLUMNS, summarise, write_reports
 from orchestrator.runs import ensemble_weights
@@ -54,12 +62,17 @@ def check_out(out: Path, run_dirs: list[Path]) -> None:
             raise RunMismatch(f"--out {out} {where} the member {d}; write the ensemble to a directory of its own")
 
 
-def build_ensemble(run_dirs: list[Path], method: str,
-                   uris: list[str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+LENGTH_MEMBER = "length baseline"
+
+
+def build_ensemble(run_dirs: list[Path], method: str, uris: list[str | None] | None = None,
+                   with_length_baseline: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
     """(ensemble OOF rows, the data rows, report dict, ensemble.json dict), computed without writing anything.
-    ``uris``: per member, the URI it was read from when ``run_dirs`` holds its local staging copy (else None)."""
-    if len(run_dirs) < 2:
-        raise RunMismatch("an ensemble needs at least two run directories")
+    ``uris``: per member, the URI it was read from when ``run_dirs`` holds its local staging copy (else None).
+    ``with_length_baseline``: the cross-fitted length-only baseline joins as the last member."""
+    if len(run_dirs) + with_length_baseline < 2:
+        raise RunMismatch("an ensemble needs at least two members: two run directories, or one with "
+                          "--with-length-baseline")
     names = [u or str(d.resolve()) for d, u in zip(run_dirs, uris or [None] * len(run_dirs))]
     if len(set(names)) < len(run_dirs):
         raise RunMismatch("the same run directory is given twice")
@@ -69,16 +82,20 @@ def build_ensemble(run_dirs: list[Path], method: str,
     provenance = ensemble_provenance([run_provenance(d) for d in run_dirs], names)
     labels, fold_of = oofs[0]["label"].to_numpy(), oofs[0]["fold"].to_numpy()
     probs = [o[PROB_COLUMNS].to_numpy() for o in oofs]
+    folds = sorted(int(k) for k in np.unique(fold_of))
+    rows = pd.read_parquet(run_dirs[0] / "data.parquet")
+    described = [(name, read_report(d).get("experiment")) for d, name in zip(run_dirs, names)]
+    if with_length_baseline:  # fold k's rows scored by a regression fitted on the other folds' rows
+        probs.append(baselines.cross_fitted(oofs[0][["id", "fold"]], rows, folds))
+        described.append(("", LENGTH_MEMBER))
     combined, fold_weights = ensemble_weights.cross_fit(labels, probs, fold_of, method)
     weights = [float(x) for x in ensemble_weights.fit_weights(labels, probs, method)]
-    folds = sorted(int(k) for k in np.unique(fold_of))
     oof = oofs[0][["id", "fold", "label"]].copy()
     oof[PROB_COLUMNS] = combined
-    rows = pd.read_parquet(run_dirs[0] / "data.parquet")
     report = summarise(oof[OOF_COLUMNS], rows, folds, [{"fold": k} for k in folds])
     members = []
-    for d, name, p in zip(run_dirs, names, probs):
-        members.append({"run_dir": name, "experiment": read_report(d).get("experiment"),
+    for (run_dir, experiment), p in zip(described, probs):
+        members.append({"run_dir": run_dir, "experiment": experiment,
                         "cv_log_loss": metrics.log_loss(labels, p),
                         "log_loss_by_fold": {str(k): metrics.log_loss(labels[fold_of == k], p[fold_of == k])
                                              for k in folds}})
@@ -92,8 +109,9 @@ def build_ensemble(run_dirs: list[Path], method: str,
         "weights_by_fold": {str(k): w for k, w in fold_weights.items()},
         "note": ("weights applied to fold k's rows were fitted on the other folds' OOF rows only (cross-fitted); "
                  "'weights' (fitted on all OOF rows) is what predict applies to new rows")})
-    spec = {"method": method, "members": [m["run_dir"] for m in members], "weights": weights, "folds": folds,
-            "weights_by_fold": report["ensemble"]["weights_by_fold"], "provenance": provenance}
+    spec = {"method": method, "members": [str(d.resolve()) for d in run_dirs], "weights": weights, "folds": folds,
+            "weights_by_fold": report["ensemble"]["weights_by_fold"], "provenance": provenance,
+            "length_baseline": with_length_baseline}
     return oof, rows, report, spec
 
 
@@ -122,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the ensemble directory to write")
     p.add_argument("--method", choices=ensemble_weights.METHODS, default="weights",
                    help="mean: average; weights: fitted weighted average (default); logit: fitted weighted log-average")
+    p.add_argument("--with-length-baseline", action="store_true",
+                   help="add the cross-fitted length-only baseline (the report's) as one more member, with the same "
+                        "cross-fitted weights: what the runs add on top of length (one run directory is then enough)")
     args = p.parse_args(argv)
     try:
         # before reading anything: an ensemble that holds itself never ends
@@ -129,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:  # members at URIs: their reports and OOF rows, staged
             dirs = [stack.enter_context(staged(d)) for d in args.run_dirs]
             uris = [d if is_uri(d) else None for d in args.run_dirs]
-            oof, rows, report, spec = build_ensemble(dirs, args.method, uris)
+            oof, rows, report, spec = build_ensemble(dirs, args.method, uris, args.with_length_baseline)
         write_ensemble(args.out, oof, rows, report, spec)
     except (RunMismatch, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = [f"{'member':<40} {'cv_log_loss':>11} {'weight':>8}"]
-    lines += [f"{m['run_dir'][-40:]:<40} {m['cv_log_loss']:>11.4f} {w:>8.3f}"
+    lines += [f"{(m['run_dir'] or m['experiment'])[-40:]:<40} {m['cv_log_loss']:>11.4f} {w:>8.3f}"
               for m, w in zip(report["ensemble"]["members"], spec["weights"])]
     lines.append(f"{'ensemble (' + args.method + ', cross-fitted)':<40} {report['cv_log_loss']:>11.4f}")
     print("\n".join(lines))

@@ -100,6 +100,9 @@ def check_export(run_dir: Path, out: Path, mode: str, merge: bool, quantize: str
         _fail("--folds average needs LoRA adapters; this run fine-tuned whole models (lora.enabled=false)")
     default = cfg.model.quantization if cfg.lora.enabled else "none"
     quantize = quantize or default
+    if cfg.model.head == "joint" and (cfg.model.head_mlp_hidden or cfg.model.length_features):
+        _fail("model.head_mlp_hidden / model.length_features with model.head=joint: the standalone predictor does not "
+              "rebuild that classifier yet; score with python -m orchestrator.predict")
     if cfg.model.head == "pairwise" and quantize != "none":
         _fail("--quantize: the pairwise head's encoder is exported unquantized (--quantize none)")
     if mode == "average":
@@ -159,7 +162,7 @@ def write_export(run_dir: Path, tmp: Path, cfg, report: dict, folds: list[int], 
     spec = {"format": 1, "run": str(run_dir.resolve()), "folds_mode": mode, "folds": folds, "merged": merge,
             "head": cfg.model.head, "quantize": quantize, "double_quant": cfg.model.double_quant,
             "attn_implementation": "eager" if attn in BLOCK_CAUSAL else attn,  # the same numbers, plain transformers
-            "text": text_spec(cfg), "temperature": report["temperature"],
+            "text": text_spec(cfg), "length_features": cfg.model.length_features, "temperature": report["temperature"],
             "temperature_tta": report.get("temperature_tta"),
             "temperatures_by_fold": report.get("temperatures_by_fold")}
     tok_dir = tmp / "tokenizer"

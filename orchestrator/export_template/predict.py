@@ -109,10 +109,10 @@ class Progress:
 
 
 def run_pass(items: list, scorers: list, encoded: list, out: dict, pad_id: int, progress: Progress,
-             deadline: float | None = None, rate: dict | None = None) -> None:
+             deadline: float | None = None, rate: dict | None = None, feats=None) -> None:
     """Score ``items`` ((model name, row indices) each), every scorer in its own thread taking the next one. With a
     ``deadline`` a scorer stops before an item its measured seconds per token say would end past it. ``rate``
-    collects busy seconds and padded tokens."""
+    collects busy seconds and padded tokens. ``feats``: the rows' (N, 6) length features, for a length term."""
     rate = rate if rate is not None else {"s": 0.0, "tokens": 0}
     errors, lock = [], threading.Lock()
 
@@ -131,7 +131,7 @@ def run_pass(items: list, scorers: list, encoded: list, out: dict, pad_id: int, 
             t0 = time.time()
             try:
                 ids, mask = collate(rows, pad_id, scorer.device)
-                out[name][idx] = scorer.probs(name, ids, mask).cpu().numpy()
+                out[name][idx] = scorer.probs(name, ids, mask, None if feats is None else feats[idx]).cpu().numpy()
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 errors.append(e)
                 return
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from arena_text import ensure_pad_token
     from submission_model import Scorer
-    from submission_text import InputError, encode, read_test, swap_responses
+    from submission_text import InputError, encode, features, read_test, swap_responses
     from transformers import AutoTokenizer
 
     cfg = json.loads((HERE / "export_config.json").read_text())
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     names, n = scorers[0].names, len(rows)
     print(f"{n} rows, models {names}, {', '.join(f'{s.device} ({s.precision})' for s in scorers)}, "
           f"TTA {'on' if tta else 'off'}; loaded in {time.time() - start:.0f}s", flush=True)
-    encoded = encode(rows, tok, cfg["text"], cfg["head"])
+    encoded, feats = encode(rows, tok, cfg["text"], cfg["head"]), features(rows, tok, cfg)
     seqs = 2 if cfg["head"] == "pairwise" else 1
     lengths = np.array([max(len(s) for s in (r if isinstance(r, tuple) else (r,))) for r in encoded])
     by_length = np.argsort(-lengths, kind="stable")  # longest first: a batch too big for the card fails at once
@@ -211,15 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     swapped = {k: np.full((n, 3), np.nan) for k in names}
     items = [(k, b) for b in length_batches(by_length, lengths, args.batch_tokens, seqs) for k in names]
     swapped_enc = encode(swap_responses(rows), tok, cfg["text"], cfg["head"]) if tta else None
+    s_feats = features(swap_responses(rows), tok, cfg) if tta else None  # lengths swap with the responses
     if tta and len(scorers) > 1 and args.time_budget is None:  # original order on even cards, swapped on odd ones
         s_lengths = np.array([len(r) for r in swapped_enc])
         s_items = [(k, b) for b in length_batches(np.argsort(-s_lengths, kind="stable"), s_lengths,
                                                   args.batch_tokens, seqs) for k in names]
         groups = [[s for i, s in enumerate(scorers) if i % 2 == side] for side in (0, 1)]
         passes = [_Pass(items, groups[0], encoded, plain, tok.pad_token_id,
-                        Progress("original order", n * len(names))),
+                        Progress("original order", n * len(names)), None, None, feats),
                   _Pass(s_items, groups[1], swapped_enc, swapped, tok.pad_token_id,
-                        Progress("swapped order", n * len(names)))]
+                        Progress("swapped order", n * len(names)), None, None, s_feats)]
         for t in passes:
             t.start()
         for t in passes:
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rate = {"s": 0.0, "tokens": 0}
         run_pass(items, scorers, encoded, plain, tok.pad_token_id, Progress("original order", n * len(names)),
-                 rate=rate)
+                 rate=rate, feats=feats)
         if tta:
             chosen = np.arange(n)
             deadline = None
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 group = group[np.argsort(-s_lengths[group], kind="stable")]
                 s_items += [(k, b) for b in length_batches(group, s_lengths, args.batch_tokens, seqs) for k in names]
             run_pass(s_items, scorers, swapped_enc, swapped, tok.pad_token_id,
-                     Progress("swapped order", len(chosen) * len(names)), deadline=deadline, rate=rate)
+                     Progress("swapped order", len(chosen) * len(names)), deadline=deadline, rate=rate,
+                     feats=s_feats)
     probs, had_tta = combine(plain, swapped if tta else {}, cfg["temperature"],
                              cfg["temperature_tta"] if cfg.get("temperature_tta") is not None else 1.0)
     import pandas as pd

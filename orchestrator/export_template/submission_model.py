@@ -76,7 +76,10 @@ def load_classifier(path: Path, cfg: dict, quantize: str, dtype: torch.dtype, de
 
 
 class PairwiseModel(torch.nn.Module):
-    """The project's pairwise head: a shared encoder, mean pooling, one score per sequence, a learned tie term."""
+    """The project's pairwise head: a shared encoder, mean pooling, one score per sequence, a learned tie term, and
+    with the run's ``model.length_features`` its length term (trainer_core/model/length_term.py): each side's score
+    gets ``w . [c_own, t_own, c_own - c_other, t_own - t_other]``, the tie logit ``v . [|l_a - l_b|, l_prompt,
+    (l_a + l_b) / 2]`` with ``l`` the mean of log characters and log tokens, from arena_text.length_features."""
 
     def __init__(self, path: Path, dtype: torch.dtype):
         from transformers import AutoModel
@@ -88,13 +91,23 @@ class PairwiseModel(torch.nn.Module):
         self.score = torch.nn.Linear(self.config.hidden_size, 1)
         self.score.load_state_dict(head["score"])
         self.tie = torch.nn.Parameter(head["tie"].clone())
+        self.length = head.get("length")  # {"side": (4,), "tie": (3,)} or None
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, length_features=None):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         s = self.score(pooled.to(self.score.weight.dtype)).view(-1, 2)
-        return torch.cat([s, self.tie + s.mean(dim=1, keepdim=True)], dim=1)
+        extra = 0.0
+        if self.length is not None:
+            cp, ca, cb, tp, ta, tb = length_features.float().unbind(-1)
+            side = torch.stack([torch.stack([ca, ta, ca - cb, ta - tb], -1),
+                                torch.stack([cb, tb, cb - ca, tb - ta], -1)], 1)
+            lp, la, lb = (cp + tp) / 2, (ca + ta) / 2, (cb + tb) / 2
+            sym = torch.stack([(la - lb).abs(), lp, (la + lb) / 2], -1)
+            s = s.float() + (side * self.length["side"].float().to(s.device)).sum(-1)
+            extra = (sym * self.length["tie"].float().to(s.device)).sum(-1, keepdim=True)
+        return torch.cat([s, self.tie + s.mean(dim=1, keepdim=True) + extra], dim=1)
 
 
 class Scorer:
@@ -123,7 +136,8 @@ class Scorer:
                 self._models[m["name"]] = model.eval()
 
     @torch.no_grad()
-    def probs(self, name: str, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def probs(self, name: str, input_ids: torch.Tensor, mask: torch.Tensor, feats=None) -> torch.Tensor:
+        """``feats``: (B, 6) numpy length features of the rows, for a model with a length term."""
         if self._peft is not None:
             self._peft.set_adapter(name)
             model = self._peft
@@ -132,6 +146,7 @@ class Scorer:
         ctx = (torch.autocast(self.device.type, dtype=DTYPES[self.precision]) if self.precision != "fp32"
                else torch.autocast(self.device.type, enabled=False))
         with ctx:
-            out = model(input_ids=input_ids, attention_mask=mask)
+            extra = {} if feats is None else {"length_features": torch.from_numpy(feats).to(self.device)}
+            out = model(input_ids=input_ids, attention_mask=mask, **extra)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         return torch.softmax(logits.float(), dim=-1)

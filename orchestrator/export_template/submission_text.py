@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from arena_text import TEXT_COLUMNS, parse_turns, read_frame, repair_text
+from arena_text import TEXT_COLUMNS, length_features, parse_turns, read_frame, repair_text
 from arena_text import encode as encode_text
 
 
@@ -52,3 +52,9 @@ def encode(df: pd.DataFrame, tok, spec: dict, head: str) -> list:
     """Rows as the exported head reads them; ``spec``: export_config.json's ``text``."""
     return encode_text(df, tok, head, spec["max_length"], spec["truncation"], spec["prompt_share"],
                        spec["add_eos_token"])
+
+
+def features(df: pd.DataFrame, tok, spec: dict):
+    """(N, 6) untruncated length features of the rows for a run with ``model.length_features`` (export_config.json's
+    ``length_features``), else None: arena_text.length_features, the function training used."""
+    return length_features(df, tok) if spec.get("length_features") else None

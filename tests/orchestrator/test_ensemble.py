@@ -170,3 +170,33 @@ def test_a_students_report_says_whether_its_cv_is_optimistic(tmp_path, kind, tea
     assert rep["distillation"]["optimistic"] == optimistic and bool(rep["optimistic_because"]) == optimistic
     for text in ((run / "report.md").read_text(), (run / "report.html").read_text(), format_table(rep)):
         assert words in text and ("stays honest" in text) == (words == "stays honest")
+
+
+def test_the_length_baseline_joins_one_run_as_a_cross_fitted_member(members, tmp_path, capsys):
+    from orchestrator.runs.scoring import length_baseline_predictions
+
+    run = members["strong"]  # informative but over-confident
+    assert ensemble_main([str(run), "--out", str(tmp_path / "alone")]) == 2
+    assert "--with-length-baseline" in capsys.readouterr().err
+    out = tmp_path / "ens"
+    assert ensemble_main([str(run), "--with-length-baseline", "--out", str(out)]) == 0
+    assert "length baseline" in capsys.readouterr().out
+    rep, spec = json.loads((out / "report.json").read_text()), json.loads((out / "ensemble.json").read_text())
+    run_rep = json.loads((run / "report.json").read_text())
+    run_member, length_member = rep["ensemble"]["members"]
+    assert length_member["experiment"] == "length baseline" and spec["length_baseline"] is True
+    assert len(spec["members"]) == 1 and len(spec["weights"]) == 2
+    # the member is the report's own cross-fitted baseline, on the same folds
+    assert length_member["cv_log_loss"] == pytest.approx(run_rep["length_baseline_log_loss"], abs=1e-12)
+    assert run_member["cv_log_loss"] == pytest.approx(run_rep["cv_log_loss"], abs=1e-12)
+    # the over-confident member gains from length: the ensemble is below both (cross-fitted weights)
+    assert rep["cv_log_loss"] < min(run_member["cv_log_loss"], length_member["cv_log_loss"])
+    assert all(0 < w[1] < 1 for w in rep["ensemble"]["weights_by_fold"].values())
+    # predict refits fold k's regression on the other folds' rows: on fold k's own rows that is its OOF figure
+    data = pd.read_parquet(out / "data.parquet")
+    from orchestrator.reporting.baselines import cross_fitted
+
+    oof_length = cross_fitted(data[["id", "fold"]], data, [0, 1, 2, 3, 4])
+    for k, p in length_baseline_predictions(out, data, [0, 1, 2, 3, 4]):
+        sel = (data["fold"] == k).to_numpy()
+        assert np.allclose(p[sel], oof_length[sel], atol=1e-12)

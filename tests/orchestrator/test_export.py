@@ -247,3 +247,34 @@ def test_help_documents_every_flag():
                          timeout=60)
     for flag in ("--data", "--out", "--time-budget", "--no-tta", "--batch-tokens", "--device", "--verify"):
         assert flag in res.stdout, flag
+
+
+def test_a_pairwise_run_with_length_features_exports_and_predicts_as_orchestrator_predict(test_csv, tmp_path):
+    from orchestrator.reporting.reducer import reduce_run
+    from orchestrator.runs.rundir import prepare_run_dir
+    from trainer_core.config import validate
+    from trainer_core.fold.loop import train_fold
+
+    cfg = load_config(CONFIGS / "demo_cpu.yaml", ["data.max_rows=40", "data.n_folds=2", "data.max_length=32",
+                                                  "train.max_steps=2", "train.batch_size=4", "train.lr=1e-3",
+                                                  "model.length_features=true"])
+    validate(cfg)
+    run = tmp_path / "run"
+    rows = prepare_run_dir(cfg, run, [0, 1], False, "test")
+    for k in (0, 1):
+        train_fold(cfg, k, rows, run / f"fold={k}")
+    reduce_run(run, [0, 1])
+    assert export_main([str(run), "--out", str(tmp_path / "ex")]) == 0
+    assert json.loads((tmp_path / "ex" / "export_config.json").read_text())["length_features"] is True
+    sub, _ = offline_predict(tmp_path / "ex", test_csv, tmp_path / "sub.csv", cwd=tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    expected = predict_submission(run, load_rows(test_csv, require_labels=False), [0, 1], tta=False,
+                                  temperature=report["temperature"], device="cpu", log=lambda *_: None)
+    got = sub[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(got[:, 0] - got[:, 1]).max() > 1e-3  # the rows are told apart (not an all-prior model)
+
+    # a joint head the standalone predictor cannot rebuild is refused in one line, before anything is written
+    cfg_path = run / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("head: pairwise", "head: joint"))
+    assert export_main([str(run), "--out", str(tmp_path / "joint")]) == 2 and not (tmp_path / "joint").exists()

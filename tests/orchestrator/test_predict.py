@@ -159,6 +159,29 @@ def test_ensemble_predicts_with_each_members_fold_models_then_the_weights(run_di
     assert np.allclose(sub[SUB_COLUMNS[1:]].to_numpy(), expected, atol=1e-5)
 
 
+def test_an_ensemble_with_the_length_baseline_predicts_with_fold_ks_regression(run_dir, tmp_path):
+    from orchestrator.ensemble import main as ensemble_main
+    from orchestrator.predict import fold_predictions
+    from orchestrator.reporting.baselines import fit_predict
+    from orchestrator.runs.ensemble_weights import combine
+
+    assert ensemble_main([str(run_dir), "--with-length-baseline", "--out", str(tmp_path / "ens")]) == 0
+    rows = load_rows(_write(raw_rows(N_ROWS, N_ROWS + 12, labels=False), tmp_path / "test.csv"),
+                     require_labels=False)
+    ens = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    quiet = dict(tta=False, device="cpu", log=lambda *_: None)
+    (_, got), = fold_predictions(tmp_path / "ens", rows, [1], **quiet)
+    (_, p_run), = fold_predictions(run_dir, rows, [1], **quiet)
+    data = pd.read_parquet(run_dir / "data.parquet")
+    p_length = fit_predict(data[data["fold"] != 1], rows)  # fold 1's regression: the other folds' rows
+    assert np.allclose(got, combine([p_run, p_length], ens["weights"], ens["method"]), atol=1e-12)
+
+
+def _write(df, path):
+    df.to_csv(path, index=False)
+    return path
+
+
 def test_in_fold_soft_labels_are_each_fold_models_predictions_on_its_own_training_rows(run_dir, tmp_path):
     from trainer_core.data.soft_labels import IN_FOLD, check_soft_labels, folds_sha256, read_provenance
 

@@ -116,6 +116,19 @@ class ModelConfig:
         "joint", "joint = one sequence (prompt, a, b) into a 3-way classifier (seed); pairwise = the shared encoder "
         "reads (prompt, a) and (prompt, b), max_length tokens each, mean-pooled and scored, Bradley-Terry logits with "
         "a learned tie term (swap-symmetric; needs lora.enabled=false)", added=True)
+    length_features: bool = _f(
+        False, "feed each row's untruncated lengths (log characters and log tokens of prompt, a and b, counted before "
+        "truncation) into the head: pairwise = a learned term in each side's score (same weights for a and b, their "
+        "difference included) and in the tie logit (still exactly symmetric); joint = extra inputs of the classifier. "
+        "Fitted first on the fold's training rows alone (a logistic fit, text at zero), then trained with the model "
+        "(trainer_core/model/length_term.py); swap augmentation and TTA swap them with the responses", added=True)
+    head_mlp_hidden: int = _f(
+        0, "model.head=joint: the classifier is an MLP with one hidden layer of this many units (Linear, "
+        "head_mlp_activation, dropout head_mlp_dropout, Linear) instead of one linear layer; 0 = linear (seed)",
+        added=True)
+    head_mlp_activation: Literal["gelu", "relu", "tanh", "silu"] = _f(
+        "gelu", "activation of the joint head's MLP (model.head_mlp_hidden > 0)", added=True)
+    head_mlp_dropout: float = _f(0.1, "dropout after the activation of the joint head's MLP, in [0, 1)", added=True)
 
 
 @dataclass

@@ -185,6 +185,13 @@ def validate(cfg: Config) -> None:
     if m.head == "pairwise" and lo.enabled:
         errs.append("model.head=pairwise trains the whole encoder: set lora.enabled=false (adapters are not supported "
                     "with this head yet)")
+    if m.head_mlp_hidden < 0:
+        errs.append(f"model.head_mlp_hidden: must be >= 0 (units; 0 = a linear classifier), got {m.head_mlp_hidden}")
+    if not 0 <= m.head_mlp_dropout < 1:
+        errs.append(f"model.head_mlp_dropout: must be in [0, 1), got {m.head_mlp_dropout}")
+    if m.head_mlp_hidden and m.head != "joint":
+        errs.append(f"model.head_mlp_hidden={m.head_mlp_hidden}: an MLP classifier is a joint-head option; "
+                    f"model.head={m.head} scores each sequence with one linear layer")
     if t.epochs <= 0 and t.max_steps is None:
         errs.append(f"train.epochs: must be > 0, got {t.epochs}")
     if not 0 <= t.distill_weight <= 1:

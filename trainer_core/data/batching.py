@@ -67,6 +67,11 @@ def collate(ids: list, pad_id: int, device: torch.device, multiple: int = 0) -> 
     return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
+def length_batch(features: np.ndarray, idx, device: torch.device) -> torch.Tensor:
+    """(B, 6) float32 length features of rows ``idx`` (``model.length_features``) on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(features[np.asarray(idx)], dtype=np.float32)).to(device)
+
+
 def padding_waste(batches: list[list[int]]) -> float:
     """Fraction of token slots that are padding over the given batches of sequence lengths."""
     real = sum(sum(b) for b in batches)

@@ -220,6 +220,24 @@ def encode(df: pd.DataFrame, tok, head: str, max_length: int, truncation: str, p
     return encode_rows(df, tok, max_length, truncation, prompt_share, add_eos)
 
 
+# model.length_features: each row's untruncated lengths, the columns of :func:`length_features`
+LENGTH_FEATURES = ("log_chars_prompt", "log_chars_a", "log_chars_b", "log_tokens_prompt", "log_tokens_a",
+                   "log_tokens_b")
+LENGTH_SWAP = [0, 2, 1, 3, 5, 4]  # the columns of the same row with responses a and b exchanged
+LENGTH_TOKEN_CAP = 1 << 15  # tokens counted at most: a longer text counts this many (its log is ~10.4 either way)
+
+
+def length_features(df: pd.DataFrame, tok) -> np.ndarray:
+    """(N, 6) float32 :data:`LENGTH_FEATURES` of the rows of ``df``: log(1 + characters) and log(1 + tokens) of the
+    prompt and of each response, whole (before any truncation; tokens without special tokens, counted up to
+    LENGTH_TOKEN_CAP). The same function for training, held-out rows, predict and an export's predictor; a row with
+    its responses swapped has its columns swapped (``LENGTH_SWAP``)."""
+    chars = [np.array([len(t) for t in df[col]], dtype=np.float64) for col in TEXT_COLUMNS]
+    tokens = [np.array([len(ids) for ids in tokenize_bounded(tok, list(df[col]), LENGTH_TOKEN_CAP)], dtype=np.float64)
+              for col in TEXT_COLUMNS]
+    return np.log1p(np.column_stack(chars + tokens)).astype(np.float32).reshape(len(df), len(LENGTH_FEATURES))
+
+
 def pad_rows(rows: list, pad_id: int, multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (B, T) int64 input ids and attention mask of encoded rows; ``multiple``: T rounded up to a
     multiple of it (a few fixed lengths for layers compiled with static shapes). Pairwise rows (tuples of sequences)

@@ -17,7 +17,7 @@ from trainer_core.paths import resolve_model_path
 
 # the text names callers (and tests) have always imported from here, besides this module's own
 __all__ = ["SEGMENT_PREFIXES", "_special_wrap", "build_byte_tokenizer", "build_tokenizer", "encode", "encode_pairs",
-           "encode_rows", "ensure_pad_token", "format_text", "part_budgets", "save_tokenizer"]
+           "encode_rows", "ensure_pad_token", "features", "format_text", "part_budgets", "save_tokenizer"]
 
 
 def build_byte_tokenizer():
@@ -64,6 +64,12 @@ def encode_pairs(df: pd.DataFrame, tok, data_cfg: DataConfig, add_eos: bool) -> 
     """model.head=pairwise: (prompt + response a, prompt + response b) id lists per row
     (:func:`trainer_core.data.text.encode_pairs`)."""
     return text.encode_pairs(df, tok, data_cfg.max_length, add_eos)
+
+
+def features(df: pd.DataFrame, tok, cfg):
+    """(N, 6) untruncated length features of the rows (:func:`trainer_core.data.text.length_features`) with
+    ``model.length_features``, else None."""
+    return text.length_features(df, tok) if cfg.model.length_features else None
 
 
 def encode(df: pd.DataFrame, tok, cfg) -> list:

@@ -13,9 +13,17 @@ import pandas as pd
 import torch
 
 from trainer_core.config import Config
-from trainer_core.data.batching import collate, epoch_batches, per_rank_batch, planned_steps, rank_slice, row_tokens
+from trainer_core.data.batching import (
+    collate,
+    epoch_batches,
+    length_batch,
+    per_rank_batch,
+    planned_steps,
+    rank_slice,
+    row_tokens,
+)
 from trainer_core.data.soft_labels import training_targets
-from trainer_core.data.tokenization import encode
+from trainer_core.data.tokenization import encode, features
 from trainer_core.data.train_rows import fold_training_rows, load_extra_rows
 from trainer_core.fastpath.placement import Placement
 from trainer_core.fold.distill import IGNORED_LABEL
@@ -40,6 +48,8 @@ class FoldData:
     prior_labels: np.ndarray  # their labels: the class prior baseline comes from these alone
     row_counts: dict  # n_extra_train_rows, extra_dropped_shared_prompt, n_swapped_train_rows
     train_soft: torch.Tensor | None = None  # (N_train, 3) teacher probabilities with train.soft_labels, else None
+    train_feats: np.ndarray | None = None  # (N_train, 6) untruncated length features with model.length_features
+    val_feats: np.ndarray | None = None  # (N_val, 6)
 
     @classmethod
     def build(cls, cfg: Config, fold: int, rows: pd.DataFrame, tok) -> FoldData:
@@ -58,21 +68,24 @@ class FoldData:
                    train_labels=torch.tensor(train_rows["label"].values, dtype=torch.long),
                    val_labels=val_rows["label"].to_numpy(), lengths=np.array([row_tokens(x) for x in train_ids]),
                    n_fold_rows=training.n_fold_rows, prior_labels=rows.loc[rows["fold"] != fold, "label"].to_numpy(),
-                   row_counts=training.counts(), train_soft=soft)
+                   row_counts=training.counts(), train_soft=soft, train_feats=features(train_rows, tok, cfg),
+                   val_feats=features(val_rows, tok, cfg))
 
     def batch(self, idx: np.ndarray, pad_id: int, device: torch.device, fill_to: int | None = None,
               multiple: int = 0):
         """(input_ids (B, T), mask (B, T), targets) of the training rows ``idx``; targets are labels (B,), or
-        (labels, teacher probabilities (B, 3)) with soft labels. ``fill_to``: a short batch is filled up to that many
-        rows with ignored ones (``fill_batch``); ``multiple``: the length rounded up to it (``pad_multiple``)."""
+        (labels, teacher probabilities (B, 3)) with soft labels; with length features a fourth item, the model's extra
+        inputs {"length_features": (B, 6)}. ``fill_to``: a short batch is filled up to that many rows with ignored
+        ones (``fill_batch``); ``multiple``: the length rounded up to it (``pad_multiple``)."""
         labels = self.train_labels[idx]
         if fill_to:
             idx, labels = fill_batch(idx, labels, fill_to)
         input_ids, mask = collate([self.train_ids[i] for i in idx], pad_id, device, multiple)
         labels = labels.to(device, non_blocking=True)
-        if self.train_soft is None:
-            return input_ids, mask, labels
-        return input_ids, mask, (labels, self.train_soft[idx].to(device, non_blocking=True))
+        targets = labels if self.train_soft is None else (labels, self.train_soft[idx].to(device, non_blocking=True))
+        if self.train_feats is None:
+            return input_ids, mask, targets
+        return input_ids, mask, targets, {"length_features": length_batch(self.train_feats, idx, device)}
 
 
 @dataclass

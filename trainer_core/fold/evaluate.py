@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from trainer_core.config import Config
-from trainer_core.data.tokenization import encode
+from trainer_core.data.tokenization import encode, features
 from trainer_core.data.tta import swap_responses, tta_average
 from trainer_core.fold.data import FoldData
 from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
@@ -32,8 +32,9 @@ class HeldOut:
         self.cfg, self.fold, self.model, self.tok, self.device = cfg, fold, model, tok, device
         self.autocast, self.multiple, self.rank, self.world = autocast, multiple, rank, world
 
-    def score(self, ids: list[list[int]]) -> np.ndarray:
-        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered."""
+    def score(self, ids: list[list[int]], feats: np.ndarray | None = None) -> np.ndarray:
+        """(len(ids), 3) clipped probabilities on every rank: rows sharded over the ranks, then gathered. ``feats``:
+        the rows' length features (``model.length_features``), else None."""
         t = self.cfg.train
         local_idx = np.arange(self.rank, len(ids), self.world)
         local_ids = [ids[i] for i in local_idx]
@@ -42,13 +43,14 @@ class HeldOut:
         if t.eval_batch_size == "auto":
             log.info("fold %d: train.eval_batch_size=auto: %d rows per batch", self.fold, bs)
         local = predict_probs(self.model, local_ids, bs, self.tok.pad_token_id, self.device, self.autocast, None,
-                              self.multiple)
+                              self.multiple, None if feats is None else feats[local_idx])
         return clip_probs(gather_rows(local, local_idx, len(ids), self.world))
 
     def interim(self, data: FoldData) -> dict:
         """Interim held-out score (early stopping of sweeps): the first ``train.interim_eval_rows`` rows by id."""
         n = min(len(data.val_ids), self.cfg.train.interim_eval_rows)
-        probs, labels = self.score(data.val_ids[:n]), data.val_labels[:n]
+        feats = None if data.val_feats is None else data.val_feats[:n]
+        probs, labels = self.score(data.val_ids[:n], feats), data.val_labels[:n]
         return {"interim_log_loss": log_loss(labels, probs), "interim_accuracy": accuracy(labels, probs),
                 "interim_rows": n}
 
@@ -56,13 +58,14 @@ class HeldOut:
         """Every held-out row: (probabilities, their TTA average or None, the OOF table). With ``train.eval_tta`` the
         rows are scored again with responses a/b swapped; p_a/p_b/p_tie stay the plain figure and the averages go
         beside them as p_a_tta/p_b_tta/p_tie_tta."""
-        probs = self.score(data.val_ids)
+        probs = self.score(data.val_ids, data.val_feats)
         oof = pd.DataFrame({"id": data.val_rows["id"].values, "fold": self.fold, "label": data.val_labels,
                             "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
         tta = None
         if self.cfg.train.eval_tta:
-            swapped = encode(swap_responses(data.val_rows), self.tok, self.cfg)
-            tta = clip_probs(tta_average(probs, self.score(swapped)))
+            swapped = swap_responses(data.val_rows)  # its length features swapped with it
+            tta = clip_probs(tta_average(probs, self.score(encode(swapped, self.tok, self.cfg),
+                                                           features(swapped, self.tok, self.cfg))))
             oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
         return probs, tta, oof
 

@@ -10,20 +10,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer_core.data.batching import collate, row_tokens
+from trainer_core.data.batching import collate, length_batch, row_tokens
 from trainer_core.model.memory import eval_batch_size, free_device_bytes
 
 
 @torch.no_grad()
 def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.device,
-                  autocast, progress: Callable[[int, int], None] | None = None, multiple: int = 0) -> np.ndarray:
+                  autocast, progress: Callable[[int, int], None] | None = None, multiple: int = 0,
+                  features: np.ndarray | None = None) -> np.ndarray:
     """(N, 3) float64 softmax probabilities, rows in input order; batches are formed longest-first to cut padding.
 
     A model with compiled layers (``model.compile``) gets every batch at ``batch_size`` rows: a short last batch is
     filled with copies of its first row, whose outputs are dropped (a new batch size would compile every kind of
     layer again, ~10 s each on a GPU). The probabilities stay on the device until the end: one copy to the host, no
     wait for the card after every batch. ``progress(rows done, rows)`` is called after each batch is queued.
-    ``multiple``: each batch's length rounded up to it (``trainer_core.config.pad_multiple``)."""
+    ``multiple``: each batch's length rounded up to it (``trainer_core.config.pad_multiple``). ``features``: (N, 6)
+    length features of the rows (``model.length_features``), handed to the model beside their ids."""
     from trainer_core import fastpath
 
     was_training = model.training
@@ -33,10 +35,11 @@ def predict_probs(model, ids: list, batch_size: int, pad_id: int, device: torch.
     probs = []  # (B, 3) fp32 on the device, batches in ``order``
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        rows = [ids[j] for j in idx] + [ids[idx[0]]] * ((batch_size - len(idx)) if fill else 0)
-        input_ids, mask = collate(rows, pad_id, device, multiple)
+        rows_idx = list(idx) + [idx[0]] * ((batch_size - len(idx)) if fill else 0)
+        input_ids, mask = collate([ids[j] for j in rows_idx], pad_id, device, multiple)
+        extra = {} if features is None else {"length_features": length_batch(features, rows_idx, device)}
         with autocast():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, 3)
+            logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits  # (B, 3)
         probs.append(torch.softmax(logits[:len(idx)].float(), dim=-1))
         if progress is not None:
             progress(i + len(idx), len(order))
@@ -75,6 +78,7 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
 
     from trainer_core import fastpath
     from trainer_core.data.tokenization import ensure_pad_token
+    from trainer_core.model import joint_head
     from trainer_core.model.build import build_model
     from trainer_core.model.precision import DTYPES, resolve_precision
 
@@ -93,6 +97,8 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
         base = build_model(cfg.model, replace(cfg.lora, enabled=False, freeze_layers=0),
                            pad_token_id=tok.pad_token_id, precision=precision, device=device, seed=cfg.train.seed)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
+    elif joint_head.custom(cfg.model):
+        model = joint_head.load_full(adapter_dir, cfg.model, DTYPES[precision]).to(device)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
         model.to(device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -34,6 +32,7 @@ from trainer_core import fastpath
 from trainer_core.config import Config, pad_multiple
 from trainer_core.data.tokenization import build_tokenizer
 from trainer_core.fastpath.recompiles import RecompileCounter
+from trainer_core.fold import ranks
 from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_micro_batch
 from trainer_core.fold.distill import distill_loss
 from trainer_core.fold.evaluate import HeldOut, held_out_scores
@@ -42,7 +41,7 @@ from trainer_core.fold.ranks import dist_info, gather_objects, min_over_ranks, r
 from trainer_core.fold.state import FoldMetrics, load_checkpoint, rng_state, save_checkpoint, write_fold_files
 from trainer_core.fold.step import train_step
 from trainer_core.fold.telemetry import Telemetry
-from trainer_core.model.build import build_model, trainable_parameters
+from trainer_core.model.build import build_model, fit_length_term, trainable_parameters
 from trainer_core.model.memory import apply_budget, free_device_bytes
 from trainer_core.model.precision import make_autocast, resolve_precision
 
@@ -57,16 +56,6 @@ class FoldResult:
     fold: int
     metrics: FoldMetrics
     oof: pd.DataFrame  # id, fold, label, p_a, p_b, p_tie
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train_fold(cfg: Config, fold: int, rows: pd.DataFrame, out_dir: str | Path, *,
@@ -99,7 +88,7 @@ class FoldRun:
     def __init__(self, cfg: Config, fold: int, *, device: torch.device | None, report: ReportFn | None):
         self.cfg, self.fold, self.report = cfg, fold, report
         self.rank, self.world = dist_info()
-        self.device = device or default_device()
+        self.device = device or ranks.default_device()
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast = make_autocast(self.precision, self.device)
         self.multiple = pad_multiple(cfg.model)  # batch lengths rounded up to it: static compiled shapes
@@ -116,7 +105,7 @@ class FoldRun:
         """Tokenized rows, the model (plain build, placement, fast path: as the benchmark builds it), optimizer and
         loss scaler; then a checkpoint, if any."""
         cfg, t = self.cfg, self.cfg.train
-        seed_everything(t.seed + self.fold)
+        ranks.seed_everything(t.seed + self.fold)
         self.tok = build_tokenizer(cfg.model)
         self.data = FoldData.build(cfg, self.fold, rows, self.tok)
         apply_budget(self.device, t.memory_budget_gib)
@@ -124,6 +113,9 @@ class FoldRun:
         fastpath.prepare_load(cfg.model)
         self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
                                  device=self.device, seed=t.seed)
+        if cfg.model.length_features:  # fitted on this fold's training rows alone, before DDP copies rank 0's
+            loss = fit_length_term(self.model, self.data.train_feats, self.data.train_labels.numpy())
+            log.info("fold %d: length term fitted on the training rows: log loss %.4f", self.fold, loss)
         # every rank plans from the smallest free memory of all: different plans would hang DDP's all-reduce
         free = (min_over_ranks(free_device_bytes(self.device, t.memory_budget_gib), self.device, self.world)
                 if self.device.type == "cuda" else None)
@@ -150,7 +142,7 @@ class FoldRun:
                 find_unused_parameters=False)
             # Same seed above, so every rank built the same new weights; from here each rank draws its own dropout
             # masks (one seed would repeat the same masks on every rank's rows).
-            seed_everything(rank_seed(t.seed + self.fold, self.rank))
+            ranks.seed_everything(rank_seed(t.seed + self.fold, self.rank))
         self.step = 0
         if resume_from is not None:
             self.step, self.before = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scaler,

@@ -3,6 +3,8 @@ gather or agree on values (every rank must call a collective, in the same order)
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -12,6 +14,16 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rank_seed(seed: int, rank: int) -> int:

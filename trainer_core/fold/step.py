@@ -13,18 +13,19 @@ import torch.nn.functional as F
 def train_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], optimizer, scaler,
                params: list[torch.nn.Parameter], autocast, max_grad_norm: float | None,
                ddp: bool = False, loss_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the mean loss over ``micro_batches`` [(input_ids (B, T), mask (B, T), targets)], then one
-    optimizer step. Returns (mean loss, grad norm) as device tensors: no host sync on the hot path.
-    ``loss_fn(logits, targets)``: default cross-entropy on labels (B,); distillation passes its own."""
+    """Gradients of the mean loss over ``micro_batches`` [(input_ids (B, T), mask (B, T), targets[, extra model
+    inputs: a dict such as {"length_features": (B, 6)}])], then one optimizer step. Returns (mean loss, grad norm)
+    as device tensors: no host sync on the hot path. ``loss_fn(logits, targets)``: default cross-entropy on labels
+    (B,); distillation passes its own."""
     loss_fn = loss_fn or F.cross_entropy
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (input_ids, mask, targets) in enumerate(micro_batches):
+    for i, (input_ids, mask, targets, *extra) in enumerate(micro_batches):
         # DDP all-reduces only on the last micro-batch of the step
         sync = contextlib.nullcontext() if (not ddp or i == n - 1) else model.no_sync()
         with sync:
             with autocast():
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, 3)
+                logits = model(input_ids=input_ids, attention_mask=mask, **(extra[0] if extra else {})).logits.float()
             loss = loss_fn(logits, targets) / n
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig
+from trainer_core.model import joint_head
 from trainer_core.model.precision import DTYPES, keep_embedding_dtype, random_weights_dtype
 from trainer_core.model.weights import check_quantization
 from trainer_core.paths import atomic_write_dir, resolve_model_path
@@ -114,7 +115,8 @@ def decoder_layer_count(model) -> int:
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: int, precision: str,
                 device: torch.device, seed: int = 0):
-    """The plain sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.model.pairwise``):
+    """The plain sequence classifier (3 labels; ``model.head=pairwise``: see ``trainer_core.model.pairwise``; an MLP
+    head or length inputs: ``trainer_core.model.joint_head``):
     quantized if configured, LoRA on the configured modules of layers >= ``freeze_layers`` (or full fine-tuning of
     those layers with LoRA disabled), on ``device``. No recomputation and nothing compiled: the fast path
     (:func:`trainer_core.fastpath.apply`) comes after, with the memory plan."""
@@ -141,9 +143,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     if model_cfg.head == "pairwise":
         from trainer_core.model.pairwise import build_pairwise
 
-        model = build_pairwise(path, kwargs["dtype"], model_cfg.attn_implementation)
+        model = build_pairwise(path, kwargs["dtype"], model_cfg.attn_implementation, model_cfg.length_features)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        if joint_head.custom(model_cfg):  # an MLP and/or length inputs: before peft copies the head it trains
+            joint_head.install(model, model_cfg)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if quant is None:
@@ -180,6 +184,20 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     else:
         _freeze_bottom(model, lora_cfg.freeze_layers, n_layers)
     return model
+
+
+def fit_length_term(model, feats, labels) -> float:
+    """``model.length_features``: fit the head's length term on the training rows ``feats`` (N, 6) and ``labels``
+    alone, the text's contribution at zero (``trainer_core.model.length_term``); returns the fit's log loss."""
+    if model_is_pairwise(model):
+        return model.fit_length(feats, labels)
+    return joint_head.fit_length(model, feats, labels)
+
+
+def model_is_pairwise(model) -> bool:
+    from trainer_core.model.pairwise import PairwisePreferenceModel
+
+    return isinstance(model, PairwisePreferenceModel)
 
 
 def _check_attention_known(name: str) -> None:

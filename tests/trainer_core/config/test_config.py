@@ -121,7 +121,7 @@ def test_fingerprint_ignores_cluster_placement():
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     """Keys that arrived after run directories existed (model.compile, model.dequant_cache, model.fp8_backward,
-    model.pooled_last_layer, model.head, lora.shared_dropout, data.fold_by,
+    model.pooled_last_layer, model.head, the length and MLP head keys, lora.shared_dropout, data.fold_by,
     data.prompt_share, data.extra_train_path, train.swap_augment, the distillation keys): at their defaults (the old
     behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes the
     fingerprint."""
@@ -135,7 +135,8 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "persistent_reduction_max"),
                          ("model", "length_bucket"),
                          ("model", "dequant_cache"), ("model", "fp8_backward"), ("model", "pooled_last_layer"),
-                         ("model", "head"),
+                         ("model", "head"), ("model", "length_features"), ("model", "head_mlp_hidden"),
+                         ("model", "head_mlp_activation"), ("model", "head_mlp_dropout"),
                          ("lora", "shared_dropout"),
                          ("data", "fold_by"), ("data", "prompt_share"), ("data", "extra_train_path"),
                          ("train", "swap_augment"), ("train", "soft_labels"), ("train", "distill_weight"),
@@ -152,6 +153,9 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg.train.soft_labels = "soft.parquet"
     assert cfg.fingerprint() != Config().fingerprint()
     assert Config(data=DataConfig(extra_train_path="x.csv")).fingerprint() != Config().fingerprint()
+    cfg = Config()
+    cfg.model.length_features = True  # another head, another run
+    assert cfg.fingerprint() != Config().fingerprint()
 
 
 def test_compile_options_nested_or_dotted_and_the_override_wins(tmp_path):
