@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from orchestrator.ensemble import main as ensemble_main
 from orchestrator.report import main as report_main
 from orchestrator.runs import storage
 from orchestrator.runs.rundir import RunDirError, prepare_run_dir
-from orchestrator.runs.staging import RemoteRunDir, open_run
+from orchestrator.runs.staging import RemoteRunDir, open_run, staged_for_predict
 from tests.conftest import CONFIGS, REPO
 from tests.orchestrator.synthetic_runs import bundled_rows, make_run, noisy_probs
 from trainer_core.config import load_config
@@ -175,6 +176,11 @@ def test_report_compare_and_ensemble_read_runs_from_the_store(s3, tmp_path, caps
     assert ensemble_main([s3.uri("remote"), str(local), "--out", str(tmp_path / "ens"), "--method", "mean"]) == 0
     spec = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert spec["members"] == ["s3://runs/remote", "../local"]  # the URI kept; a local member relative, as before
+    with staged_for_predict(tmp_path / "ens") as ens:  # predict's view: the member downloaded, in a copy's spec
+        members = json.loads((ens / "ensemble.json").read_text())["members"]
+        assert ens != tmp_path / "ens" and members[1] == str(local.resolve())
+        assert (Path(members[0]) / "fold=0" / "oof.parquet").read_bytes() == (local / "fold=0/oof.parquet").read_bytes()
+    assert json.loads((tmp_path / "ens" / "ensemble.json").read_text()) == spec  # the original is never rewritten
     assert report_main([s3.uri("nothing-here")]) == 2
     assert "s3://runs/nothing-here: nothing there" in capsys.readouterr().err
 
