@@ -1,5 +1,6 @@
 """orchestrator.tune: search-space checks (fast, no Ray) and one real CPU sweep of the smoke config on a local Ray
-cluster - three trials, one with a hopeless learning rate that ASHA must stop - checked through its files."""
+cluster - three trials, one with a hopeless learning rate that ASHA must stop - checked through its files and through
+what MLflow (a sqlite store, on for the same sweep: one Ray cluster less than a sweep of its own) got."""
 
 import json
 import math
@@ -193,7 +194,8 @@ def sweep(tmp_path_factory):
     space.write_text(f"train.lr: {{grid: [2.0e-3, 1.0e-3, {HOPELESS_LR}]}}\n")
     out = root / "sweep"
     args = ["--config", CONFIGS / "smoke.yaml", "--space", space, "--num-samples", 1, "--folds", 0, "--out", out,
-            f"data.max_rows={N_ROWS}", f"train.max_steps={MAX_STEPS}", "cluster.max_concurrent_folds=2"]
+            f"data.max_rows={N_ROWS}", f"train.max_steps={MAX_STEPS}", "cluster.max_concurrent_folds=2",
+            f"tracking.mlflow=sqlite:///{root / 'mlflow.db'}"]
     res = run("orchestrator.tune", *args, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return out, args, res
@@ -230,6 +232,30 @@ def test_asha_stopped_the_hopeless_trial_early(sweep):
     assert hopeless["steps"] < MAX_STEPS and hopeless["last_interim_log_loss"] > 2.0
     assert not (out / f"trial={hopeless['trial']}" / "fold=0" / "metrics.json").exists()  # it never finished
     assert f"trial {hopeless['trial']}: stopped early" in res.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_logs_one_run_per_trial_and_the_winner(sweep):
+    mlflow = pytest.importorskip("mlflow")
+    out, args, res = sweep
+    assert "warning: tracking" not in res.stderr
+    board = pd.read_csv(out / "leaderboard.csv")
+    client = mlflow.MlflowClient(next(a for a in args if str(a).startswith("tracking.mlflow=")).split("=", 1)[1])
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(runs) == 4 and set(trials) == {f"trial={t}" for t in board["trial"]}, sorted(trials)
+    for _, row in board.iterrows():  # run_name trial=<id>: the trial's own run directory
+        trial = trials[f"trial={row['trial']}"]
+        assert float(trial.data.params["train.lr"]) == row["train.lr"]
+        if row["status"] == "complete":
+            report = json.loads((out / f"trial={row['trial']}" / "report.json").read_text())
+            assert trial.data.metrics["log_loss"] == pytest.approx(report["cv_log_loss"])
+            assert {a.path for a in client.list_artifacts(trial.info.run_id)} >= {"report.json", "report.html"}
+        else:  # stopped by ASHA: a normal ending, said as such
+            assert trial.data.metrics["stopped_early"] == 1.0 and trial.info.status == "FINISHED", trial.info
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"leaderboard.csv", "best.yaml"}
+    assert parent.data.metrics["best_log_loss"] == pytest.approx(board[board["status"] == "complete"]["log_loss"].min())
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
-"""The trackers, fed fold reports as the folds' Tuner hands them over (no Ray here; tests/orchestrator/
-test_tracking_e2e.py runs the real path), and read back with each tracker's own client: MLflow's ``MlflowClient`` on
-a sqlite store, W&B's offline transaction log (tests/orchestrator/tracking/wandb_log.py). A tracker that cannot be
-reached or imported costs one warning line and nothing else."""
+"""The trackers, fed fold reports as the folds' Tuner hands them over (no Ray here; the real path runs in
+tests/orchestrator/test_cv_e2e.py and test_tune.py, whose runs track themselves), and read back with each tracker's
+own client: MLflow's ``MlflowClient`` on a sqlite store, W&B's offline transaction log
+(tests/orchestrator/tracking/wandb_log.py). A tracker that cannot be reached or imported costs one warning line and
+nothing else."""
 
 from __future__ import annotations
 
