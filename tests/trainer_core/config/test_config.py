@@ -229,3 +229,14 @@ def test_the_demo_keeps_rows_of_one_prompt_in_one_fold():
     """The README's headline figure is an honest CV: the embedded demo groups folds by prompt (a quarter of the
     bundled rows share their prompt with another row; id folds would score a fold on prompts it trained on)."""
     assert load_config(CONFIGS / "demo_cpu.yaml").data.fold_by == "prompt"
+
+
+def test_the_demo_reads_the_rows_lengths_as_measured():
+    """The demo's figures (README, docs/QUALITY.md) were measured with model.length_features=true as an override of
+    the config before it set it: the shipped config is that same run (same fingerprint)."""
+    shipped = load_config(CONFIGS / "demo_cpu.yaml")
+    assert shipped.model.length_features and shipped.model.head == "pairwise"
+    shipped.model.length_features = False
+    before = shipped.fingerprint()
+    shipped.model.length_features = True
+    assert load_config(CONFIGS / "demo_cpu.yaml").fingerprint() == shipped.fingerprint() != before
