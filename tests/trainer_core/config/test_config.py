@@ -261,3 +261,14 @@ def test_every_lower_bound_is_declared_with_its_key_and_refused_just_past_it():
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, [*base, "train.lr=0", "cluster.max_failures=-1", "train.max_steps=null"]))
     assert str(e.value).count("must be") == 2
+
+
+def test_the_demo_reads_the_rows_lengths_as_measured():
+    """The demo's figures (README, docs/QUALITY.md) were measured with model.length_features=true as an override of
+    the config before it set it: the shipped config is that same run (same fingerprint)."""
+    shipped = load_config(CONFIGS / "demo_cpu.yaml")
+    assert shipped.model.length_features and shipped.model.head == "pairwise"
+    shipped.model.length_features = False
+    before = shipped.fingerprint()
+    shipped.model.length_features = True
+    assert load_config(CONFIGS / "demo_cpu.yaml").fingerprint() == shipped.fingerprint() != before

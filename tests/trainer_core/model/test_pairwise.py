@@ -9,7 +9,7 @@ from tests.conftest import CONFIGS, DATA
 from trainer_core.config import ConfigError, DataConfig, ModelConfig, load_config, validate
 from trainer_core.data.arena import assign_folds, load_rows
 from trainer_core.data.batching import collate, row_tokens
-from trainer_core.data.tokenization import build_tokenizer, encode_pairs
+from trainer_core.data.tokenization import build_tokenizer, encode_pairs, features
 from trainer_core.fold.inference import load_fold_model, predict_probs
 from trainer_core.model.pairwise import PairwisePreferenceModel
 
@@ -84,5 +84,5 @@ def test_a_pairwise_fold_trains_the_shared_encoder_and_reloads(tmp_path):
     assert isinstance(model, PairwisePreferenceModel)
     val = rows[rows["fold"] == 0].sort_values("id")
     p = predict_probs(model, encode_pairs(val, tok, cfg.data, False), 8, tok.pad_token_id, torch.device("cpu"),
-                      lambda: torch.no_grad())
+                      lambda: torch.no_grad(), features=features(val, tok, cfg))  # the demo reads lengths too
     assert np.allclose(p, res.oof[["p_a", "p_b", "p_tie"]].to_numpy(), atol=1e-5)
