@@ -18,7 +18,6 @@ there, resumes from there, and every node of the cluster reads and writes it the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -173,14 +172,8 @@ def _cluster_check(cfg) -> None:
 def run_cv(cfg, rows, folds: list[int], run: RunDir) -> int:
     """Train the folds not yet finished, then the report. A run directory at a URI gets what the driver wrote
     (sessions.json, error logs, the report, tracking ids) uploaded however this ends; the folds upload their own."""
-    try:
-        code = _run_cv(cfg, rows, folds, run)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error in flight is the one to report
-            run.push()
-        raise
-    run.push()
-    return code
+    with run.pushed_however_it_ends():
+        return _run_cv(cfg, rows, folds, run)
 
 
 def _run_cv(cfg, rows, folds: list[int], run: RunDir) -> int:

@@ -102,14 +102,14 @@ def build_ensemble(run_dirs: list[Path], method: str, uris: list[str | None] | N
     for f in report["folds"]:
         f["member_log_losses"] = [m["log_loss_by_fold"][str(f["fold"])] for m in members]
         f["weights"] = fold_weights[f["fold"]]
-    names = ", ".join(m["experiment"] or Path(m["run_dir"]).name for m in members)
-    report.update(experiment=f"ensemble ({method}) of {names}", fingerprint=None, fold_by=provenance["fold_by"],
+    titles = ", ".join(m["experiment"] or Path(m["run_dir"]).name for m in members)
+    report.update(experiment=f"ensemble ({method}) of {titles}", fingerprint=None, fold_by=provenance["fold_by"],
                   optimistic_because=provenance["optimistic_because"], ensemble={
         "method": method, "members": members, "weights": weights,
         "weights_by_fold": {str(k): w for k, w in fold_weights.items()},
         "note": ("weights applied to fold k's rows were fitted on the other folds' OOF rows only (cross-fitted); "
                  "'weights' (fitted on all OOF rows) is what predict applies to new rows")})
-    spec = {"method": method, "members": [str(d.resolve()) for d in run_dirs], "weights": weights, "folds": folds,
+    spec = {"method": method, "members": names, "weights": weights, "folds": folds,
             "weights_by_fold": report["ensemble"]["weights_by_fold"], "provenance": provenance,
             "length_baseline": with_length_baseline}
     return oof, rows, report, spec

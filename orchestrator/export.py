@@ -34,8 +34,7 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.runs.adapters import ADAPTER_FILES, AdapterError, average_adapters, check_same_recipe
-from orchestrator.runs.staging import staged, with_adapters
-from orchestrator.runs.storage import StorageError
+from orchestrator.runs.staging import on_staged_run, staged, with_adapters
 from trainer_core.config import BLOCK_CAUSAL, ConfigError, load_config, to_yaml
 from trainer_core.data import text
 from trainer_core.model.weights import WeightsError, check_weights
@@ -238,12 +237,8 @@ def write_manifest(root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        with staged(args.run, keep=with_adapters) as run_dir:  # a run at a URI: downloaded with its adapters
-            return _export(args, run_dir)
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a run at a URI: downloaded with its adapters
+    return on_staged_run(staged(args.run, keep=with_adapters), lambda run_dir: _export(args, run_dir))
 
 
 def _export(args, run_dir: Path) -> int:

@@ -51,8 +51,8 @@ from orchestrator.runs.overrides import PREDICT_KEYS, parse_predict_overrides, r
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs, run_provenance
 from orchestrator.runs.scoring import fold_predictions
 from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
-from orchestrator.runs.staging import staged_for_predict
-from orchestrator.runs.storage import StorageError, is_uri
+from orchestrator.runs.staging import on_staged_run, staged_for_predict
+from orchestrator.runs.storage import is_uri
 from trainer_core import metrics
 from trainer_core.config import ConfigError, load_config
 from trainer_core.data.arena import DataError, load_rows, parse_folds
@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--in-fold goes with --soft-labels PATH")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    try:
-        with staged_for_predict(args.run) as run_dir:
-            return _predict(args, run_dir)
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return on_staged_run(staged_for_predict(args.run), lambda run_dir: _predict(args, run_dir))
 
 
 def _predict(args, run_dir: Path) -> int:

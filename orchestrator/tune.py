@@ -27,7 +27,6 @@ is checked against the model's real layer count before Ray starts: a value that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -194,14 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:
     """The sweep on Ray; what the driver writes into a sweep directory at a URI is uploaded however it ends."""
-    try:
-        code = _run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error in flight is the one to report
-            sweep.push()
-        raise
-    sweep.push()
-    return code
+    with sweep.pushed_however_it_ends():
+        return _run(args, base, trial_base, space, folds, sweep, data_sha, steps, resumable)
 
 
 def _run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, steps: int, resumable: bool) -> int:

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,19 @@ class RunDir:
 
     def clear(self) -> None:
         """Nothing: the local code empties a local run directory itself (``--restart``)."""
+
+    @contextlib.contextmanager
+    def pushed_however_it_ends(self):
+        """What the driver wrote inside the block (sessions.json, error logs, the report, tracking ids) is pushed
+        however the block ends; when it raises, a failing push is suppressed: the error in flight is the one to
+        report."""
+        try:
+            yield self
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.push()
+            raise
+        self.push()
 
     def close(self) -> None:
         pass
@@ -248,3 +262,14 @@ def _stage_tree(location: str, stack: contextlib.ExitStack) -> Path:
     spec["members"] = [str(_stage_tree(m, stack)) if storage.is_uri(m) else m for m in members]
     (local / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=2))
     return local
+
+
+def on_staged_run(stage, work: Callable[[Path], int]) -> int:
+    """A command's body on a staged run directory: ``work(local folder)``'s exit code, or 2 with one line when the
+    run's storage cannot serve it."""
+    try:
+        with stage as run_dir:
+            return work(run_dir)
+    except storage.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -192,3 +192,26 @@ def test_workers_get_the_endpoint_and_region_never_the_credentials():
                       "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"})
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} & set(env)
+
+
+def test_what_the_driver_wrote_is_pushed_however_the_run_ends_and_its_own_error_wins(tmp_path):
+    from orchestrator.runs.staging import RunDir
+
+    class Counting(RunDir):
+        pushes, fail = 0, False
+
+        def push(self, under: str = "") -> int:
+            self.pushes += 1
+            if self.fail:
+                raise OSError("bucket gone")
+            return 0
+
+    run = Counting(tmp_path)
+    with run.pushed_however_it_ends():
+        pass
+    assert run.pushes == 1
+    run.fail = True
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in flight, and the push fails too: Ctrl-C is what surfaces
+        with run.pushed_however_it_ends():
+            raise KeyboardInterrupt
+    assert run.pushes == 2
