@@ -54,3 +54,29 @@ def test_a_fold_that_cannot_start_fails_within_its_attempts_and_says_so(tmp_path
     assert any(ln.startswith("[") and "fold 0: FAILED: The worker group startup timed out" in ln
                for ln in out.splitlines()), out[-3000:]  # said when it failed, not only at the end
     assert "rerun the same command to resume" in out
+
+
+@pytest.mark.slow
+def test_a_fold_that_keeps_failing_is_reported_then_the_run_stops(tmp_path):
+    """A fault every try of the fold meets (here a truncated weights file: the driver only checks that the model
+    folder has config and weights, the fold cannot load them): Ray Train retries it ``cluster.max_failures`` times, then
+    the console names the fold and the root error, not Ray's wrapper, and the run ends with exit 1 and the way to
+    resume. No report is written."""
+    from tests.tiny_gemma import tiny_gemma2_classifier
+
+    model_dir = tmp_path / "gemma"
+    tiny_gemma2_classifier().save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cv", "--config", str(CONFIGS / "smoke.yaml"), "--out",
+                          str(out), "--folds", "0", *TINY, "model.init=pretrained", f"model.name_or_path={model_dir}",
+                          "cluster.max_failures=1", "cluster.num_cpus=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, text[-3000:]
+    failed = [ln for ln in text.splitlines() if ln.startswith("fold 0 failed:")]
+    assert failed and "SafetensorError" in failed[0], text[-3000:]  # the loader's own exception, named
+    assert "WorkerGroupError" not in failed[0] and "RayTaskError" not in failed[0], failed[0]
+    assert "rerun the same command to resume" in text
+    assert not (out / "report.json").exists()
