@@ -245,6 +245,7 @@ def _run_cv(cfg, rows, folds: list[int], run: RunDir) -> int:
     print()
     print(format_table(report))
     run.push()  # the report, before the trackers and the console name it
+    run.tidy()  # every fold is over: what a killed worker's upload left behind goes
     tracking.finish_cv(run_dir, report)
     print(f"\nreport: {run.show('report.html')}\nrun directory: {run.show()}  ({time.time() - t0:.0f}s)")
     return 0

@@ -244,6 +244,8 @@ def _run(args, base, trial_base, space, folds, sweep: RunDir, data_sha: str, ste
     tracking.finish(sweep_dir, None, [sweep_dir / "leaderboard.csv", sweep_dir / "best.yaml"],
                     figures={"best_log_loss": best["log_loss"]} if best is not None else None)
     sweep.push()  # before the console names them
+    if not unfinished:
+        sweep.tidy()  # every trial is over: what a killed worker's upload left behind goes
     print(f"leaderboard: {sweep.show('leaderboard.csv')}  ({time.time() - t0:.0f}s)")
     if unfinished or interrupt.requested():
         print(f"sweep {interrupt.MESSAGE} ({sweep.show()})", file=sys.stderr)

@@ -79,6 +79,10 @@ class RunDir:
     def clear(self) -> None:
         """Nothing: the local code empties a local run directory itself (``--restart``)."""
 
+    def tidy(self) -> int:
+        """Nothing in a folder (its writes are renames, :func:`trainer_core.paths.atomic_write`)."""
+        return 0
+
     @contextlib.contextmanager
     def pushed_however_it_ends(self):
         """What the driver wrote inside the block (sessions.json, error logs, the report, tracking ids) is pushed
@@ -160,6 +164,11 @@ class RemoteRunDir(RunDir):
             listing = storage.list_files(self.fs, self.root)
             self._remote.update({rel: listing[rel] for _, _, rel, _ in changed if rel in listing})
         return len(changed)
+
+    def tidy(self) -> int:
+        """Delete the temporary keys of uploads a killed process cut short (a fold's worker SIGKILLed mid-upload):
+        only when the run's folds are over, so that no live upload loses its key. Returns how many."""
+        return storage.remove_orphaned_uploads(self.fs, self.root)
 
     def clear(self) -> None:
         """Delete every object under the URI (``--restart``, once the checks have passed)."""

@@ -164,6 +164,22 @@ def download(fs: pafs.FileSystem, key: str, dest: Path, mtime_ns: int = 0) -> No
         os.utime(dest, ns=(mtime_ns, mtime_ns))
 
 
+ORPHAN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temporary key of an upload (:func:`upload`)
+
+
+def remove_orphaned_uploads(fs: pafs.FileSystem, root: str, keep_under: tuple[str, ...] = ("ray/",)) -> int:
+    """Delete the temporary keys that uploads cut short left under ``root`` (a worker killed mid-upload never moves
+    nor deletes its ``.<name>.<random>.tmp``); keys under ``keep_under`` (Ray's own storage) are left alone. Only for
+    a moment when nothing uploads into ``root``: a live upload's key would go too. Returns how many."""
+    n = 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        rel = info.path[len(root):].lstrip("/")
+        if info.type == pafs.FileType.File and ORPHAN.match(info.base_name) and not rel.startswith(keep_under):
+            fs.delete_file(info.path)
+            n += 1
+    return n
+
+
 def upload(fs: pafs.FileSystem, src: Path, key: str) -> None:
     """Local file ``src`` -> object ``key``: to a temporary key beside it, then moved onto it (whole or not at all).
     Files over DIRECT_UPLOAD_BYTES go straight to the key: a multipart upload the object store completes only once

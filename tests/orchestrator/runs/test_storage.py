@@ -132,6 +132,24 @@ def test_a_failed_upload_leaves_the_old_object_and_no_temporary_key(s3, tmp_path
     assert s3.keys("atomic") == ["report.json"] and json.loads(s3.read("atomic/report.json")) == {"old": True}
 
 
+def test_a_killed_uploads_temporary_key_is_removed_once_the_run_is_over(s3):
+    """A worker SIGKILLed mid-upload never moves nor deletes its temporary key (seen in test_storage_e2e: a fold's
+    events file); the driver's tidy-up at the end of the run removes such keys and nothing else (Ray's own files
+    under ray/ included)."""
+    fs, root = storage.filesystem(s3.uri("killed"))
+    keys = {"fold=1/metrics.json": b"{}", "tensorboard/fold=1/.events.out.tfevents.1.vm.2.0.f47f456b375c.tmp": b"x",
+            "fold=2/.oof.parquet.0123456789ab.tmp": b"x", "ray/fold=1/.validate_storage_marker": b"",
+            "ray/fold=1/checkpoint_000001/.model.0123456789ab.tmp": b"x", "notes/.hidden.tmp": b"x"}
+    for key, data in keys.items():
+        with fs.open_output_stream(f"{root}/{key}") as out:
+            out.write(data)
+    with RemoteRunDir(s3.uri("killed")) as run:
+        assert run.tidy() == 2
+    assert s3.keys("killed") == sorted(k for k in keys if not k.endswith(("f47f456b375c.tmp", "fold=2/.oof.parquet"
+                                                                          ".0123456789ab.tmp")))
+    assert open_run(str(REPO)).tidy() == 0  # a folder: nothing to tidy
+
+
 def test_a_prefix_that_is_not_a_run_is_never_pulled_nor_written(s3):
     s3.client.put_object(Bucket=s3.bucket, Key="thesis/thesis.tex", Body=b"\\documentclass{article}")
     for restart in (False, True):
