@@ -39,6 +39,15 @@ def test_a_slow_start_gives_no_eta_then_the_steady_rate():
     line = feed(p, 0, elapsed=t, step=60, compiles=6)
     assert p.eta(0) == pytest.approx(0.26 * (1000 - 60))
     assert "eta 4m04s" in line and "all folds: 4m04s" in line
+    # A length first seen late compiles its graph (step 390 of 404 on an H100): the ETA keeps the steady rate
+    # instead of going back to "warming up", and the next quiet intervals measure it again.
+    t += 9.0
+    line = feed(p, 0, elapsed=t, step=70, compiles=7)
+    assert p.eta(0) == pytest.approx(0.26 * (1000 - 70)) and "warming up" not in line and "eta 4m01s" in line
+    for step in (80, 90):
+        t += 2.0
+        feed(p, 0, elapsed=t, step=step, compiles=7)
+    assert p.eta(0) == pytest.approx(0.2 * (1000 - 90))
 
 
 @pytest.mark.parametrize("setting, says_compile", [("off", False), ("on", True), ("dynamic", True)])
