@@ -49,7 +49,7 @@ import pandas as pd
 from orchestrator.reporting import calibration
 from orchestrator.runs.overrides import PREDICT_KEYS, parse_predict_overrides, run_config
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs, run_provenance
-from orchestrator.runs.scoring import fold_predictions
+from orchestrator.runs.scoring import fold_predictions, fold_predictions_on
 from orchestrator.runs.soft_labels import SoftLabelExportError, in_fold_soft_labels, oof_soft_labels
 from orchestrator.runs.staging import on_staged_run, staged_for_predict
 from orchestrator.runs.storage import is_uri
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold models to average, e.g. 0-4 or 0,2 (default: the folds report.json covers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per forward pass (default: the run's train.eval_batch_size)")
-    p.add_argument("--device", default="auto", help="'auto' (a GPU if present, else CPU), 'cpu', 'cuda' or 'cuda:1'")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (every GPU of the machine, else the CPU), 'cpu', 'cuda', 'cuda:1', or a comma list "
+                        "('cuda:0,cuda:1'); with several devices and several folds the folds are spread over them, "
+                        "one process and one fold model at a time per device")
     p.add_argument("--soft-labels", type=Path, default=None, metavar="PARQUET",
                    help="write the run's OOF probabilities (plain and temperature-scaled) as soft labels")
     p.add_argument("--in-fold", action="store_true",
@@ -124,8 +127,8 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
 
     Each fold's probabilities are temperature-scaled before averaging (T was fitted on single-fold OOF rows)."""
     total = np.zeros((len(rows), 3))
-    for _, p in fold_predictions(run_dir, rows, folds, tta=tta, device=_device(device), batch_size=batch_size,
-                                 log=log, overrides=overrides):
+    for _, p in fold_predictions_on(_devices(device), run_dir, rows, folds, tta=tta, batch_size=batch_size, log=log,
+                                    overrides=overrides):
         total += calibration.apply_temperature(p, temperature)
     return metrics.clip_probs(total / len(folds))
 
@@ -134,6 +137,16 @@ def _device(name: str):
     import torch
 
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _devices(spec: str) -> list[str]:
+    """--device as a list: ``auto`` = every GPU of the machine (else the CPU); a comma list names them."""
+    import torch
+
+    if spec == "auto":
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    return [d.strip() for d in spec.split(",") if d.strip()]
 
 
 def check_base_weights(run_dir: Path, overrides: dict | None = None) -> None:
@@ -244,7 +257,7 @@ def _predict(args, run_dir: Path) -> int:
         return 2
     if args.in_fold:
         soft = in_fold_soft_labels(run_dir, in_fold, partial(fold_predictions, overrides=overrides),
-                                   device=_device(args.device),
+                                   device=_device(_devices(args.device)[0]),  # one model at a time
                                    batch_size=args.batch_size)
     if args.data is not None:
         print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "

@@ -61,6 +61,47 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
         yield k, p
 
 
+def spread_folds(folds: list[int], devices: list[str]) -> list[tuple[str, list[int]]]:
+    """(device, its folds) pairs: round robin in fold order, so five folds on two GPUs go 3 + 2 (a device gets no
+    fold when there are more devices than folds; a device named twice is two processes on it)."""
+    return [(d, folds[i::len(devices)]) for i, d in enumerate(devices) if folds[i::len(devices)]]
+
+
+def _score_folds_on(run_dir: Path, rows: pd.DataFrame, folds: list[int], tta: bool, device: str, batch_size,
+                    overrides) -> dict[int, object]:
+    """One device's share (a process of its own): {fold: (N, 3) probabilities}."""
+    import torch
+
+    return dict(fold_predictions(run_dir, rows, folds, tta=tta, device=torch.device(device), batch_size=batch_size,
+                                 overrides=overrides))
+
+
+def fold_predictions_on(devices: list[str], run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta: bool,
+                        batch_size=None, log=print, overrides: dict | None = None):
+    """:func:`fold_predictions` with the folds spread over ``devices``: one process per device (spawned, so each has
+    its own CUDA context) loads its folds' models one after another; yields (k, probabilities) in fold order once
+    all are done. One device (or one fold): this process, as :func:`fold_predictions`."""
+    shares = spread_folds(folds, devices)
+    if len(shares) < 2:
+        import torch
+
+        yield from fold_predictions(run_dir, rows, folds, tta=tta, device=torch.device(devices[0]),
+                                    batch_size=batch_size, log=log, overrides=overrides)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log(f"scoring folds on {len(shares)} devices at once: " + "; ".join(f"{d}: folds {ks}" for d, ks in shares))
+    done: dict[int, object] = {}
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_score_folds_on, run_dir, rows, ks, tta, d, batch_size, overrides)
+                   for d, ks in shares]
+        for f in futures:
+            done.update(f.result())
+    for k in folds:
+        yield k, done[k]
+
+
 def length_baseline_predictions(ens_dir: Path, rows: pd.DataFrame, folds: list[int]):
     """Yield (k, (N, 3)) of the length-only baseline fitted on the ensemble's data outside fold k, as its OOF rows
     were scored (``orchestrator.reporting.baselines``)."""

@@ -274,3 +274,18 @@ def test_optimism_passes_down_a_distillation_chain_and_other_folds_are_refused(r
         cfg = load_config(CONFIGS / "smoke.yaml", [f"data.max_rows={N_ROWS}", f"data.path={other_data}",
                                                    f"train.soft_labels={tmp_path / 'in_fold.parquet'}"])
         prepare_run_dir(cfg, tmp_path / "other", [0], False, "test")
+
+
+def test_folds_spread_over_several_devices_give_the_same_submission(run_dir, tmp_path, capsys):
+    """--device with several devices (every GPU by default; here two CPU processes) scores the folds on them at
+    once, round robin, and averages them as one device does: the same numbers."""
+    from orchestrator.runs.scoring import spread_folds
+
+    assert spread_folds([0, 1, 2, 3, 4], ["cuda:0", "cuda:1"]) == [("cuda:0", [0, 2, 4]), ("cuda:1", [1, 3])]
+    assert spread_folds([3], ["cuda:0", "cuda:1"]) == [("cuda:0", [3])]
+    raw_rows(N_ROWS, N_ROWS + 12, labels=False).to_csv(tmp_path / "test.csv", index=False)
+    rows = load_rows(tmp_path / "test.csv", require_labels=False)
+    one = predict_submission(run_dir, rows, [0, 1, 2, 3, 4], tta=True, temperature=1.3, device="cpu")
+    two = predict_submission(run_dir, rows, [0, 1, 2, 3, 4], tta=True, temperature=1.3, device="cpu,cpu")
+    assert "scoring folds on 2 devices at once: cpu: folds [0, 2, 4]; cpu: folds [1, 3]" in capsys.readouterr().out
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-7)
