@@ -133,12 +133,6 @@ def predict_submission(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, t
     return metrics.clip_probs(total / len(folds))
 
 
-def _device(name: str):
-    import torch
-
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def _devices(spec: str) -> list[str]:
     """--device as a list: ``auto`` = every GPU of the machine (else the CPU); a comma list names them."""
     import torch
@@ -256,8 +250,10 @@ def _predict(args, run_dir: Path) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.in_fold:
+        import torch
+
         soft = in_fold_soft_labels(run_dir, in_fold, partial(fold_predictions, overrides=overrides),
-                                   device=_device(_devices(args.device)[0]),  # one model at a time
+                                   device=torch.device(_devices(args.device)[0]),  # one model at a time
                                    batch_size=args.batch_size)
     if args.data is not None:
         print(f"predicting {len(rows)} rows of {args.data} with folds {folds}; temperature {temperature:.3f} "

@@ -164,7 +164,13 @@ def download(fs: pafs.FileSystem, key: str, dest: Path, mtime_ns: int = 0) -> No
         os.utime(dest, ns=(mtime_ns, mtime_ns))
 
 
-ORPHAN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temporary key of an upload (:func:`upload`)
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the name :func:`temporary_key` gives
+
+
+def temporary_key(key: str) -> str:
+    """Where an upload to ``key`` goes first: ``.<name>.<random>.tmp`` beside it (hidden from listings)."""
+    parent, name = posixpath.split(key)
+    return f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
 def remove_orphaned_uploads(fs: pafs.FileSystem, root: str, keep_under: tuple[str, ...] = ("ray/",)) -> int:
@@ -174,7 +180,7 @@ def remove_orphaned_uploads(fs: pafs.FileSystem, root: str, keep_under: tuple[st
     n = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         rel = info.path[len(root):].lstrip("/")
-        if info.type == pafs.FileType.File and ORPHAN.match(info.base_name) and not rel.startswith(keep_under):
+        if info.type == pafs.FileType.File and TEMPORARY.match(info.base_name) and not rel.startswith(keep_under):
             fs.delete_file(info.path)
             n += 1
     return n
@@ -187,8 +193,7 @@ def upload(fs: pafs.FileSystem, src: Path, key: str) -> None:
     if src.stat().st_size > DIRECT_UPLOAD_BYTES:
         pafs.copy_files(str(src), key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         return
-    parent, name = posixpath.split(key)
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = temporary_key(key)
     try:
         with open(src, "rb") as f, fs.open_output_stream(tmp) as out:
             shutil.copyfileobj(f, out, CHUNK)
