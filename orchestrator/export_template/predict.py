@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     import torch
-    from arena_text import ensure_pad_token
+    from arena_text import ensure_pad_token, swapped_length_features
     from submission_model import Scorer
     from submission_text import InputError, encode, features, read_test, swap_responses
     from transformers import AutoTokenizer
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     swapped = {k: np.full((n, 3), np.nan) for k in names}
     items = [(k, b) for b in length_batches(by_length, lengths, args.batch_tokens, seqs) for k in names]
     swapped_enc = encode(swap_responses(rows), tok, cfg["text"], cfg["head"]) if tta else None
-    s_feats = features(swap_responses(rows), tok, cfg) if tta else None  # lengths swap with the responses
+    s_feats = swapped_length_features(feats) if tta else None  # lengths swap with the responses
     if tta and len(scorers) > 1 and args.time_budget is None:  # original order on even cards, swapped on odd ones
         s_lengths = np.array([len(r) for r in swapped_enc])
         s_items = [(k, b) for b in length_batches(np.argsort(-s_lengths, kind="stable"), s_lengths,

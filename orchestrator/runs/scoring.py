@@ -12,6 +12,7 @@ from orchestrator.runs.overrides import run_config
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs
 from trainer_core import metrics
 from trainer_core.config import pad_multiple
+from trainer_core.data.text import swapped_length_features
 from trainer_core.data.tta import swap_responses, tta_average
 
 
@@ -46,13 +47,14 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
                                                    train_batch=cfg.train.batch_size)
         meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
         multiple = pad_multiple(cfg.model)
+        feats = features(rows, tok, cfg)
         p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter, multiple,
-                                             features(rows, tok, cfg)))
+                                             feats))
         if tta:
-            swapped = swap_responses(rows)  # length features swapped with the responses
+            swapped = swap_responses(rows)
             meter.offset = len(rows)
             p_swapped = predict_probs(model, encode(swapped, tok, cfg), bs, tok.pad_token_id, device, autocast, meter,
-                                      multiple, features(swapped, tok, cfg))
+                                      multiple, swapped_length_features(feats))  # lengths swap with the responses
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
             f"({precision}, batch {bs}): {meter.rate():.1f} rows/s after the model loaded")

@@ -238,6 +238,13 @@ def length_features(df: pd.DataFrame, tok) -> np.ndarray:
     return np.log1p(np.column_stack(chars + tokens)).astype(np.float32).reshape(len(df), len(LENGTH_FEATURES))
 
 
+def swapped_length_features(features: np.ndarray | None) -> np.ndarray | None:
+    """The :func:`length_features` of the same rows with responses a and b exchanged (its columns permuted by
+    ``LENGTH_SWAP``: the same numbers as computing them again on the swapped rows, without tokenizing them again);
+    None stays None."""
+    return None if features is None else features[:, LENGTH_SWAP]
+
+
 def pad_rows(rows: list, pad_id: int, multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (B, T) int64 input ids and attention mask of encoded rows; ``multiple``: T rounded up to a
     multiple of it (a few fixed lengths for layers compiled with static shapes). Pairwise rows (tuples of sequences)

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from trainer_core.config import Config
-from trainer_core.data.tokenization import encode, features
+from trainer_core.data.text import swapped_length_features
+from trainer_core.data.tokenization import encode
 from trainer_core.data.tta import swap_responses, tta_average
 from trainer_core.fold.data import FoldData
 from trainer_core.fold.inference import predict_probs, resolve_eval_batch_size
@@ -63,9 +64,9 @@ class HeldOut:
                             "p_a": probs[:, 0], "p_b": probs[:, 1], "p_tie": probs[:, 2]})
         tta = None
         if self.cfg.train.eval_tta:
-            swapped = swap_responses(data.val_rows)  # its length features swapped with it
+            swapped = swap_responses(data.val_rows)
             tta = clip_probs(tta_average(probs, self.score(encode(swapped, self.tok, self.cfg),
-                                                           features(swapped, self.tok, self.cfg))))
+                                                           swapped_length_features(data.val_feats))))
             oof[["p_a_tta", "p_b_tta", "p_tie_tta"]] = tta
         return probs, tta, oof
 
