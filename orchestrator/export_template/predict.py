@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="padded tokens per batch (rows x longest row); lower it if a card runs out of memory")
     p.add_argument("--device", default="auto", help="'auto' (every GPU, else the CPU), 'cpu' or 'cuda:0'")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="compute dtype: auto = fp32 on a CPU, bf16 on a card that has it, fp16 elsewhere (a T4); "
+                        "fp16 on a bf16 card checks before uploading what a T4 will compute")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 against manifest.json first")
     args = p.parse_args(argv)
     start = time.time()
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
     else:
         devices = [torch.device(args.device)]
-    scorers = [Scorer(HERE, cfg, d, tok.pad_token_id) for d in devices]
+    scorers = [Scorer(HERE, cfg, d, tok.pad_token_id, args.precision) for d in devices]
     names, n = scorers[0].names, len(rows)
     print(f"{n} rows, models {names}, {', '.join(f'{s.device} ({s.precision})' for s in scorers)}, "
           f"TTA {'on' if tta else 'off'}; loaded in {time.time() - start:.0f}s", flush=True)

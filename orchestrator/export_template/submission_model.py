@@ -113,8 +113,9 @@ class PairwiseModel(torch.nn.Module):
 class Scorer:
     """Every exported model on one device: ``probs(name, input_ids, mask)`` gives (B, 3) softmax probabilities."""
 
-    def __init__(self, root: Path, cfg: dict, device: torch.device, pad_id: int):
-        self.device, self.precision = device, precision_for(device)
+    def __init__(self, root: Path, cfg: dict, device: torch.device, pad_id: int, precision: str = "auto"):
+        """``precision``: auto (:func:`precision_for`), or bf16, fp16 or fp32 on any device."""
+        self.device, self.precision = device, precision_for(device) if precision == "auto" else precision
         dtype = DTYPES[self.precision]
         self.names = [m["name"] for m in cfg["models"]]
         self._peft, self._models = None, {}

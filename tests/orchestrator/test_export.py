@@ -115,8 +115,14 @@ def test_a_time_budget_already_spent_keeps_every_row_and_skips_the_swapped_pass(
     p = sub[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     assert len(sub) == 20 and np.isfinite(p).all() and np.allclose(p.sum(1), 1.0) and (p > 0).all()
     assert "swapped pass on 0/20 rows" in stdout and "(0 with TTA)" in stdout
-    no_tta, _ = offline_predict(tmp_path / "ex", test_csv, tmp_path / "plain.csv", "--no-tta", cwd=tmp_path)
+    no_tta, plain_out = offline_predict(tmp_path / "ex", test_csv, tmp_path / "plain.csv", "--no-tta",
+                                        cwd=tmp_path)
     assert np.allclose(p, no_tta[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy(), atol=1e-12)
+    # --precision picks the compute dtype on any device (fp16 on a bf16 card checks what a T4 will compute)
+    low, out = offline_predict(tmp_path / "ex", test_csv, tmp_path / "bf16.csv", "--no-tta", "--precision", "bf16",
+                               cwd=tmp_path)
+    diff = np.abs(low[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy() - p).max()
+    assert "cpu (bf16)" in out and "cpu (fp32)" in plain_out and 0 < diff < 0.05
     text = (tmp_path / "ex" / "EXPORT.md").read_text()
     report = json.loads((run_dir / "report.json").read_text())
     assert "no honest CV exists for it" in text and f"{report['cv_log_loss']:.4f}" in text
@@ -245,7 +251,8 @@ def test_help_documents_every_flag():
         assert flag in res.stdout, flag
     res = subprocess.run([sys.executable, str(TEMPLATE / "predict.py"), "--help"], capture_output=True, text=True,
                          timeout=60)
-    for flag in ("--data", "--out", "--time-budget", "--no-tta", "--batch-tokens", "--device", "--verify"):
+    for flag in ("--data", "--out", "--time-budget", "--no-tta", "--batch-tokens", "--device", "--verify",
+                 "--precision"):
         assert flag in res.stdout, flag
 
 
