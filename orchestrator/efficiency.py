@@ -29,7 +29,7 @@ import torch
 
 from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
 from orchestrator.runs.staging import staged
-from trainer_core.config import load_config
+from trainer_core.config import ConfigError, load_config
 
 
 def one_gpu_seconds(m: dict) -> float:
@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                         "other folder); a folder or a URI (s3://bucket/prefix, gs://..., as cv --out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:  # a bad config or override is one line, before any weights are built (cv itself checks everything else)
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.model.init == "random":
         from trainer_core.data.tokenization import build_tokenizer
         from trainer_core.model.build import random_weights_dir

@@ -6,8 +6,10 @@ or for a run directory at a URI a staging folder whose fold files and TensorBoar
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 
 import ray
@@ -16,6 +18,21 @@ import ray.train
 from orchestrator.runs.compile_cache import use_compile_cache
 from orchestrator.runs.staging import FoldStage
 from trainer_core.config import config_from_dict
+
+
+class FoldError(RuntimeError):
+    """A fold's exception that could not be pickled, as text: its type, message and traceback in the worker."""
+
+
+def sendable(e: Exception) -> Exception:
+    """``e`` itself when it pickles, else a :class:`FoldError` with its text. Ray pickles the training function's
+    exception to send it to the driver; one that holds unpicklable objects (torch inductor's errors keep compiled
+    kernels) would otherwise reach the user as Ray's pickling failure instead of the cause."""
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:  # noqa: BLE001 - any pickling failure: send text instead
+        return FoldError("".join(traceback.format_exception(e)).rstrip())
 
 
 def fold_worker(config: dict) -> dict:
@@ -51,6 +68,8 @@ def fold_worker(config: dict) -> dict:
             result = train_fold(cfg, fold, rows, run_dir / f"fold={fold}", resume_from=resume_dir, report=report,
                                 tb_dir=run_dir / "tensorboard" / f"fold={fold}", device=ray.train.torch.get_device(),
                                 stop_at=placement.stop_at)
+        except Exception as e:
+            raise sendable(e) from None
         finally:
             if resume_dir is not None:
                 shutil.rmtree(resume_dir, ignore_errors=True)

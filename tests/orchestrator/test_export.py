@@ -8,6 +8,7 @@ The run is built in this process (tests/orchestrator/smoke_run.py: five folds of
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -285,3 +286,17 @@ def test_a_pairwise_run_with_length_features_exports_and_predicts_as_orchestrato
     cfg_path = run / "config.yaml"
     cfg_path.write_text(cfg_path.read_text().replace("head: pairwise", "head: joint"))
     assert export_main([str(run), "--out", str(tmp_path / "joint")]) == 2 and not (tmp_path / "joint").exists()
+
+
+def test_bitsandbytes_int8_line_is_logged_once_however_many_matmuls(caplog):
+    model = template("submission_model")
+    model.quiet_repeated_logs()
+    model.quiet_repeated_logs()  # idempotent: one filter
+    log = logging.getLogger(model.CHATTY_LOGGERS[0])
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(5):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        log.warning("another line")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization", "another line"]
+    assert sum(isinstance(f, model.OnceFilter) for f in log.filters) == 1

@@ -18,6 +18,12 @@ from trainer_core.model.build import decoder_layers
 # train eagerly, so it is generous, and the fold's metrics.json records the recompilations actually made.
 RECOMPILE_LIMIT = 64
 
+# Inductor options for dynamic-shape layers (model.compile=dynamic), under the user's model.compile_options. On an H100
+# (torch 2.11, session 13) inductor's memory-coalescing analysis for tiling asserted on a symbolic size while compiling
+# a Gemma-2 9B layer (InductorError in tiling_utils.get_pw_red_splits, before the fold's tenth step); with it off the
+# same fold trained. torch's own config notes that the analysis does not yet apply to dynamic shapes.
+DYNAMIC_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
 
 def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     """Dynamo's per-code-object version limit raised to at least ``limit``: a process-wide setting, only ever raised
@@ -36,7 +42,8 @@ def compile_layers(model, dynamic: bool | None = None, options: dict | None = No
 
     raise_recompile_limit()
     persistent_reduction.install(persistent_max)
-    options = {**(options or {}), **persistent_reduction.compile_options(persistent_max)}
+    options = {**(DYNAMIC_OPTIONS if dynamic is True else {}), **(options or {}),
+               **persistent_reduction.compile_options(persistent_max)}
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=dynamic, options=options or None)

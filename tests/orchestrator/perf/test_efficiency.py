@@ -57,3 +57,14 @@ def test_the_recompilations_line():
     assert recompilations_text({"recompilations": 1}) == "1 recompilation"
     # TORCH_LOGS without recompiles (null), or metrics written before the count existed (no key)
     assert recompilations_text({"recompilations": None}) == recompilations_text({}) == "recompilations not counted"
+
+
+def test_a_bad_override_is_one_line_before_any_weights_or_ray(monkeypatch, tmp_path, capsys):
+    built = []
+    monkeypatch.setattr("trainer_core.model.build.random_weights_dir", lambda *a: built.append(a))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: built.append(a))
+    rc = efficiency.main(["--config", str(CONFIGS / "gemma2_9b_fast.yaml"), "--out", str(tmp_path / "e"),
+                          "model.init=random", "model.compile=dynamicD"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "model.compile: 'dynamicD' is not one of off, on, dynamic" in err
+    assert built == [] and not (tmp_path / "e").exists()
