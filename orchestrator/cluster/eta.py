@@ -24,17 +24,21 @@ class FoldPace:
     total_steps: int
     start_step: int = 0
     points: list[tuple[float, int, int]] = field(default_factory=list)  # (elapsed_s, step, compiles)
-    # The last steady rate measured: kept through a later stall (a batch length first seen late compiles its graph;
-    # the console said "warming up" at step 390 of 404 on an H100 without it), until the fold restarts.
-    last_steady: float | None = None
+    # Seconds per step: the steady rate as of the last report, or the last one measured, kept through a later stall (a
+    # batch length first seen late compiles its graph; the console said "warming up" at step 390 of 404 on an H100
+    # without it), until the fold restarts. Measured once per report, in add().
+    steady: float | None = None
 
     def add(self, elapsed_s: float, step: int, compiles: int = 0, start_step: int | None = None) -> None:
         if self.points and step <= self.points[-1][1]:  # restarted from a checkpoint: its own clock starts again
             self.points.clear()
-            self.last_steady = None
+            self.steady = None
         if not self.points and start_step is not None:
             self.start_step = start_step
         self.points.append((float(elapsed_s), int(step), int(compiles)))
+        rate = self._trailing_steady_rate()
+        if rate is not None:
+            self.steady = rate
 
     @property
     def step(self) -> int:
@@ -45,9 +49,13 @@ class FoldPace:
         return len(self.points) < 2 or self.points[-1][2] > self.points[-2][2]
 
     def steady_s_per_step(self) -> float | None:
+        """Seconds per step at the steady rate (:attr:`steady`); None while the fold is still warming up (no steady
+        rate yet since it started)."""
+        return self.steady
+
+    def _trailing_steady_rate(self) -> float | None:
         """Seconds per step over the trailing report intervals that agree with the last one and compiled nothing;
-        while the last intervals do not make such a rate (a late stall), the last steady rate measured; None while
-        the fold is still warming up (no steady rate yet since it started)."""
+        None unless there are two such intervals."""
         intervals = []  # (s per step, index of the interval's first point), oldest first
         for i in range(len(self.points) - 1):
             (t0, s0, c0), (t1, s1, c1) = self.points[i], self.points[i + 1]
@@ -61,11 +69,10 @@ class FoldPace:
                 break
             steady.append((pace, i, compiled))
         if len(steady) < 2:
-            return self.last_steady
+            return None
         t0, s0, _ = self.points[steady[-1][1]]
         t1, s1, _ = self.points[-1]
-        self.last_steady = (t1 - t0) / (s1 - s0)
-        return self.last_steady
+        return (t1 - t0) / (s1 - s0)
 
     def eta_s(self) -> float | None:
         """Seconds until the fold's last step at its steady rate; None while warming up."""
