@@ -29,17 +29,16 @@ class RunLog:
 
 def read_run_logs(run_dir: Path) -> list[RunLog]:
     """Every run of every fold under ``run_dir/tensorboard/fold=<k>`` (one events file per run), in time order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from orchestrator.reporting.events import scalars
 
     runs = []
     for fold_dir in sorted((run_dir / "tensorboard").glob("fold=*")):
         fold = int(fold_dir.name.split("=")[1])
         for events in sorted(fold_dir.glob("events.out.tfevents.*")):
-            acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-            acc.Reload()
-            if "elapsed_s" not in acc.Tags()["scalars"]:
+            points = scalars(events, "elapsed_s")
+            if points is None:
                 continue
-            logs = [(e.wall_time, e.step, e.value) for e in acc.Scalars("elapsed_s")]
+            logs = [(e.wall_time, e.step, e.value) for e in points]
             runs.append(RunLog(fold, sorted(logs)))
     for fold in {r.fold for r in runs}:
         metrics = run_dir / f"fold={fold}" / "metrics.json"

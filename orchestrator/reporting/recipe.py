@@ -84,13 +84,12 @@ def loss_curve(tb_dir: Path) -> list[list[float]]:
     writes another; a step logged twice keeps its last value). [] when there are none."""
     if not tb_dir.is_dir():
         return []
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    from orchestrator.reporting.events import scalars
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})  # 0 = keep every point, not a sample
-    acc.Reload()
-    if LOSS_TAG not in acc.Tags().get(SCALARS, []):
+    points = scalars(tb_dir, LOSS_TAG)
+    if points is None:
         return []
-    by_step = {e.step: e.value for e in sorted(acc.Scalars(LOSS_TAG), key=lambda e: e.wall_time)}
+    by_step = {e.step: e.value for e in sorted(points, key=lambda e: e.wall_time)}
     return [[int(s), float(v)] for s, v in sorted(by_step.items())]
 
 

@@ -1,8 +1,10 @@
 """The report's recipe from a run directory's files alone: sessions.json (start, GPUs), the folds' metrics.json (card,
 end), config.yaml (keys off their default) and the TensorBoard events (loss curves, a resumed fold's later events
-winning), and a run from before those files existed still reports."""
+winning, read without TensorBoard's "No path found after <file>" line reaching the commands' INFO console), and a run
+from before those files existed still reports."""
 
 import json
+import logging
 import time
 
 from torch.utils.tensorboard import SummaryWriter
@@ -12,7 +14,7 @@ from tests.orchestrator.synthetic_runs import bundled_rows, make_run, noisy_prob
 from trainer_core.config import load_config, to_yaml
 
 
-def test_recipe_reads_sessions_fold_metrics_config_and_tensorboard(tmp_path):
+def test_recipe_reads_sessions_fold_metrics_config_and_tensorboard(tmp_path, caplog):
     rows = bundled_rows(60, n_folds=2)
     out = make_run(tmp_path / "run", rows, noisy_probs(rows["label"].to_numpy(), 1.0, seed=0),
                    data_path="/data/train.csv", data_sha256="ab" * 32, n_rows=60)
@@ -32,7 +34,9 @@ def test_recipe_reads_sessions_fold_metrics_config_and_tensorboard(tmp_path):
     for step in (30, 40):
         resumed.add_scalar("train_loss", 0.5, step)
     resumed.close()
-    recipe = reduce_run(out, [0, 1])["recipe"]
+    with caplog.at_level(logging.INFO):  # the level orchestrator.cv's console logs at
+        recipe = reduce_run(out, [0, 1])["recipe"]
+    assert not [r for r in caplog.records if r.name.startswith("tensorboard")], caplog.text
     assert recipe["loss_curves"] == {"0": [], "1": [[10, 1.0], [20, 1.0], [30, 0.5], [40, 0.5]]}
     assert recipe["non_default"] == {"model.name_or_path": "org/m", "train.lr": 1e-3}
     assert recipe["wall_seconds"] == 1001 and recipe["sessions"] == 2 and recipe["cluster_gpus"] == 8
