@@ -21,7 +21,7 @@ import pytest
 from orchestrator.predict import main as predict_main
 from orchestrator.runs.staging import STAGE_PREFIX
 from tests.conftest import CONFIGS, DATA, REPO
-from tests.orchestrator.cluster.test_faults import SLOW_FOLD, cleaned_up, start_cv, train_workers, wait_for
+from tests.orchestrator.cluster.faults import SLOW_FOLD, cleaned_up, start_cv, train_workers, wait_for
 
 pytestmark = pytest.mark.slow  # two orchestrator.cv runs on a local Ray cluster
 FOLDS = [0, 1, 2, 3, 4]

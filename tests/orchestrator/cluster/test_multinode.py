@@ -34,7 +34,7 @@ from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
 from tests.conftest import DATA
-from tests.orchestrator.cluster.test_faults import cleaned_up, start_cv, wait_for
+from tests.orchestrator.cluster.faults import cleaned_up, start_cv, wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))
 MARK = "ORCHESTRATOR_TEST_RAY_CLUSTER"  # set in every process of the test cluster (inherited by raylets' workers)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import CONFIGS, REPO
-from tests.orchestrator.cluster.test_faults import kill_run
+from tests.orchestrator.cluster.faults import kill_run
 
 TINY = ["data.max_rows=30", "train.max_steps=2", "train.checkpoint_every=1", "train.log_every=1", "data.max_length=64",
         "cluster.num_cpus=1"]  # one CPU: fold 1 starts only once fold 0's placement group is freed

@@ -1,18 +1,15 @@
-"""Faults injected for real: a Ray Train worker killed by pid mid-fold ends with a complete, correct OOF file. The
-whole run killed at once and resumed is one stop of test_interrupt.py's chain; the helpers here serve both (and
-test_multinode.py, test_two_runs.py)."""
+"""Faults injected for real, the helpers: a run of orchestrator.cv started in its own session, waited on, its Ray Train
+workers found and killed by pid, the whole run killed at once, its OOF file checked. test_interrupt.py's chain uses
+them (the whole run killed, Ctrl-C, SIGTERM, then a Train worker killed mid-fold), as do test_multinode.py,
+test_two_runs.py and test_storage_e2e.py."""
 
 import contextlib
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pandas as pd
 import psutil
-import pytest
 
 from tests.conftest import CONFIGS, DATA, REPO
 
@@ -74,31 +71,8 @@ def cleaned_up(proc):
             kill_run(proc)
 
 
-def check_fold_resumed(proc, stdout, out, fold, steps):
-    """The run ended well after a fault: exit 0, the fold trained all its steps, having resumed from a checkpoint,
-    and the OOF file holds each of its ids once."""
-    assert proc.returncode == 0, stdout[-4000:]
-    metrics = json.loads((out / f"fold={fold}" / "metrics.json").read_text())
-    assert metrics["steps"] == steps and metrics["resumed_from_step"] >= 5, stdout[-3000:]
-    check_oof(out, {fold})
-
-
 def check_oof(out, folds):
     oof = pd.read_parquet(out / "oof.parquet")
     ids = pd.read_csv(DATA, usecols=["id"]).head(60)["id"]
     expected = sorted(i for i in ids if i % 5 in folds)
     assert sorted(oof["id"]) == expected and oof["id"].is_unique
-
-
-@pytest.mark.slow  # orchestrator.cv on a local Ray cluster, a worker killed mid-fold
-def test_worker_killed_mid_fold_restarts_from_its_checkpoint(tmp_path):
-    out = tmp_path / "kill"
-    proc = start_cv(out, "1", "train.max_steps=100")  # long enough to be killed mid-way (~10 s of steps left)
-    with cleaned_up(proc):
-        wait_for(lambda: checkpoints(out, 1), 240, "the first checkpoint", proc)
-        victims = train_workers(proc.pid)
-        assert victims, "no Ray Train worker process found"
-        for v in victims:
-            os.kill(v.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate(timeout=400)
-    check_fold_resumed(proc, stdout, out, fold=1, steps=100)
