@@ -15,12 +15,11 @@ fold model costs. ``--quantize`` is how the predictor loads the weights (bitsand
 the arena winners ran a merged Gemma-2 9B on 16 GB T4s; the default is the run's own ``model.quantization``.
 
 DIR holds: predict.py and its helpers (arena_text.py is the project's own trainer_core/data/text.py: the template,
-parsing and truncation rules training used), export_config.json (truncation settings, head, temperatures, files),
-run_config.yaml, requirements.txt (the predictor's five libraries with the project's version ranges), tokenizer/,
-base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md and manifest.json (sha256 of every
-file). It is written to a temporary folder beside DIR and renamed at the end: bad input (a run that is not finished,
-a missing adapter file, a DIR that is not empty) is one line and leaves nothing.
-"""
+parsing and truncation rules training used; arena_logs.py is trainer_core/logs.py), export_config.json (truncation
+settings, head, temperatures, files), run_config.yaml, requirements.txt (the predictor's five libraries with the
+project's version ranges), tokenizer/, base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md
+and manifest.json (sha256 of every file). It is written to a temporary folder beside DIR and renamed at the end: bad
+input (a run that is not finished, a missing adapter file, a DIR that is not empty) is one line and leaves nothing. """
 
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from orchestrator.runs.adapters import ADAPTER_FILES, AdapterError, average_adapters, check_same_recipe
 from orchestrator.runs.staging import on_staged_run, staged, with_adapters
+from trainer_core import logs
 from trainer_core.config import BLOCK_CAUSAL, ConfigError, load_config, to_yaml
 from trainer_core.data import text
 from trainer_core.model.weights import WeightsError, check_weights
@@ -42,6 +42,7 @@ from trainer_core.model.weights import WeightsError, check_weights
 TEMPLATE = Path(__file__).parent / "export_template"
 # the project's text rules, copied whole under this name: the template imports them from it (no second copy to drift)
 TEXT_MODULE = "arena_text.py"
+LOGS_MODULE = "arena_logs.py"  # trainer_core/logs.py, likewise (one line for a library's repeated line)
 QUANTIZE = ("none", "int8", "nf4")
 # What DIR/predict.py needs, written to DIR/requirements.txt: pyproject.toml's ranges for these five, word for word
 # (tests/test_versions.py checks they agree). Nothing else: not Ray, not this project.
@@ -147,10 +148,12 @@ def text_spec(cfg) -> dict:
 
 
 def copy_predictor(dst: Path) -> None:
-    """The standalone predictor into ``dst``: the template's files, and trainer_core/data/text.py as TEXT_MODULE."""
+    """The standalone predictor into ``dst``: the template's files, trainer_core/data/text.py as TEXT_MODULE and
+    trainer_core/logs.py as LOGS_MODULE."""
     for f in TEMPLATE.glob("*.py"):
         shutil.copy(f, dst / f.name)
     shutil.copy(text.__file__, dst / TEXT_MODULE)
+    shutil.copy(logs.__file__, dst / LOGS_MODULE)
 
 
 def write_export(run_dir: Path, tmp: Path, cfg, report: dict, folds: list[int], mode: str, merge: bool,

@@ -17,6 +17,7 @@ from tests.conftest import REPO
 
 FLOORS = {
     "trainer_core": 0, "trainer_core.paths": 0, "trainer_core.metrics": 0,
+    "trainer_core.logs": 0,
     "trainer_core.config": 1, "trainer_core.data": 2, "trainer_core.model": 3, "trainer_core.fastpath": 4,
     "trainer_core.fold": 5,
     "orchestrator.reporting": 10, "orchestrator.runs": 11, "orchestrator.sweep": 11, "orchestrator.perf": 11,

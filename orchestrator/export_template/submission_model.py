@@ -7,40 +7,12 @@ adapters load onto the base with peft; several folds' adapters share one base co
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
+from arena_logs import quiet_repeated_logs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# bitsandbytes' int8 matmul logs "inputs will be cast from torch.float32 to float16" at every call (the fp32 norms feed
-# it): 9,822 lines for 400 rows on an H100. A notebook's log keeps each distinct line once.
-CHATTY_LOGGERS = ("bitsandbytes.autograd._functions",)
-
-
-class OnceFilter(logging.Filter):
-    """Lets each distinct message through once."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
-def quiet_repeated_logs() -> None:
-    """Each of :data:`CHATTY_LOGGERS` logs a repeated line once (idempotent)."""
-    for name in CHATTY_LOGGERS:
-        log = logging.getLogger(name)
-        if not any(isinstance(f, OnceFilter) for f in log.filters):
-            log.addFilter(OnceFilter())
-
-
 def precision_for(device: torch.device) -> str:
     """fp32 on a CPU; bf16 on a card with native bf16 (compute capability >= 8); fp16 elsewhere (a T4: 7.5)."""
     if device.type != "cuda":

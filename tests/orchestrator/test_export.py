@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.export import PREDICTOR_REQUIREMENTS
+from orchestrator.export import LOGS_MODULE, PREDICTOR_REQUIREMENTS, copy_predictor
 from orchestrator.export import main as export_main
 from orchestrator.predict import predict_submission
 from orchestrator.reporting.calibration import apply_temperature
@@ -69,11 +69,26 @@ def offline_predict(export_dir, data, out, *args, cwd):
     return pd.read_csv(out), res.stdout
 
 
-def template(name):
-    spec = importlib.util.spec_from_file_location(f"template_{name}", TEMPLATE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def template(tmp_path, monkeypatch):
+    """Loads a module of the predictor as DIR/predict.py does: from a folder holding the template's files and the two
+    project files the export copies beside them (arena_text.py, arena_logs.py), that folder first on sys.path."""
+    folder = tmp_path / "predictor"
+    folder.mkdir()
+    copy_predictor(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("arena_text", "arena_logs", "submission_text", "submission_model"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"template_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in ("arena_text", "arena_logs", "submission_text", "submission_model"):  # this folder's modules go with it
+        sys.modules.pop(name, None)
 
 
 def test_the_blocker_really_blocks(tmp_path):
@@ -140,7 +155,7 @@ def test_averaging_a_fold_with_itself_reproduces_that_fold(run_dir, test_csv, tm
     assert np.abs(sub[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy() - fold0).max() < 1e-5
 
 
-def test_merge_adds_exactly_the_averaged_adapter(run_dir, test_csv, tmp_path):
+def test_merge_adds_exactly_the_averaged_adapter(run_dir, test_csv, tmp_path, template):
     # Merged weights are W + scaling B A in fp32. On the CPU bitsandbytes computes nf4 layers from bf16-rounded
     # weights, so the reference is fold 0's adapter on the same base dequantized (transformers' dequantize()).
     import torch
@@ -194,7 +209,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x"]
 
 
-def test_swapped_rows_go_to_the_least_confident_first_within_the_budget():
+def test_swapped_rows_go_to_the_least_confident_first_within_the_budget(template):
     choose = template("predict").choose_swapped_rows
     confidence = np.array([0.9, 0.4, 0.6, 0.35, 0.8])
     cost = np.array([1.0, 2.0, 1.0, 1.0, 1.0])
@@ -204,7 +219,7 @@ def test_swapped_rows_go_to_the_least_confident_first_within_the_budget():
     assert choose(confidence, cost, 0.5).tolist() == []
 
 
-def test_combining_is_the_projects_temperature_and_tta_maths():
+def test_combining_is_the_projects_temperature_and_tta_maths(template):
     combine = template("predict").combine
     rng = np.random.default_rng(0)
     plain = {k: rng.dirichlet([1, 1, 1], 6) for k in ("a", "b")}
@@ -288,15 +303,21 @@ def test_a_pairwise_run_with_length_features_exports_and_predicts_as_orchestrato
     assert export_main([str(run), "--out", str(tmp_path / "joint")]) == 2 and not (tmp_path / "joint").exists()
 
 
-def test_bitsandbytes_int8_line_is_logged_once_however_many_matmuls(caplog):
-    model = template("submission_model")
-    model.quiet_repeated_logs()
-    model.quiet_repeated_logs()  # idempotent: one filter
-    log = logging.getLogger(model.CHATTY_LOGGERS[0])
+def test_bitsandbytes_int8_line_is_logged_once_however_many_matmuls(caplog, tmp_path, monkeypatch):
+    """trainer_core/logs.py, which the export carries as arena_logs.py (and training and orchestrator.predict use)."""
+    from trainer_core import logs
+
+    log = logging.getLogger(logs.CHATTY_LOGGERS[0])
+    monkeypatch.setattr(log, "filters", [])  # a filter another test's model added has seen these lines already
+    logs.quiet_repeated_logs()
+    logs.quiet_repeated_logs()  # idempotent: one filter
     with caplog.at_level(logging.WARNING, logger=log.name):
         for _ in range(5):
             log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
         log.warning("another line")
     assert [r.getMessage() for r in caplog.records] == [
         "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization", "another line"]
-    assert sum(isinstance(f, model.OnceFilter) for f in log.filters) == 1
+    assert sum(isinstance(f, logs.OnceFilter) for f in log.filters) == 1
+    copy_predictor(tmp_path)
+    assert (tmp_path / LOGS_MODULE).read_bytes() == (REPO / "trainer_core/logs.py").read_bytes()
+    assert "from arena_logs import quiet_repeated_logs" in (tmp_path / "submission_model.py").read_text()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer_core.config import BLOCK_CAUSAL, LoraConfig, ModelConfig
+from trainer_core.logs import quiet_repeated_logs
 from trainer_core.model import joint_head
 from trainer_core.model.precision import DTYPES, keep_embedding_dtype, random_weights_dtype
 from trainer_core.model.weights import check_quantization
@@ -122,6 +123,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, pad_token_id: i
     (:func:`trainer_core.fastpath.apply`) comes after, with the memory plan."""
     from transformers import AutoModelForSequenceClassification
 
+    quiet_repeated_logs()  # bitsandbytes' int8 matmuls log a line at every call: kept to one
     dtype = DTYPES[precision]
     if model_cfg.init == "random":
         path = str(random_weights_dir(model_cfg, pad_token_id, seed, random_weights_dtype(precision, device)))

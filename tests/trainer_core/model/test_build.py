@@ -57,3 +57,18 @@ def test_a_cache_built_by_rank_one_of_a_ddp_group_loads_on_every_rank(tmp_path):
     cache = tmp_path / "cache"
     mp.start_processes(_build_as_rank, args=(str(tmp_path / "init"), str(cache)), nprocs=2, start_method="spawn")
     assert len(list(cache.glob("*/config.json"))) == 1
+
+
+def test_an_int8_model_logs_bitsandbytes_cast_line_once_however_many_matmuls(caplog):
+    """bitsandbytes' int8 matmul logs its cast line at every call (fp32 inputs here): one line for the whole of a fold's
+    training and prediction, not one a matmul (84 lines for three steps of this tiny model; millions for a 9B fold)."""
+    import logging
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["model.quantization=int8"])
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+    ids = torch.randint(4, 200, (2, 16))
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    cast = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(cast) == 1, [r.getMessage() for r in cast]
