@@ -1,8 +1,9 @@
 """``cv --out s3://...`` for real, against an S3-compatible server on a local port (moto's server mode,
-tests/s3_server.py): three smoke folds on a local Ray cluster (two waves on its two CPUs), with the Ray Train workers killed once a checkpoint is in
-the bucket (they resume from it), then the same command again, which finds every fold finished in the bucket, then
-``predict --run s3://...``. One Ray run covers it all, to keep the suite short; nothing the later commands read may
-come from a local disk. A whole run killed and resumed from the bucket: test_multinode.py (a lost node) and by hand."""
+tests/s3_server.py): three smoke folds on a local Ray cluster (two waves on its two CPUs), with the Ray Train workers
+killed once a checkpoint is in the bucket (they resume from it), then the same command again, which finds every fold
+finished in the bucket, then ``predict --run s3://...``. One Ray run covers it all, to keep the suite short; nothing
+the later commands read may come from a local disk. A whole run killed and resumed from the bucket: test_multinode.py
+(a lost node) and by hand."""
 
 import io
 import json
