@@ -19,7 +19,8 @@ parsing and truncation rules training used; arena_logs.py is trainer_core/logs.p
 settings, head, temperatures, files), run_config.yaml, requirements.txt (the predictor's five libraries with the
 project's version ranges), tokenizer/, base/ + adapters/ (or model/ merged, or models/ for full fine-tuning), EXPORT.md
 and manifest.json (sha256 of every file). It is written to a temporary folder beside DIR and renamed at the end: bad
-input (a run that is not finished, a missing adapter file, a DIR that is not empty) is one line and leaves nothing. """
+input (a run that is not finished, a missing adapter file, a DIR that is not empty) is one line and leaves nothing.
+"""
 
 from __future__ import annotations
 
