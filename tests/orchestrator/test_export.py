@@ -86,6 +86,7 @@ def template(tmp_path, monkeypatch):
         spec.loader.exec_module(module)
         return module
 
+    load.folder = folder
     yield load
     for name in ("arena_text", "arena_logs", "submission_text", "submission_model"):  # this folder's modules go with it
         sys.modules.pop(name, None)
@@ -239,25 +240,18 @@ def test_combining_is_the_projects_temperature_and_tta_maths(template):
 @pytest.mark.parametrize("overrides", [["data.truncation=end"], ["data.truncation=left"], ["data.truncation=balanced"],
                                        ["data.truncation=balanced", "data.prompt_share=0.2"],
                                        ["model.head=pairwise", "lora.enabled=false"]])
-def test_the_exported_predictor_encodes_exactly_as_the_project(overrides, tmp_path, monkeypatch):
-    from orchestrator.export import copy_predictor, text_spec
+def test_the_exported_predictor_encodes_exactly_as_the_project(overrides, template):
+    from orchestrator.export import text_spec
     from trainer_core.data.tokenization import build_tokenizer, encode
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["data.max_length=48", *overrides])
-    copy_predictor(tmp_path)
-    # import it as predict.py does: the helpers from the export folder, their own neighbours beside them
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("arena_text", "submission_text"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    text = importlib.import_module("submission_text")
-    assert text.encode_text.__module__ == "arena_text" and text.__file__ == str(tmp_path / "submission_text.py")
+    text = template("submission_text")  # as predict.py imports it: its neighbours from the export folder
+    assert text.encode_text.__module__ == "arena_text" and text.__file__ == str(template.folder / "submission_text.py")
     rows = text.read_test(DATA).iloc[:40]
     rows.loc[3, "response_b"] = "word " * 5000  # far past the budget: cut before tokenizing
     rows.loc[5, "prompt"] = ""
     tok = build_tokenizer(cfg.model)
     assert text.encode(rows, tok, text_spec(cfg), cfg.model.head) == encode(rows, tok, cfg)
-    for name in ("arena_text", "submission_text"):  # this folder's modules go with it
-        sys.modules.pop(name, None)
 
 
 def test_help_documents_every_flag():
