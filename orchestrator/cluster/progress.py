@@ -30,7 +30,7 @@ class Progress(ray.tune.Callback):
         self.last_print = 0.0
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        first = "its first steps compile, so " if self.compiled else ""
+        first = "then its layers compile, so " if self.compiled else ""
         self._line(f"fold {trial.config.get('fold')}: started (loading the model; {first}the ETA shows once the step "
                    f"rate is steady)")
 
@@ -52,6 +52,11 @@ class Progress(ray.tune.Callback):
         self.state[fold] = result
         pace = self.pace.setdefault(fold, FoldPace(result["total_steps"]))
         pace.add(result.get("elapsed_s", 0.0), result["step"], result.get("compiles", 0), result.get("start_step"))
+        if "precompiled_lengths" in result:  # trainer_core.fold.precompile: the training graphs, before step 1
+            n = result["precompiled_lengths"]
+            self._line(f"fold {fold}: compiled its training graphs for {n} batch length{'s' * (n != 1)} in "
+                       f"{fmt_s(result.get('elapsed_s'))}; training from step {result['step']}/{result['total_steps']}")
+            return
         if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
             return
         self.last_print = time.time()

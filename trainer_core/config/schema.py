@@ -98,6 +98,12 @@ class ModelConfig:
         "H100 it crashed until trainer_core.fastpath.compile turned inductor's tiling analysis off for it); padded "
         "positions are masked, so the numbers are the rows' own. 0 = pad to the batch's longest "
         "row (model.compile=dynamic always does)", added=True)
+    precompile: bool = _f(
+        True, "with model.compile=on and model.length_bucket > 0: before its first step a fold runs one forward and "
+        "backward pass of each batch length its steps will use, longest first, and drops their gradients (random "
+        "state kept: the fold trains exactly as without them), so every training graph compiles in one phase at the "
+        "start, a length that does not fit in memory fails before any step, and the ETA is steady from the first "
+        "report (trainer_core.fold.precompile)", added=True)
     dequant_cache: Literal["off", "auto", "on"] = _f(
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
         "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",

@@ -245,14 +245,19 @@ def swapped_length_features(features: np.ndarray | None) -> np.ndarray | None:
     return None if features is None else features[:, LENGTH_SWAP]
 
 
+def padded_width(rows: list, multiple: int = 0) -> int:
+    """T of :func:`pad_rows` for ``rows``: the longest sequence (of either side of a pairwise row), rounded up to a
+    multiple of ``multiple`` when it is > 0."""
+    t = max(len(s) for r in rows for s in (r if isinstance(r, tuple) else (r,)))
+    return -(-t // multiple) * multiple if multiple > 0 else t
+
+
 def pad_rows(rows: list, pad_id: int, multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (B, T) int64 input ids and attention mask of encoded rows; ``multiple``: T rounded up to a
     multiple of it (a few fixed lengths for layers compiled with static shapes). Pairwise rows (tuples of sequences)
     are laid out side by side: B rows of 2 sequences give (2B, T), row i's sequences at 2i and 2i + 1."""
     seqs = [s for r in rows for s in r] if rows and isinstance(rows[0], tuple) else rows
-    t = max(len(s) for s in seqs)
-    if multiple > 0:
-        t = -(-t // multiple) * multiple
+    t = padded_width(rows, multiple)
     ids = np.full((len(seqs), t), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), t), dtype=np.int64)
     for i, s in enumerate(seqs):

@@ -8,9 +8,9 @@ Files written to ``out_dir`` (the contract with the reducer): ``oof.parquet`` (i
 ``metrics.json`` exists finished. With ``train.eval_tta`` the OOF file also holds p_a_tta, p_b_tta, p_tie_tta.
 
 The story, as in a torchtune recipe: ``FoldRun.setup`` (data, model, optimizer, a resumed checkpoint),
-``FoldRun.train`` (the loop, one optimizer step at a time, with logging, checkpoints and interim evaluations),
-``FoldRun.evaluate_fold`` (held-out rows, sharded over ranks: :mod:`trainer_core.fold.evaluate`), ``FoldRun.finish``
-(metrics and the fold's files).
+``FoldRun.train`` (the training graphs compiled first, ``model.precompile``; then the loop, one optimizer step at a
+time, with logging, checkpoints and interim evaluations), ``FoldRun.evaluate_fold`` (held-out rows, sharded over
+ranks: :mod:`trainer_core.fold.evaluate`), ``FoldRun.finish`` (metrics and the fold's files).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_m
 from trainer_core.fold.distill import distill_loss
 from trainer_core.fold.evaluate import HeldOut, held_out_scores
 from trainer_core.fold.optim import build_optimizer, lr_at
+from trainer_core.fold.precompile import compile_passes, first_batch_of_each_length, resized
 from trainer_core.fold.ranks import dist_info, gather_objects, min_over_ranks, rank_seed
 from trainer_core.fold.state import FoldMetrics, load_checkpoint, rng_state, save_checkpoint, write_fold_files
 from trainer_core.fold.step import train_step
@@ -161,6 +162,7 @@ class FoldRun:
         self.samples = self.tokens = 0
         window_loss, window_n = torch.zeros((), device=self.device), 0
         self.ddp_model.train()
+        self.precompile(stop)
         while self.step < stop:
             lr = lr_at(self.step, total, t)
             for group in self.optimizer.param_groups:
@@ -177,8 +179,7 @@ class FoldRun:
             do_eval = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < total
             if not (do_log or do_ckpt or do_eval):
                 continue
-            logs = {"fold": self.fold, "step": self.step, "total_steps": total, "start_step": self.start_step,
-                    "elapsed_s": time.perf_counter() - self.t_start, **({"paused": True} if pause else {})}
+            logs = {**self.progress(), **({"paused": True} if pause else {})}
             if do_log:
                 logs.update(self.throughput(), train_loss=float(window_loss) / window_n, lr=lr,
                             grad_norm=float(grad_norm))
@@ -188,6 +189,35 @@ class FoldRun:
             self.telemetry.scalars(logs, self.step)
             self.send(logs, checkpoint=do_ckpt)
         return self.step == total
+
+    def progress(self) -> dict:
+        """What every report carries: where the fold is, seconds since this run's loop started, and (when counted)
+        the recompilations so far (the console's ETA waits while they grow: orchestrator.cluster.eta)."""
+        count = self.recompiles.count
+        return {"fold": self.fold, "step": self.step, "total_steps": self.batches.total_steps,
+                "start_step": self.start_step, "elapsed_s": time.perf_counter() - self.t_start,
+                **({"compiles": count} if count is not None else {})}
+
+    def precompile(self, stop: int) -> None:
+        """``model.precompile`` (:mod:`trainer_core.fold.precompile`): with layers compiled for fixed batch lengths,
+        one pass of each length steps ``self.step`` to ``stop`` use, longest first, before the first of them; then a
+        report at the start step with ``precompiled_lengths``. Nothing the steps compute changes."""
+        if not (self.cfg.model.precompile and self.multiple and fastpath.compiled(self.model)) or self.step >= stop:
+            return
+        first = first_batch_of_each_length(lambda s: self.batches.step_rows(s, self.rank), self.data.train_ids,
+                                           range(self.step, stop), self.multiple)
+        lengths = sorted(set().union(*gather_objects(sorted(first), self.world)), reverse=True)  # every rank's
+        own = first[max(first)]  # a rank whose steps never use a length runs these rows padded or cut to it
+        batches = [resized(self.data.batch(first.get(n, own), self.tok.pad_token_id, self.device,
+                                           fill_to=self.batches.micro_batch, multiple=self.multiple),
+                           n, self.tok.pad_token_id) for n in lengths]
+        compile_passes(self.ddp_model, batches, self.params, self.autocast, self.device, self.loss_fn,
+                       ddp=self.world > 1)
+        logs = {**self.progress(), "precompiled_lengths": len(lengths)}
+        log.info("fold %d: training graphs of %d batch lengths (%s tokens) compiled in %.1f s", self.fold,
+                 len(lengths), ", ".join(map(str, lengths)), logs["elapsed_s"])
+        self.telemetry.scalars(logs, self.step)
+        self.send(logs, checkpoint=False)
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of optimizer step ``step``: [(input_ids (B, T), mask (B, T), targets)]."""

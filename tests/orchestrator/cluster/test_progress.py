@@ -14,8 +14,9 @@ from tests.conftest import CONFIGS
 
 
 def feed(progress: Progress, fold: int, elapsed: float, step: int, total: int = 1000, start: int = 0,
-         compiles: int = 0) -> str:
-    result = {"step": step, "total_steps": total, "elapsed_s": elapsed, "start_step": start, "compiles": compiles}
+         compiles: int = 0, **extra) -> str:
+    result = {"step": step, "total_steps": total, "elapsed_s": elapsed, "start_step": start, "compiles": compiles,
+              **extra}
     progress.last_print = 0.0  # print every report
     progress.on_trial_result(0, [], SimpleNamespace(config={"fold": fold}), result)
     return progress.stream.getvalue().splitlines()[-1]
@@ -48,6 +49,21 @@ def test_a_slow_start_gives_no_eta_then_the_steady_rate():
         t += 2.0
         feed(p, 0, elapsed=t, step=step, compiles=7)
     assert p.eta(0) == pytest.approx(0.2 * (1000 - 90))
+
+
+def test_a_fold_that_compiled_before_its_first_step_is_steady_from_its_first_reports():
+    """model.precompile: the fold reports once at its start step when its training graphs are compiled (85 s here);
+    the console says so, and two quiet intervals later the ETA is the steady rate's, while the fold's whole time
+    still counts the 85 s."""
+    p = Progress(n_folds=2, concurrency=1, stream=io.StringIO(), compiled=True)
+    line = feed(p, 0, elapsed=85.0, step=0, total=400, compiles=12, precompiled_lengths=4)
+    assert line.endswith("fold 0: compiled its training graphs for 4 batch lengths in 1m25s; training from step 0/400")
+    assert p.eta(0) is None
+    feed(p, 0, elapsed=87.0, step=10, total=400, compiles=12)
+    line = feed(p, 0, elapsed=89.0, step=20, total=400, compiles=12)
+    assert p.eta(0) == pytest.approx(0.2 * 380) and "eta 1m16s" in line
+    assert p.pace[0].fold_s() == pytest.approx(85.0 + 0.2 * 400)
+    assert p.overall_eta() == pytest.approx(0.2 * 380 + 85.0 + 0.2 * 400)  # then fold 1, as long
 
 
 @pytest.mark.parametrize("setting, says_compile", [("off", False), ("on", True), ("dynamic", True)])

@@ -133,7 +133,7 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     d.pop("cluster")
     d.pop("tracking")  # a section added later, never part of a run's identity
     for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "persistent_reduction_max"),
-                         ("model", "length_bucket"),
+                         ("model", "length_bucket"), ("model", "precompile"),
                          ("model", "dequant_cache"), ("model", "fp8_backward"), ("model", "pooled_last_layer"),
                          ("model", "head"), ("model", "length_features"), ("model", "head_mlp_hidden"),
                          ("model", "head_mlp_activation"), ("model", "head_mlp_dropout"),

@@ -48,7 +48,10 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
     Decoder-layer code: 2 kinds of layer (frozen; adapted, whose input needs no grad) per bucket in training and again
     in evaluation (grad mode off); the pooled top layer's function once per bucket and mode. With at most 4 buckets
     (256 to 1,024 tokens) in each mode that is at most 3 x 8 versions, 22 recompilations past the two first
-    compilations - however many distinct row lengths there are (there are dozens here)."""
+    compilations - however many distinct row lengths there are (there are dozens here).
+
+    model.precompile (on by default): the training graphs of every length the steps use compile before the first
+    step (one report at step 0 says how many lengths), and the steps compile nothing more."""
     monkeypatch.delenv("TORCH_LOGS", raising=False)
     real = torch.compile
 
@@ -60,7 +63,8 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
 
     cfg = load_config(CONFIGS / "smoke.yaml", [
         "data.max_rows=60", "data.max_length=1024", "train.batch_size=4", "train.eval_batch_size=4",
-        "train.max_steps=8", "model.compile=on", "model.pooled_last_layer=true", "lora.shared_dropout=true",
+        "train.max_steps=8", "train.log_every=1", "model.compile=on", "model.pooled_last_layer=true",
+        "lora.shared_dropout=true",
         "model.dequant_cache=on", "model.gradient_checkpointing=off",
         "model.random_config.max_position_embeddings=1024"])
     validate(cfg)
@@ -77,7 +81,15 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
             return out
         monkeypatch.setattr(module, "collate", recording)
     torch.compiler.reset()  # versions compiled by earlier tests of this process would count against this fold
-    result = train_fold(cfg, 0, rows, tmp_path / "fold=0")
+    reports = []
+    result = train_fold(cfg, 0, rows, tmp_path / "fold=0",
+                        report=lambda m, ckpt: reports.append({**m, "lengths": set(seen)}))
+    first, steps = reports[0], [r for r in reports if "train_loss" in r]
+    assert first["step"] == 0 and first["precompiled_lengths"] >= 2 and "train_loss" not in first
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {r["compiles"] for r in steps} == {first["compiles"]}, [r["compiles"] for r in steps]
+    # the passes' batches had every length the steps then used
+    assert len(first["lengths"]) == first["precompiled_lengths"] and steps[-1]["lengths"] == first["lengths"]
     recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["recompilations"]
     assert recorded == result.metrics.recompilations
     assert seen and all(t % 256 == 0 for t in seen), sorted(set(seen))
