@@ -7,7 +7,8 @@ started) to TensorBoard at each logged step, and every event carries its wall-cl
 - **start**: from the previous boundary (the command's start, or the end of the last run that finished before this one
   started) to the training loop's start: Ray Tune's trial, the Ray Train worker group, imports and the model load;
 - **compile**: the first logged window's time beyond what the same steps take at the steady pace (compilation and
-  other first-step costs);
+  other first-step costs); with ``model.precompile`` the first report comes at the run's start step, once every
+  training graph is compiled, so this is the time those passes took;
 - **train**: the rest of the training loop;
 - **after**: for a fold's last run, from its last training step to ``metrics.json``: prediction of the held-out rows
   and writing the fold's files (for a paused piece, its checkpoint is in the next run's start).

@@ -46,3 +46,17 @@ def test_breakdown_of_a_plain_fold_and_a_fold_in_two_pieces(tmp_path):
     means = mean_overheads(runs)
     assert means["after_s"] == pytest.approx(11, abs=0.01) and means["start_s"] == pytest.approx(86 / 3, abs=0.01)
     assert "compile s" in format_breakdown(runs)
+
+
+def test_a_fold_that_compiled_before_its_first_step_shows_that_time_as_compile(tmp_path):
+    """model.precompile: the fold's first report is at its start step, after the passes (25 s here); every step after
+    it runs at the steady pace, so the whole 25 s is the run's compile time and none of it is in train."""
+    t0 = 1_000_000.0
+    end = write_run(tmp_path / "tensorboard" / "fold=0", t0 + 30, [0, 10, 20, 30, 40], 25.0, 0.5)
+    (tmp_path / "fold=0").mkdir()
+    (tmp_path / "fold=0" / "metrics.json").write_text("{}")
+    os.utime(tmp_path / "fold=0" / "metrics.json", (end + 12, end + 12))
+    (run,) = breakdown(read_run_logs(tmp_path), t0)
+    assert run["start_s"] == pytest.approx(30, abs=0.01) and run["compile_s"] == pytest.approx(25, abs=0.01)
+    assert run["train_s"] == pytest.approx(20, abs=0.01) and run["s_per_step"] == pytest.approx(0.5)
+    assert run["steps"] == 40 and run["after_s"] == pytest.approx(12, abs=0.01)
