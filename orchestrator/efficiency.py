@@ -7,8 +7,8 @@ ran data-parallel over several GPUs counts as the mean one-GPU fold time; a fold
 Ray start and worker start-up included, so the figure is conservative. Random weights are built before the clock starts.
 Also prints each fold's torch.compile recompilations (``recompilations`` in its ``metrics.json``: a fold whose layers
 keep compiling new versions spends its first steps compiling, and past dynamo's limit runs them eagerly) and where each
-run of a fold spent its wall time (start, compile, train, prediction and files: :mod:`orchestrator.perf.fold_timeline`),
-the figures a choice between packing and rotation rests on.
+run of a fold spent its wall time (start, compile, train, prediction and files, and when it became steady:
+:mod:`orchestrator.perf.fold_timeline`), the figures a choice between packing and rotation rests on.
 
 Example::
 

@@ -10,6 +10,9 @@ started) to TensorBoard at each logged step, and every event carries its wall-cl
   other first-step costs); with ``model.precompile`` the first report comes at the run's start step, once every
   training graph is compiled, so this is the time those passes took;
 - **train**: the rest of the training loop;
+- **steady at**: seconds from the training loop's start to the first logged step after which nothing was compiled
+  again (the ``compiles`` count the fold reports stays put): the wait before the fold runs at its steady pace and the
+  console's ETA can be trusted (None when the fold did not count its recompilations);
 - **after**: for a fold's last run, from its last training step to ``metrics.json``: prediction of the held-out rows
   and writing the fold's files (for a paused piece, its checkpoint is in the next run's start).
 """
@@ -26,6 +29,7 @@ class RunLog:
     fold: int
     logs: list[tuple[float, int, float]]
     end: float | None = None  # wall time the fold's metrics.json was written (its last run only)
+    compiles: dict[int, float] | None = None  # step -> recompilations so far, when the fold counted them
 
 
 def read_run_logs(run_dir: Path) -> list[RunLog]:
@@ -40,7 +44,9 @@ def read_run_logs(run_dir: Path) -> list[RunLog]:
             if points is None:
                 continue
             logs = [(e.wall_time, e.step, e.value) for e in points]
-            runs.append(RunLog(fold, sorted(logs)))
+            counts = scalars(events, "compiles")
+            runs.append(RunLog(fold, sorted(logs), compiles=None if counts is None else {
+                e.step: e.value for e in counts}))
     for fold in {r.fold for r in runs}:
         metrics = run_dir / f"fold={fold}" / "metrics.json"
         last = max((r for r in runs if r.fold == fold), key=lambda r: r.logs[-1][0])
@@ -63,10 +69,19 @@ def breakdown(runs: list[RunLog], t0: float) -> list[dict]:
         compile_s = max(0.0, e1 - first_steps * steady) if steady is not None else None
         row = {"fold": r.fold, "start_s": train_start - boundary, "compile_s": compile_s,
                "train_s": en - (compile_s or 0.0), "after_s": (r.end - wn) if r.end is not None else None,
-               "s_per_step": steady, "steps": sn - _start_step(runs, r)}
+               "s_per_step": steady, "steps": sn - _start_step(runs, r), "steady_at_s": steady_at(r)}
         ends.append(r.end if r.end is not None else wn)
         out.append(row)
     return out
+
+
+def steady_at(r: RunLog) -> float | None:
+    """Elapsed seconds at the first logged step from which the run's recompilation count no longer grows; None
+    without a count at every logged step."""
+    if r.compiles is None or any(step not in r.compiles for _, step, _ in r.logs):
+        return None
+    final = r.compiles[r.logs[-1][1]]
+    return next(elapsed for _, step, elapsed in r.logs if r.compiles[step] == final)
 
 
 def _start_step(runs: list[RunLog], r: RunLog) -> int:
@@ -81,16 +96,17 @@ def mean_overheads(rows: list[dict]) -> dict:
         vals = [r[key] for r in rows if r[key] is not None]
         return sum(vals) / len(vals) if vals else None
 
-    return {k: mean(k) for k in ("start_s", "compile_s", "after_s", "train_s")}
+    return {k: mean(k) for k in ("start_s", "compile_s", "steady_at_s", "after_s", "train_s")}
 
 
 def format_breakdown(rows: list[dict]) -> str:
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
-    lines = [f"{'fold':>4} {'start s':>8} {'compile s':>9} {'train s':>8} {'after s':>8} {'steps':>6} {'s/step':>7}"]
+    lines = [f"{'fold':>4} {'start s':>8} {'compile s':>9} {'steady at s':>11} {'train s':>8} {'after s':>8} "
+             f"{'steps':>6} {'s/step':>7}"]
     for r in rows:
         pace = "-" if r["s_per_step"] is None else f"{r['s_per_step']:.3f}"
-        lines.append(f"{r['fold']:>4} {f(r['start_s']):>8} {f(r['compile_s']):>9} {f(r['train_s']):>8} "
-                     f"{f(r['after_s']):>8} {r['steps']:>6} {pace:>7}")
+        lines.append(f"{r['fold']:>4} {f(r['start_s']):>8} {f(r['compile_s']):>9} {f(r.get('steady_at_s')):>11} "
+                     f"{f(r['train_s']):>8} {f(r['after_s']):>8} {r['steps']:>6} {pace:>7}")
     return "\n".join(lines)

@@ -8,12 +8,16 @@ from torch.utils.tensorboard import SummaryWriter
 from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
 
 
-def write_run(tb_dir, train_start: float, steps: list[int], first_extra: float, pace: float, start_step: int = 0):
-    """Log elapsed_s as fold.py does: the first window costs first_extra seconds more than the steady pace."""
+def write_run(tb_dir, train_start: float, steps: list[int], first_extra: float, pace: float, start_step: int = 0,
+              compiles: list[int] | None = None):
+    """Log elapsed_s as fold.py does: the first window costs first_extra seconds more than the steady pace; with
+    ``compiles``, the recompilation count at each step too."""
     w = SummaryWriter(str(tb_dir))
-    for s in steps:
+    for i, s in enumerate(steps):
         elapsed = first_extra + (s - start_step) * pace
         w.add_scalar("elapsed_s", elapsed, s, walltime=train_start + elapsed)
+        if compiles is not None:
+            w.add_scalar("compiles", compiles[i], s, walltime=train_start + elapsed)
     w.close()
     return train_start + first_extra + (steps[-1] - start_step) * pace
 
@@ -52,7 +56,8 @@ def test_a_fold_that_compiled_before_its_first_step_shows_that_time_as_compile(t
     """model.precompile: the fold's first report is at its start step, after the passes (25 s here); every step after
     it runs at the steady pace, so the whole 25 s is the run's compile time and none of it is in train."""
     t0 = 1_000_000.0
-    end = write_run(tmp_path / "tensorboard" / "fold=0", t0 + 30, [0, 10, 20, 30, 40], 25.0, 0.5)
+    end = write_run(tmp_path / "tensorboard" / "fold=0", t0 + 30, [0, 10, 20, 30, 40], 25.0, 0.5,
+                    compiles=[12, 12, 12, 12, 12])
     (tmp_path / "fold=0").mkdir()
     (tmp_path / "fold=0" / "metrics.json").write_text("{}")
     os.utime(tmp_path / "fold=0" / "metrics.json", (end + 12, end + 12))
@@ -60,3 +65,15 @@ def test_a_fold_that_compiled_before_its_first_step_shows_that_time_as_compile(t
     assert run["start_s"] == pytest.approx(30, abs=0.01) and run["compile_s"] == pytest.approx(25, abs=0.01)
     assert run["train_s"] == pytest.approx(20, abs=0.01) and run["s_per_step"] == pytest.approx(0.5)
     assert run["steps"] == 40 and run["after_s"] == pytest.approx(12, abs=0.01)
+    assert run["steady_at_s"] == pytest.approx(25, abs=0.01)  # nothing compiled after the passes
+
+
+def test_steady_at_is_the_first_step_after_the_last_compilation(tmp_path):
+    """Without precompilation a length first seen at step 30 compiles there: the fold is steady from step 30's report
+    on; a fold that did not count its recompilations has no figure."""
+    t0 = 1_000_000.0
+    write_run(tmp_path / "tensorboard" / "fold=0", t0, [10, 20, 30, 40], 20.0, 0.5, compiles=[3, 3, 5, 5])
+    write_run(tmp_path / "tensorboard" / "fold=1", t0, [10, 20], 20.0, 0.5)
+    counted, uncounted = breakdown(read_run_logs(tmp_path), t0)
+    assert counted["steady_at_s"] == pytest.approx(20.0 + 30 * 0.5, abs=0.01) and uncounted["steady_at_s"] is None
+    assert "steady at s" in format_breakdown([counted, uncounted])
