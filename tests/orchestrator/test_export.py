@@ -125,6 +125,7 @@ def test_each_export_predicts_what_orchestrator_predict_does_without_the_project
     assert (tmp_path / "ex" / "arena_text.py").read_bytes() == (REPO / "trainer_core/data/text.py").read_bytes()
 
 
+@pytest.mark.slow  # three end-to-end runs of the exported predictor, each a subprocess
 def test_a_time_budget_already_spent_keeps_every_row_and_skips_the_swapped_pass(run_dir, test_csv, tmp_path):
     assert export_main([str(run_dir), "--out", str(tmp_path / "ex"), "--folds", "average"]) == 0
     sub, stdout = offline_predict(tmp_path / "ex", test_csv, tmp_path / "sub.csv", "--time-budget", "1",
@@ -266,6 +267,7 @@ def test_help_documents_every_flag():
         assert flag in res.stdout, flag
 
 
+@pytest.mark.slow  # trains two folds, then the exported predictor in a subprocess
 def test_a_pairwise_run_with_length_features_exports_and_predicts_as_orchestrator_predict(test_csv, tmp_path):
     from orchestrator.reporting.reducer import reduce_run
     from orchestrator.runs.rundir import prepare_run_dir

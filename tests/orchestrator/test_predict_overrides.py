@@ -55,6 +55,7 @@ def moved(tmp_path_factory, nf4_gemma2_dir):
     return run, copy, there, root / "new.csv", pd.read_csv(root / "original.csv")
 
 
+@pytest.mark.slow  # a trained fold, then orchestrator.predict three times, each a subprocess
 def test_a_copied_run_predicts_where_its_weights_sit_elsewhere(moved, tmp_path):
     _, copy, there, new, original = moved
     res = predict("--run", copy, "--data", new, "--out", tmp_path / "sub.csv")
