@@ -80,3 +80,74 @@ def test_the_passes_leave_weights_gradients_and_random_state_as_they_were(soft):
     state = torch.get_rng_state()
     model(input_ids=passes[0][0], attention_mask=passes[0][1])
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a two-process gloo group: the first DDP step of a tiny fast-path model on this rank's own rows,
+    without and then with the passes before it (under ``no_sync``, as a fold with several ranks runs them)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.5", "lora.shared_dropout=true"])
+        autocast = make_autocast("fp32", torch.device("cpu"))
+        gen = torch.Generator().manual_seed(10 + rank)  # each rank its own rows
+        rows = [torch.randint(4, 200, (n,), generator=gen).tolist() for n in (30, 17)]
+        step = [(*collate(rows, 0, torch.device("cpu")), torch.tensor([0, 2]))]
+        passes = [resized(step[0], n, 0) for n in (48, 16)]  # the same lengths on both ranks, as the fold's union
+        result = {}
+        for with_passes in (False, True):
+            torch.manual_seed(0)
+            model = build_fast(cfg)
+            model.train()
+            ddp = DistributedDataParallel(model, find_unused_parameters=False)
+            reduced = []  # gradient buckets DDP all-reduced, counted by a communication hook (DDP's public API)
+
+            def counting(state, bucket, reduced=reduced):
+                reduced.append(bucket.index())
+                return allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, counting)
+            params = trainable_parameters(model)
+            optimizer = torch.optim.AdamW(params, lr=1e-2)
+            torch.manual_seed(1 + rank)
+            if with_passes:
+                compile_passes(ddp, passes, params, autocast, torch.device("cpu"), ddp=True)
+                result["reduced_by_passes"] = len(reduced)
+            train_step(ddp, step, optimizer, None, params, autocast, 1.0, ddp=True)
+            result[with_passes] = [p.detach().clone() for p in params]
+            result[f"reduced_{with_passes}"] = len(reduced)
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_with_several_ranks_the_passes_run_without_all_reduce_and_the_step_is_unchanged(tmp_path):
+    """DDP: the passes run under ``no_sync`` (no gradient all-reduce, the same number of forward passes on every
+    rank), and the first synchronised step after them gives every rank the same weights, those of the step without
+    the passes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in ranks:
+        assert r["reduced_by_passes"] == 0 and r["reduced_True"] == r["reduced_False"] > 0
+        assert all(torch.equal(a, b) for a, b in zip(r[True], r[False]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][True], ranks[1][True]))  # the step all-reduced
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0][True], build_initial()))
+
+
+def build_initial():
+    torch.manual_seed(0)
+    model = build_fast(load_config(CONFIGS / "smoke.yaml", ["lora.dropout=0.5", "lora.shared_dropout=true"]))
+    return [p.detach().clone() for p in trainable_parameters(model)]
