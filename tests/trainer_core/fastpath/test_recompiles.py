@@ -88,8 +88,11 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
     assert first["step"] == 0 and first["precompiled_lengths"] >= 2 and "train_loss" not in first
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert {r["compiles"] for r in steps} == {first["compiles"]}, [r["compiles"] for r in steps]
-    # the passes' batches had every length the steps then used
-    assert len(first["lengths"]) == first["precompiled_lengths"] and steps[-1]["lengths"] == first["lengths"]
+    # the passes' batches had every length the steps then used, the longest first (a length that does not fit in
+    # memory fails before any step)
+    n = first["precompiled_lengths"]
+    assert len(first["lengths"]) == n and steps[-1]["lengths"] == first["lengths"]
+    assert seen[:n] == sorted(first["lengths"], reverse=True)
     recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["recompilations"]
     assert recorded == result.metrics.recompilations
     assert seen and all(t % 256 == 0 for t in seen), sorted(set(seen))
