@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer_core.data.text import padded_width
+from trainer_core.fold.step import micro_batch_loss
 
 
 def first_batch_of_each_length(step_rows: Callable[[int], list[np.ndarray]], ids: list, steps: range,
@@ -57,14 +58,10 @@ def compile_passes(model, batches: list[tuple], params: list[torch.nn.Parameter]
                    loss_fn: Callable | None = None, ddp: bool = False) -> None:
     """One forward and backward pass of each of ``batches`` (as ``train_step`` runs them), then every gradient of
     ``params`` dropped; the process's random state (CPU, and ``device`` when it is a GPU) is what it was before."""
-    loss_fn = loss_fn or F.cross_entropy
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        for input_ids, mask, targets, *extra in batches:
+        for batch in batches:
             with model.no_sync() if ddp else contextlib.nullcontext():
-                with autocast():
-                    logits = model(input_ids=input_ids, attention_mask=mask,
-                                   **(extra[0] if extra else {})).logits.float()
-                loss_fn(logits, targets).backward()
+                micro_batch_loss(model, batch, autocast, loss_fn).backward()
             for p in params:
                 p.grad = None
