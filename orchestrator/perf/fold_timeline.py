@@ -34,17 +34,17 @@ class RunLog:
 
 def read_run_logs(run_dir: Path) -> list[RunLog]:
     """Every run of every fold under ``run_dir/tensorboard/fold=<k>`` (one events file per run), in time order."""
-    from orchestrator.reporting.events import scalars
+    from orchestrator.reporting.events import scalars_of
 
     runs = []
     for fold_dir in sorted((run_dir / "tensorboard").glob("fold=*")):
         fold = int(fold_dir.name.split("=")[1])
         for events in sorted(fold_dir.glob("events.out.tfevents.*")):
-            points = scalars(events, "elapsed_s")
+            found = scalars_of(events, ("elapsed_s", "compiles"))
+            points, counts = found["elapsed_s"], found["compiles"]
             if points is None:
                 continue
             logs = [(e.wall_time, e.step, e.value) for e in points]
-            counts = scalars(events, "compiles")
             runs.append(RunLog(fold, sorted(logs), compiles=None if counts is None else {
                 e.step: e.value for e in counts}))
     for fold in {r.fold for r in runs}:

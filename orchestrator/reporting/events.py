@@ -11,11 +11,15 @@ from pathlib import Path
 def scalars(path: str | Path, tag: str) -> list | None:
     """Every point of the scalar ``tag`` in the events file or folder ``path`` (TensorBoard's ``ScalarEvent``s:
     ``wall_time``, ``step``, ``value``), none sampled away; None when ``tag`` is not there."""
+    return scalars_of(path, (tag,))[tag]
+
+
+def scalars_of(path: str | Path, tags: tuple[str, ...]) -> dict[str, list | None]:
+    """:func:`scalars` of each of ``tags``, from one read of ``path``."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)
     acc = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0 = keep every point, not a sample
     acc.Reload()
-    if tag not in acc.Tags().get(SCALARS, []):
-        return None
-    return acc.Scalars(tag)
+    present = set(acc.Tags().get(SCALARS, []))
+    return {tag: acc.Scalars(tag) if tag in present else None for tag in tags}
