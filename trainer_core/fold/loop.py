@@ -200,8 +200,9 @@ class FoldRun:
 
     def precompile(self, stop: int) -> None:
         """``model.precompile`` (:mod:`trainer_core.fold.precompile`): with layers compiled for fixed batch lengths,
-        one pass of each length steps ``self.step`` to ``stop`` use, longest first, before the first of them; then a
-        report at the start step with ``precompiled_lengths``. Nothing the steps compute changes."""
+        one pass of each length steps ``self.step`` to ``stop`` use, longest first, before the first of them, with a
+        report (``precompile_done`` of ``precompile_total``) after each length but the last; then a report at the
+        start step with ``precompiled_lengths``. Nothing the steps compute changes."""
         if not (self.cfg.model.precompile and self.multiple and fastpath.compiled(self.model)) or self.step >= stop:
             return
         first = first_batch_of_each_length(lambda s: self.batches.step_rows(s, self.rank), self.data.train_ids,
@@ -211,8 +212,12 @@ class FoldRun:
         batches = [resized(self.data.batch(first.get(n, own), self.tok.pad_token_id, self.device,
                                            fill_to=self.batches.micro_batch, multiple=self.multiple),
                            n, self.tok.pad_token_id) for n in lengths]
-        compile_passes(self.ddp_model, batches, self.params, self.autocast, self.device, self.loss_fn,
-                       ddp=self.world > 1)
+        for done, batch in enumerate(batches, 1):
+            compile_passes(self.ddp_model, [batch], self.params, self.autocast, self.device, self.loss_fn,
+                           ddp=self.world > 1)
+            if done < len(batches):  # the console shows the phase advancing (~30 s a length, cold 9B on an H100)
+                self.send({**self.progress(), "precompile_done": done, "precompile_total": len(batches)},
+                          checkpoint=False)
         logs = {**self.progress(), "precompiled_lengths": len(lengths)}
         log.info("fold %d: training graphs of %d batch lengths (%s tokens) compiled in %.1f s", self.fold,
                  len(lengths), ", ".join(map(str, lengths)), logs["elapsed_s"])

@@ -52,10 +52,14 @@ def test_a_slow_start_gives_no_eta_then_the_steady_rate():
 
 
 def test_a_fold_that_compiled_before_its_first_step_is_steady_from_its_first_reports():
-    """model.precompile: the fold reports once at its start step when its training graphs are compiled (85 s here);
-    the console says so, and two quiet intervals later the ETA is the steady rate's, while the fold's whole time
-    still counts the 85 s."""
+    """model.precompile: the fold reports after each batch length it compiled, and at its start step when its training
+    graphs are compiled (85 s here); the console says so, and two quiet intervals later the ETA is the steady rate's,
+    while the fold's whole time still counts the 85 s."""
     p = Progress(n_folds=2, concurrency=1, stream=io.StringIO(), compiled=True)
+    for done, t, shown in ((1, 30.0, "0m30s"), (2, 48.0, "0m48s"), (3, 67.0, "1m07s")):  # a long phase moves
+        line = feed(p, 0, elapsed=t, step=0, total=400, compiles=3 * done, precompile_done=done, precompile_total=4)
+        assert line.endswith(f"fold 0: compiling its training graphs: {done} of 4 batch lengths in {shown}")
+        assert p.eta(0) is None and p.overall_eta() is None
     line = feed(p, 0, elapsed=85.0, step=0, total=400, compiles=12, precompiled_lengths=4)
     assert line.endswith("fold 0: compiled its training graphs for 4 batch lengths in 1m25s; training from step 0/400")
     assert p.eta(0) is None

@@ -84,13 +84,17 @@ def test_a_fold_compiles_each_kind_of_layer_once_per_grad_mode_and_shape_regime(
     reports = []
     result = train_fold(cfg, 0, rows, tmp_path / "fold=0",
                         report=lambda m, ckpt: reports.append({**m, "lengths": set(seen)}))
-    first, steps = reports[0], [r for r in reports if "train_loss" in r]
+    first = next(r for r in reports if "precompiled_lengths" in r)
+    steps = [r for r in reports if "train_loss" in r]
     assert first["step"] == 0 and first["precompiled_lengths"] >= 2 and "train_loss" not in first
+    # a report after each length but the last, before the one that ends the phase
+    n = first["precompiled_lengths"]
+    assert [(r.get("precompile_done"), r.get("precompile_total")) for r in reports[:n]] == [
+        *[(k, n) for k in range(1, n)], (None, None)]
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert {r["compiles"] for r in steps} == {first["compiles"]}, [r["compiles"] for r in steps]
     # the passes' batches had every length the steps then used, the longest first (a length that does not fit in
     # memory fails before any step)
-    n = first["precompiled_lengths"]
     assert len(first["lengths"]) == n and steps[-1]["lengths"] == first["lengths"]
     assert seen[:n] == sorted(first["lengths"], reverse=True)
     recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["recompilations"]
