@@ -123,7 +123,10 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
 
         speed.steps["fp8"] = enable_fp8_backward(model, lora.freeze_layers)
     if m.compile != "off":  # 6. compilation
-        from trainer_core.fastpath.compile import compile_layers
+        from trainer_core.fastpath.compile import compile_layers, keep_nf4_layout_on_cpu
+
+        if m.quantization == "nf4" and placement.device.type == "cpu":  # traced forwards must not repack weights
+            speed.undo.append(keep_nf4_layout_on_cpu(model))
 
         # static shapes with length buckets (model.length_bucket): a few fixed lengths, each compiled once
         dynamic = True if m.compile == "dynamic" else (False if pad_multiple(m) else None)

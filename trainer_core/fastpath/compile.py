@@ -11,6 +11,8 @@ again; tests/trainer_core/fastpath/test_recompiles.py holds the count a fold may
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from trainer_core.model.build import decoder_layers
 
 # Versions dynamo keeps per code object before it runs the code eagerly. Its default (8) is below what the kinds of
@@ -31,6 +33,24 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+
+
+def keep_nf4_layout_on_cpu(model) -> Callable[[], None]:
+    """Stop bitsandbytes from repacking nf4 weights on the CPU; returns the undo.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` in eval mode without grad replaces the weight's
+    data by a CPU-packed copy of another shape, inside the forward. A compiled layer traced through that call expected
+    the packed shape and was handed the stored one: inductor's input check failed on the first held-out batch, after
+    the whole fold had trained. With repacking off the layer dequantizes as in training (the same numbers). The switch
+    is the module's own ``support_avx512bf16_for_cpu`` flag, set in its ``__init__``: bitsandbytes has no public one."""
+    changed = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in changed:
+        m.support_avx512bf16_for_cpu = False
+
+    def undo() -> None:
+        for m in changed:
+            m.support_avx512bf16_for_cpu = True
+    return undo
 
 
 def compile_layers(model, dynamic: bool | None = None, options: dict | None = None, persistent_max: int = 0) -> int:

@@ -8,9 +8,11 @@ from torch._inductor.virtualized import V
 
 from tests.conftest import CONFIGS
 from tests.trainer_core.fastpath.fast_model import build_fast
+from trainer_core import fastpath
 from trainer_core.config import load_config
 from trainer_core.data.batching import collate
 from trainer_core.fastpath import dequant_cache
+from trainer_core.fastpath.compile import keep_nf4_layout_on_cpu
 from trainer_core.fastpath.persistent_reduction import PersistentRows
 from trainer_core.model import build as model_build
 from trainer_core.model.build import build_model, trainable_parameters
@@ -204,3 +206,32 @@ def test_partial_recomputation_changes_no_gradient():
     assert g_part.keys() == g_off.keys()
     for n in g_off:
         torch.testing.assert_close(g_part[n], g_off[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_nf4_layers_predict_on_the_cpu():
+    """Held-out rows through compiled nf4 layers on the CPU (eval mode, no grad, inductor) give the eager layers'
+    numbers. On a CPU with AVX512-BF16, bitsandbytes repacked the weights inside the traced forward and inductor's
+    input check failed on the first held-out batch, after the whole fold had trained; repacking is now off for compiled
+    layers on the CPU (trainer_core.fastpath.compile.keep_nf4_layout_on_cpu), and released with the fast path."""
+    torch.compiler.reset()
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(4, 260, (n,), generator=gen).tolist() for n in (40, 64, 17, 33)]
+    input_ids, mask = collate(ids, 0, torch.device("cpu"))
+    logits, flags = {}, {}
+    for setting in ("off", "on"):
+        cfg = load_config(CONFIGS / "smoke.yaml", [f"model.compile={setting}", "model.gradient_checkpointing=off"])
+        torch.manual_seed(0)
+        model = build_fast(cfg)
+        nf4 = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert nf4 and (setting == "off" or not any(m.support_avx512bf16_for_cpu for m in nf4))
+        # eager: the same dequantizing path (bitsandbytes' packed CPU kernel computes other numbers, ~1e-3 apart)
+        restore = keep_nf4_layout_on_cpu(model) if setting == "off" else (lambda: None)
+        model.eval()
+        with torch.no_grad():
+            logits[setting] = model(input_ids=input_ids, attention_mask=mask).logits
+        restore()
+        fastpath.release(model)
+        flags[setting] = [m.support_avx512bf16_for_cpu for m in nf4]
+    torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-4, atol=1e-5)
+    assert flags["on"] == flags["off"]  # released: bitsandbytes' own choice again
