@@ -50,13 +50,12 @@ class Progress(ray.tune.Callback):
         if "step" not in result:
             return
         self.state[fold] = result
-        if "precompile_done" in result:  # trainer_core.fold.precompile, one batch length done of several
-            self.pace.setdefault(fold, FoldPace(result["total_steps"]))  # running, no pace yet: no ETA
+        pace = self.pace.setdefault(fold, FoldPace(result["total_steps"]))
+        if "precompile_done" in result:  # trainer_core.fold.precompile, one batch length done of several: no pace yet
             done, of = result["precompile_done"], result["precompile_total"]
             self._line(f"fold {fold}: compiling its training graphs: {done} of {of} batch lengths in "
                        f"{fmt_s(result.get('elapsed_s'))}")
             return
-        pace = self.pace.setdefault(fold, FoldPace(result["total_steps"]))
         pace.add(result.get("elapsed_s", 0.0), result["step"], result.get("compiles", 0), result.get("start_step"))
         if "precompiled_lengths" in result:  # trainer_core.fold.precompile: the training graphs, before step 1
             n = result["precompiled_lengths"]
