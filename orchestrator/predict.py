@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default=None,
                    help="fold models to average, e.g. 0-4 or 0,2 (default: the folds report.json covers)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per forward pass (default: the run's train.eval_batch_size)")
+                   help="rows per forward pass (default: the run's train.eval_batch_size); with the run's "
+                        "model.dequant_cache, the batch the dequantized weights leave room for")
     p.add_argument("--device", default="auto",
                    help="'auto' (every GPU of the machine, else the CPU), 'cpu', 'cuda', 'cuda:1', or a comma list "
                         "('cuda:0,cuda:1'); with several devices and several folds the folds are spread over them, "

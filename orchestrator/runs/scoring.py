@@ -40,11 +40,12 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
 
     cfg = run_config(run_dir, overrides)
     for k in folds:
-        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device)
+        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device, batch_size)
         autocast = make_autocast(precision, device)
         ids = encode(rows, tok, cfg)
         bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
-                                                   train_batch=cfg.train.batch_size)
+                                                   train_batch=cfg.train.batch_size,
+                                                   budget_gib=cfg.train.memory_budget_gib)
         meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
         multiple = pad_multiple(cfg.model)
         feats = features(rows, tok, cfg)

@@ -106,7 +106,8 @@ class ModelConfig:
         "report (trainer_core.fold.precompile)", added=True)
     dequant_cache: Literal["off", "auto", "on"] = _f(
         "off", "keep frozen nf4 weights dequantized (bf16) instead of dequantizing them at every call: the same "
-        "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations",
+        "numbers, ~17 GiB more for Gemma-2 9B; auto = as many top layers as fit beside the planned activations "
+        "(orchestrator.predict: beside its batch of rows)",
         added=True)
     fp8_backward: bool = _f(
         False, "opt-in, changes numerics: in the frozen layers model.dequant_cache keeps dequantized (trained decoder "

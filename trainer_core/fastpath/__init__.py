@@ -12,8 +12,9 @@ The fold (``trainer_core.fold.loop``), prediction (``trainer_core.fold.inference
 
 :func:`apply`'s order, and why each step stands where it does:
 
-1. dequantized-weight cache (``model.dequant_cache``, nf4, training): first, while every frozen layer is still the
-   ``Linear4bit`` peft left; its room is the free memory minus the placement's activations.
+1. dequantized-weight cache (``model.dequant_cache``, nf4): first, while every frozen layer is still the
+   ``Linear4bit`` peft left; its room is the free memory minus the placement's activations (a training step's, or
+   for a model that predicts, an inference batch of the placement's ``micro_batch`` rows).
 2. pooled last layer (``model.pooled_last_layer``): swaps the top layer's class; walks the cache's modules as they now
    are and must come before compiling (the layer compiles its pooled computation).
 3. attention (``model.attn_implementation`` block_causal*): registered by :func:`prepare_load` before loading; here
@@ -100,6 +101,12 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
             model, m.dequant_cache, DTYPES[placement.precision], placement.device, freeze_layers=lora.freeze_layers,
             seq_len=placement.seq_len, micro_batch=placement.micro_batch, budget_gib=placement.budget_gib,
             recomputed=placement.recomputed(n_trained), fp8_backward=m.fp8_backward)
+    elif m.quantization == "nf4":  # 1. the same cache beside a prediction batch of micro_batch rows
+        from trainer_core.fastpath.dequant_cache import cache_for_prediction
+
+        speed.steps["dequant_cache"] = cache_for_prediction(
+            model, m.dequant_cache, DTYPES[placement.precision], placement.device, seq_len=placement.seq_len,
+            rows=placement.micro_batch, budget_gib=placement.budget_gib, seqs_per_row=2 if m.head == "pairwise" else 1)
     if m.pooled_last_layer:  # 2. pooled last layer
         from trainer_core.fastpath.last_layer import pool_last_layer
 

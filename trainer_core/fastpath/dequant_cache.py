@@ -6,7 +6,8 @@ more in the backward pass of each adapted layer (7% of the compiled step's devic
 frozen, so that dequantized matrix is the same every step: :func:`cache_dequantized_weights` computes it once and
 replaces the ``Linear4bit`` with a plain linear layer holding it. Same numbers, 4x the weight memory (bf16 instead of
 4 bits): about 17 GiB more for Gemma-2 9B, so it is only done where free memory allows (``auto``), top layers first
-(those are dequantized twice a step).
+(those are dequantized twice a step). A fold model loaded to predict (``orchestrator.predict``) is cached the same way,
+beside its inference batch instead of a training step's activations (:func:`cache_for_prediction`).
 
 ``model.fp8_backward`` (opt-in, changes numerics): the cached layers of trained decoder layers also keep an fp8 copy of
 their weight (1 byte per weight, counted in the cache's budget) for an fp8 backward matmul
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from trainer_core.fastpath import fp8
 from trainer_core.model.build import decoder_layers
-from trainer_core.model.memory import SAFETY, activation_bytes_per_token, free_device_bytes
+from trainer_core.model.memory import SAFETY, activation_bytes_per_token, free_device_bytes, inference_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,30 @@ def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.devic
     memory beside the activations of a ``micro_batch`` x ``seq_len`` step with ``recomputed`` of the trained layers
     (those from ``freeze_layers`` on) recomputing theirs, ``off`` none. ``fp8_backward``: room for the fp8 copies of
     the trained layers' weights too. Returns a note for logs and benchmark tables (empty when nothing was cached)."""
+    n_trained = len(decoder_layers(model)) - freeze_layers
+    need = activation_bytes_per_token(model.config, n_trained, seq_len, recomputed > 0,
+                                      recomputed) * micro_batch * seq_len * SAFETY
+    return _cache_beside(model, mode, need, dtype, device, budget_gib, freeze_layers if fp8_backward else None)
+
+
+def cache_for_prediction(model, mode: str, dtype: torch.dtype, device: torch.device, *, seq_len: int, rows: int,
+                         budget_gib: float | None, seqs_per_row: int = 1) -> str:
+    """``model.dequant_cache`` for a model that only predicts (``orchestrator.predict``'s fold models): ``on`` caches
+    every layer, ``auto`` as many as fit beside the inference activations of ``rows`` x ``seq_len`` tokens (the batch
+    prediction will use; for ``train.eval_batch_size=auto`` the largest it may pick, so the cache never makes the batch
+    smaller), ``off`` none. A held-out batch inside a fold runs on the cached weights of training: this gives a loaded
+    fold model the same weights. Returns a note (empty when nothing was cached)."""
+    need = inference_bytes_per_token(model.config, seq_len) * seq_len * rows * seqs_per_row * SAFETY
+    return _cache_beside(model, mode, need, dtype, device, budget_gib)
+
+
+def _cache_beside(model, mode: str, need_bytes: float, dtype: torch.dtype, device: torch.device,
+                  budget_gib: float | None, fp8_from: int | None = None) -> str:
+    """``mode`` off: nothing; on: every layer; auto: within the free memory less ``need_bytes``. Returns the note."""
     if mode == "off":
         return ""
-    room = float("inf")
-    if mode == "auto":
-        n_trained = len(decoder_layers(model)) - freeze_layers
-        need = activation_bytes_per_token(model.config, n_trained, seq_len, recomputed > 0,
-                                          recomputed) * micro_batch * seq_len * SAFETY
-        room = free_device_bytes(device, budget_gib) - need
-    n, total, gib = cache_dequantized_weights(model, room, dtype, freeze_layers if fp8_backward else None)
+    room = float("inf") if mode == "on" else free_device_bytes(device, budget_gib) - need_bytes
+    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from)
     note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
     log.info(note)
     return note

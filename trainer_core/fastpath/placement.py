@@ -23,13 +23,13 @@ from trainer_core.model.memory import free_device_bytes, plan_memory, recomputed
 class Placement:
     device: torch.device
     precision: str  # resolved: bf16 / fp16 / fp32
-    micro_batch: int  # rows per rank per micro-batch
+    micro_batch: int  # rows per rank per micro-batch (predicting: rows per batch the weight cache leaves room for)
     grad_accum: int  # micro-batches per optimizer step
     seq_len: int  # tokens of the longest row (the activations the memory plan and the weight cache leave room for)
     recompute: Literal["off", "on", "reentrant"]
     recompute_layers: range | None = None  # with recompute "on": only these decoder layers (None: every layer)
     budget_gib: float | None = None  # train.memory_budget_gib (or the benchmark's --budget-gib)
-    training: bool = True  # False: a model loaded to predict (no cache, no recomputation, no dropout sharing)
+    training: bool = True  # False: a model loaded to predict (no recomputation, no dropout sharing)
     reason: str = ""  # why this recomputation, in words, for logs and the benchmark's table
 
     def recomputed(self, n_trained: int) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from trainer_core.data.batching import collate, length_batch, row_tokens
-from trainer_core.model.memory import eval_batch_size, free_device_bytes
+from trainer_core.model.memory import EVAL_BATCH_CAP, eval_batch_size, free_device_bytes
 
 
 @torch.no_grad()
@@ -66,14 +66,16 @@ def resolve_eval_batch_size(setting: int | str, model, ids: list, device: torch.
     return eval_batch_size(model.config, seq_len=seq_len, free_bytes=free, seqs_per_row=2 if pairwise else 1)
 
 
-def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple[object, object, str]:
+def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device,
+                    batch_size: int | None = None) -> tuple[object, object, str]:
     """(model in eval mode, tokenizer, precision) of a finished fold, from its ``adapter/`` folder.
 
     With LoRA the base model is rebuilt exactly as training built it (same quantization, same preparation, same
     random-init seed for ``model.init=random``) and the saved adapter plus score head are loaded onto it; without
     LoRA the folder holds the whole fine-tuned model. Then the fast path as the fold had it, placed for prediction
-    (``trainer_core.fastpath.apply``: no weight cache, no recomputation); ``trainer_core.fastpath.release(model)``
-    before the model goes."""
+    (``trainer_core.fastpath.apply``: no recomputation; ``model.dequant_cache`` beside batches of ``batch_size`` rows,
+    default the config's ``train.eval_batch_size``, for ``auto`` the largest it may pick);
+    ``trainer_core.fastpath.release(model)`` before the model goes."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from trainer_core import fastpath
@@ -102,8 +104,9 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device) -> tuple
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(adapter_dir), dtype=DTYPES[precision])
         model.to(device)
+    rows = batch_size or (EVAL_BATCH_CAP if cfg.train.eval_batch_size == "auto" else int(cfg.train.eval_batch_size))
     placement = fastpath.place(cfg, model, device=device, precision=precision, seq_len=cfg.data.max_length,
-                               micro_batch=cfg.train.batch_size, training=False)
+                               micro_batch=rows, budget_gib=cfg.train.memory_budget_gib, training=False)
     fastpath.apply(model, cfg, placement)
     model.eval()
     return model, tok, precision

@@ -2,6 +2,10 @@
 placement, and get the same module types and the same torch.compile calls. Prediction loads a fold's model through it
 too, placed for prediction."""
 
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -9,6 +13,7 @@ from tests.conftest import CONFIGS, DATA
 from trainer_core import fastpath
 from trainer_core.config import load_config, validate
 from trainer_core.data.arena import assign_folds, load_rows
+from trainer_core.fastpath.compile import keep_nf4_layout_on_cpu
 from trainer_core.fold.loop import train_fold
 
 # the fast config's keys on the tiny Gemma-2; auto recomputation is off on the CPU, on/auto alike elsewhere
@@ -76,7 +81,8 @@ def test_the_benchmark_builds_what_a_fold_builds(built, tmp_path):
 
 def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
     """A finished fold's model for orchestrator.predict: the plain build, the adapters, then fastpath.apply placed
-    for prediction (no weight cache, no recomputation, no dropout sharing)."""
+    for prediction (the weight cache beside an inference batch, no recomputation, no dropout sharing); the cached
+    weights predict what the nf4 layers predict."""
     from trainer_core.fold.inference import load_fold_model
 
     cfg = load_config(CONFIGS / "smoke.yaml", [*FAST, "model.compile=off", "train.max_steps=1"])
@@ -87,5 +93,29 @@ def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
     monkeypatch.setattr(fastpath, "apply", lambda model, c, p: calls.append((c, p)) or real(model, c, p))
     model, _, _ = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
     assert len(calls) == 1 and calls[0][1].training is False and calls[0][1].recompute == "off"
-    assert list(vars(model)["trainer_core_fastpath"].steps) == ["pooled_last_layer", "attention"]
+    steps = vars(model)["trainer_core_fastpath"].steps
+    assert list(steps) == ["dequant_cache", "pooled_last_layer", "attention"]
+    assert steps["dequant_cache"].startswith("dequantized weights cached: 4/4 layers")  # auto: room on the CPU
+    assert calls[0][1].micro_batch == cfg.train.eval_batch_size  # the batch the cache leaves room for
+    from trainer_core.data.tokenization import encode
+    from trainer_core.fold.inference import predict_probs
+    from trainer_core.model.precision import make_autocast
+
+    # the fold's held-out rows, as the fold predicted them (on its cached weights): the same probabilities
+    held = rows[rows["fold"] == 0]
+    _, tok, precision = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
+    ids = encode(held, tok, cfg)
+    autocast = make_autocast(precision, torch.device("cpu"))
+    cached = predict_probs(model, ids, cfg.train.eval_batch_size, tok.pad_token_id, torch.device("cpu"), autocast)
     fastpath.release(model)
+    oof = pd.read_parquet(tmp_path / "fold=0" / "oof.parquet").set_index("id").loc[held["id"]]
+    np.testing.assert_allclose(cached, oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5, atol=1e-6)
+    # and what the nf4 layers compute when they dequantize as training does (bitsandbytes' CPU inference path,
+    # which repacks the weights and rounds otherwise, off)
+    off = replace(cfg, model=replace(cfg.model, dequant_cache="off"))
+    plain, _, _ = load_fold_model(off, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
+    assert vars(plain)["trainer_core_fastpath"].steps["dequant_cache"] == ""
+    keep_nf4_layout_on_cpu(plain)
+    nf4 = predict_probs(plain, ids, cfg.train.eval_batch_size, tok.pad_token_id, torch.device("cpu"), autocast)
+    fastpath.release(plain)
+    np.testing.assert_allclose(cached, nf4, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ from trainer_core import fastpath
 from trainer_core.config import load_config, validate
 from trainer_core.fastpath import attention, last_layer
 from trainer_core.fastpath.lora_dropout import SharedDropout
-from trainer_core.model.build import decoder_layers, load_trainable_state_dict, trainable_state_dict
+from trainer_core.model.build import build_model, decoder_layers, load_trainable_state_dict, trainable_state_dict
 
 FAST = ["model.compile=on", "model.pooled_last_layer=true", "model.attn_implementation=block_causal",
         "lora.shared_dropout=true", "lora.dropout=0.3", "model.persistent_reduction_max=1024",
@@ -100,15 +100,19 @@ def test_release_removes_the_hooks_and_class_swaps(monkeypatch, inductor_rule):
 
 
 def test_the_steps_in_their_order():
-    """apply reports what it did, in the documented order; a model placed for prediction gets no dropout sharing,
-    weight cache or recomputation."""
+    """apply reports what it did, in the documented order; a model placed for prediction gets the weight cache (beside
+    its inference batch) but no dropout sharing or recomputation."""
     cfg = fast_cfg("model.dequant_cache=on", "model.compile=off", "model.persistent_reduction_max=0")
     model = build_fast(cfg)
     speed = vars(model)["trainer_core_fastpath"]
     assert list(speed.steps) == ["dequant_cache", "pooled_last_layer", "attention", "shared_dropout", "recompute"]
     assert speed.cache_note == "dequantized weights cached: 4/4 layers (0.0 GiB)"
     fastpath.release(model)
-    placement = fastpath.place(cfg, model, device=torch.device("cpu"), precision="fp32", seq_len=64, micro_batch=4,
+    fresh = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=torch.device("cpu"))
+    placement = fastpath.place(cfg, fresh, device=torch.device("cpu"), precision="fp32", seq_len=64, micro_batch=4,
                                training=False)
     assert placement.recompute == "off"
-    assert list(fastpath.apply(model, cfg, placement).steps) == ["pooled_last_layer", "attention"]
+    speed = fastpath.apply(fresh, cfg, placement)
+    assert list(speed.steps) == ["dequant_cache", "pooled_last_layer", "attention"]
+    assert speed.cache_note == "dequantized weights cached: 4/4 layers (0.0 GiB)"
+    fastpath.release(fresh)

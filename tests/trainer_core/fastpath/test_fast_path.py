@@ -138,6 +138,29 @@ def test_dequant_cache_respects_its_byte_budget():
     assert not isinstance(layers[1].mlp.down_proj, dequant_cache.DequantizedLinear)
 
 
+def test_prediction_cache_leaves_room_for_the_inference_batch(monkeypatch):
+    """A model that predicts: auto caches what fits in the free memory less the inference activations of the batch
+    (rows x tokens, twice for the pairwise head's two sequences); on caches everything, off nothing."""
+    from trainer_core.model.memory import SAFETY, inference_bytes_per_token
+
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    layer_bytes = 4 * (64 * 16 * 4 + 2 * 64 * 16 * 2 + 16 * 4 * 64 + 3 * 64 * 128)  # as above: one layer, fp32
+    cpu = torch.device("cpu")
+    for rows, seqs, cached in ((8, 1, 2), (8, 2, 0), (4, 2, 2)):
+        model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=cpu)
+        free = inference_bytes_per_token(model.config, 64) * 64 * 8 * SAFETY + 2.5 * layer_bytes  # 8 rows of 64
+        monkeypatch.setattr(dequant_cache, "free_device_bytes", lambda device, budget, free=free: free)
+        note = dequant_cache.cache_for_prediction(model, "auto", torch.float32, cpu, seq_len=64, rows=rows,
+                                                  budget_gib=None, seqs_per_row=seqs)
+        assert note == (f"dequantized weights cached: {cached}/4 layers "
+                        f"({cached * layer_bytes / 2**30:.1f} GiB)"), (rows, seqs, note)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="fp32", device=cpu)
+    assert dequant_cache.cache_for_prediction(model, "off", torch.float32, cpu, seq_len=64, rows=8,
+                                              budget_gib=None) == ""
+    assert dequant_cache.cache_for_prediction(model, "on", torch.float32, cpu, seq_len=64, rows=8,
+                                              budget_gib=None).startswith("dequantized weights cached: 4/4")
+
+
 def test_embedding_table_kept_in_load_dtype_gives_the_same_logits(monkeypatch):
     """peft upcasts the embedding table to fp32; keeping it in bf16 (its load dtype) with fp32 rows out gives the
     fp32 table's logits exactly (bf16 compute, same weights)."""
