@@ -141,7 +141,7 @@ def cache_for_prediction(model, mode: str, dtype: torch.dtype, device: torch.dev
     every layer, ``auto`` as many as fit beside the inference activations of ``rows`` x ``seq_len`` tokens (the batch
     prediction will use; for ``train.eval_batch_size=auto`` the largest it may pick, so the cache never makes the batch
     smaller), ``off`` none. A held-out batch inside a fold runs on the cached weights of training: this gives a loaded
-    fold model the same weights. Returns a note (empty when nothing was cached)."""
+    fold model the same weights. Returns a note for logs (empty when ``mode`` is off)."""
     need = inference_bytes_per_token(model.config, seq_len) * seq_len * rows * seqs_per_row * SAFETY
     return _cache_beside(model, mode, need, dtype, device, budget_gib)
 
