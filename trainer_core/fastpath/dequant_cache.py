@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from trainer_core.fastpath import fp8
 from trainer_core.model.build import decoder_layers
-from trainer_core.model.memory import SAFETY, activation_bytes_per_token, free_device_bytes, inference_bytes_per_token
+from trainer_core.model.memory import SAFETY, activation_bytes_per_token, free_device_bytes, inference_batch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def cache_for_prediction(model, mode: str, dtype: torch.dtype, device: torch.dev
     prediction will use; for ``train.eval_batch_size=auto`` the largest it may pick, so the cache never makes the batch
     smaller), ``off`` none. A held-out batch inside a fold runs on the cached weights of training: this gives a loaded
     fold model the same weights. Returns a note for logs (empty when ``mode`` is off)."""
-    need = inference_bytes_per_token(model.config, seq_len) * seq_len * rows * seqs_per_row * SAFETY
+    need = inference_batch_bytes(model.config, seq_len=seq_len, rows=rows, seqs_per_row=seqs_per_row)
     return _cache_beside(model, mode, need, dtype, device, budget_gib)
 
 

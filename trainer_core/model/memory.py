@@ -84,12 +84,18 @@ def inference_bytes_per_token(config, seq_len: int) -> float:
     return activation_bytes_per_token(config, 1, seq_len, False) + 16 * config.hidden_size
 
 
+def inference_batch_bytes(config, *, seq_len: int, rows: int, seqs_per_row: int = 1) -> float:
+    """Bytes a forward pass without grad over ``rows`` rows of ``seq_len`` tokens per sequence needs (``seqs_per_row``
+    sequences per row: 2 for the pairwise head), with :data:`SAFETY` headroom."""
+    return inference_bytes_per_token(config, seq_len) * seq_len * rows * seqs_per_row * SAFETY
+
+
 def eval_batch_size(config, *, seq_len: int, free_bytes: float, seqs_per_row: int = 1,
                     cap: int = EVAL_BATCH_CAP) -> int:
     """``train.eval_batch_size=auto`` on a GPU: the largest power of two up to ``cap`` whose inference activations
     (``seq_len`` tokens per sequence, ``seqs_per_row`` sequences per row: 2 for the pairwise head, with
     :data:`SAFETY` headroom) fit in ``free_bytes``; 1 when not even that fits (prediction then runs as it can)."""
-    per_row = inference_bytes_per_token(config, seq_len) * seq_len * seqs_per_row * SAFETY
+    per_row = inference_batch_bytes(config, seq_len=seq_len, rows=1, seqs_per_row=seqs_per_row)
     batch = 1
     while batch * 2 <= cap and batch * 2 * per_row <= free_bytes:
         batch *= 2

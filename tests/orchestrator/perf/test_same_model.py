@@ -91,7 +91,7 @@ def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
     calls = []
     real = fastpath.apply
     monkeypatch.setattr(fastpath, "apply", lambda model, c, p: calls.append((c, p)) or real(model, c, p))
-    model, _, _ = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
+    model, tok, precision = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
     assert len(calls) == 1 and calls[0][1].training is False and calls[0][1].recompute == "off"
     steps = vars(model)["trainer_core_fastpath"].steps
     assert list(steps) == ["dequant_cache", "pooled_last_layer", "attention"]
@@ -103,7 +103,6 @@ def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
 
     # the fold's held-out rows, as the fold predicted them (on its cached weights): the same probabilities
     held = rows[rows["fold"] == 0]
-    _, tok, precision = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
     ids = encode(held, tok, cfg)
     autocast = make_autocast(precision, torch.device("cpu"))
     cached = predict_probs(model, ids, cfg.train.eval_batch_size, tok.pad_token_id, torch.device("cpu"), autocast)
