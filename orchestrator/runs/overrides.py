@@ -15,7 +15,8 @@ from trainer_core.config import Config, ConfigError, apply_overrides, load_confi
 
 PREDICT_KEYS = (
     "model.name_or_path", "model.tokenizer", "model.attn_implementation", "model.compile", "model.compile_options",
-    "model.dequant_cache", "model.persistent_reduction_max", "model.pooled_last_layer", "train.eval_batch_size",
+    "model.dequant_cache", "model.fp8_predict", "model.persistent_reduction_max", "model.pooled_last_layer",
+    "train.eval_batch_size",
     "train.precision", "train.memory_budget_gib",
 )
 

@@ -86,8 +86,9 @@ def test_overrides_that_would_change_the_folds_or_are_unknown_are_one_line(moved
 
 def test_allowed_keys_parse_and_refusals_name_them():
     assert parse_predict_overrides(["model.compile=off", "model.compile_options.coordinate_descent_tuning=true",
-                                    "train.precision=bf16"]) == {
-        "model.compile": False, "model.compile_options.coordinate_descent_tuning": True, "train.precision": "bf16"}
+                                    "train.precision=bf16", "model.fp8_predict=true"]) == {
+        "model.compile": False, "model.compile_options.coordinate_descent_tuning": True, "train.precision": "bf16",
+        "model.fp8_predict": True}
     with pytest.raises(ConfigError) as e:
         parse_predict_overrides(["data.max_length=2048"])
     assert all(k in str(e.value) for k in PREDICT_KEYS)

@@ -16,12 +16,14 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, doc: str, *, added: bool = False, at_least: float | None = None, above: float | None = None,
-       **kw: Any) -> Any:
+       predict_only: bool = False, **kw: Any) -> Any:
     """A documented config field. ``added=True``: a key introduced after run directories already existed, whose
     default is exactly the behaviour from before; at its default it stays out of the fingerprint, so adding it does
     not make earlier runs unresumable. ``at_least`` / ``above``: the lower bound of a numeric key (null and words
-    such as ``auto`` always pass), checked by :func:`trainer_core.config.validate.validate`."""
-    meta = {"doc": doc, "added": added}
+    such as ``auto`` always pass), checked by :func:`trainer_core.config.validate.validate`. ``predict_only``: read
+    only when a finished fold's model predicts (``orchestrator.predict``), so never part of the fingerprint: a run
+    resumes whatever its value."""
+    meta = {"doc": doc, "added": added, "predict_only": predict_only}
     if at_least is not None or above is not None:
         meta["bound"] = (">=", at_least) if at_least is not None else (">", above)
     if isinstance(default, (list, dict)):
@@ -115,6 +117,14 @@ class ModelConfig:
         "torch._scaled_mm on GPUs of compute capability >= 8.9, emulated elsewhere); the forward stays exact bf16; "
         "needs quantization=nf4, dequant_cache auto/on and bf16 precision; +1 byte per cached weight",
         added=True)
+    fp8_predict: bool = _f(
+        False, "opt-in, changes numerics, prediction only (orchestrator.predict; never training, never a fold's own "
+        "held-out rows, so the OOF log loss stays the exact model's): a loaded fold model's frozen linear layers keep "
+        "e4m3 weights (a scale per output feature) and quantize each token's input at each call (torch._scaled_mm on "
+        "GPUs of compute capability >= 8.9, emulated elsewhere); LoRA, norms, attention and the head stay in the "
+        "compute dtype; nf4 weights are cached in fp8 (1 byte a weight), so model.dequant_cache must be auto or on; "
+        "how far it moves probabilities: docs/QUALITY.md",
+        added=True, predict_only=True)
     pooled_last_layer: bool = _f(
         False, "the top decoder layer computes queries, attention, o_proj, norms and MLP only at the token the head "
         "reads (keys and values still at every position): the same logits, loss and gradients up to float rounding, "
@@ -260,7 +270,7 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not cluster placement nor experiment tracking; keys added later, at
-        their default)."""
+        their default; prediction-only keys)."""
         d = self.to_dict()
         d.pop("cluster")
         d.pop("tracking")
@@ -269,6 +279,6 @@ class Config:
             if dataclasses.is_dataclass(sub):
                 for f in dataclasses.fields(sub):
                     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    if f.metadata.get("added") and getattr(sub, f.name) == default:
+                    if f.metadata.get("predict_only") or (f.metadata.get("added") and getattr(sub, f.name) == default):
                         section.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,7 +20,9 @@ The fold (``trainer_core.fold.loop``), prediction (``trainer_core.fold.inference
 3. attention (``model.attn_implementation`` block_causal*): registered by :func:`prepare_load` before loading; here
    the built model is checked to be causal.
 4. dropout sharing (``lora.shared_dropout``, training): after LoRA exists, before compiling.
-5. fp8 (``model.fp8_backward``, training): on the cached layers of the trained decoder layers, so after the cache.
+5. fp8, after the cache: training (``model.fp8_backward``) on the cached layers of the trained decoder layers; a
+   model that predicts (``model.fp8_predict``) has its nf4 weights cached in fp8 by step 1 and its other frozen
+   linear layers (a bf16 base) made fp8 here.
 6. compilation (``model.compile``): lazy (layers compile at their first call), after every module swap above, since a
    compiled layer's graph is guarded on its modules' types.
 7. recomputation (the placement's): flags read by each layer at call time.
@@ -106,7 +108,8 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
 
         speed.steps["dequant_cache"] = cache_for_prediction(
             model, m.dequant_cache, DTYPES[placement.precision], placement.device, seq_len=placement.seq_len,
-            rows=placement.micro_batch, budget_gib=placement.budget_gib, seqs_per_row=2 if m.head == "pairwise" else 1)
+            rows=placement.micro_batch, budget_gib=placement.budget_gib, seqs_per_row=2 if m.head == "pairwise" else 1,
+            fp8_forward=m.fp8_predict)
     if m.pooled_last_layer:  # 2. pooled last layer
         from trainer_core.fastpath.last_layer import pool_last_layer
 
@@ -129,6 +132,10 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
         from trainer_core.fastpath.dequant_cache import enable_fp8_backward
 
         speed.steps["fp8"] = enable_fp8_backward(model, lora.freeze_layers)
+    elif m.fp8_predict and not placement.training:  # 5. fp8 (model.fp8_predict): the frozen layers left in bf16
+        from trainer_core.fastpath.dequant_cache import predict_in_fp8
+
+        speed.steps["fp8"] = predict_in_fp8(model)
     if m.compile != "off":  # 6. compilation
         from trainer_core.fastpath.compile import compile_layers, keep_nf4_layout_on_cpu
 

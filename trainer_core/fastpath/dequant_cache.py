@@ -80,13 +80,14 @@ def _is_4bit(module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
-                              fp8_from: int | None = None) -> tuple[int, int, float]:
+def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype, fp8_from: int | None = None,
+                              fp8_forward: bool = False) -> tuple[int, int, float]:
     """Replace frozen 4-bit linear layers by :class:`DequantizedLinear` copies in ``dtype`` (the autocast dtype, or
     fp32 without autocast), top decoder layer first, while the copies' total stays within ``max_bytes``. Returns
     (layers cached, decoder layers in the model, GiB used). ``fp8_from``: decoder layers from this index on (the
     trained ones) will also hold an fp8 copy (``model.fp8_backward``, :func:`enable_fp8_backward`): one more byte per
-    weight counted against ``max_bytes``.
+    weight counted against ``max_bytes``. ``fp8_forward`` (``model.fp8_predict``, a model that only predicts): each
+    weight is kept as :class:`trainer_core.fastpath.fp8.Fp8Linear` instead, 1 byte a weight.
 
     Only whole decoder layers are cached (a layer's projections share one compiled graph)."""
     used, cached = 0.0, 0
@@ -97,11 +98,13 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype,
         if not targets:
             continue
         use_fp8 = fp8_from is not None and index >= fp8_from
-        size = sum(c.out_features * c.in_features * (dtype.itemsize + use_fp8) for _, _, c in targets)
+        per_weight = 1 if fp8_forward else dtype.itemsize + use_fp8
+        size = sum(c.out_features * c.in_features * per_weight for _, _, c in targets)
         if used + size > max_bytes:
             break
         for parent, name, child in targets:
-            setattr(parent, name, DequantizedLinear(_dequantize(child, dtype), child.bias))
+            kind = fp8.Fp8Linear if fp8_forward else DequantizedLinear
+            setattr(parent, name, kind(_dequantize(child, dtype), child.bias))
         used += size
         cached += 1
     if cached and torch.cuda.is_available():
@@ -136,23 +139,45 @@ def cache_for_training(model, mode: str, dtype: torch.dtype, device: torch.devic
 
 
 def cache_for_prediction(model, mode: str, dtype: torch.dtype, device: torch.device, *, seq_len: int, rows: int,
-                         budget_gib: float | None, seqs_per_row: int = 1) -> str:
+                         budget_gib: float | None, seqs_per_row: int = 1, fp8_forward: bool = False) -> str:
     """``model.dequant_cache`` for a model that only predicts (``orchestrator.predict``'s fold models): ``on`` caches
     every layer, ``auto`` as many as fit beside the inference activations of ``rows`` x ``seq_len`` tokens (the batch
     prediction will use; for ``train.eval_batch_size=auto`` the largest it may pick, so the cache never makes the batch
     smaller), ``off`` none. A held-out batch inside a fold runs on the cached weights of training: this gives a loaded
-    fold model the same weights. Returns a note for logs (empty when ``mode`` is off)."""
+    fold model the same weights. ``fp8_forward`` (``model.fp8_predict``): the weights kept in fp8 instead
+    (:class:`trainer_core.fastpath.fp8.Fp8Linear`, half the bytes). Returns a note for logs (empty when ``mode`` is
+    off)."""
     need = inference_batch_bytes(model.config, seq_len=seq_len, rows=rows, seqs_per_row=seqs_per_row)
-    return _cache_beside(model, mode, need, dtype, device, budget_gib)
+    return _cache_beside(model, mode, need, dtype, device, budget_gib, fp8_forward=fp8_forward)
 
 
 def _cache_beside(model, mode: str, need_bytes: float, dtype: torch.dtype, device: torch.device,
-                  budget_gib: float | None, fp8_from: int | None = None) -> str:
+                  budget_gib: float | None, fp8_from: int | None = None, fp8_forward: bool = False) -> str:
     """``mode`` off: nothing; on: every layer; auto: within the free memory less ``need_bytes``. Returns the note."""
     if mode == "off":
         return ""
     room = float("inf") if mode == "on" else free_device_bytes(device, budget_gib) - need_bytes
-    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from)
-    note = f"dequantized weights cached: {n}/{total} layers ({gib:.1f} GiB)"
+    n, total, gib = cache_dequantized_weights(model, room, dtype, fp8_from, fp8_forward)
+    note = f"dequantized weights cached{' in fp8' if fp8_forward else ''}: {n}/{total} layers ({gib:.1f} GiB)"
+    log.info(note)
+    return note
+
+
+def predict_in_fp8(model) -> str:
+    """``model.fp8_predict`` for a model that only predicts: every linear layer of its decoder layers that is
+    a plain ``nn.Linear`` or a :class:`DequantizedLinear` becomes a :class:`trainer_core.fastpath.fp8.Fp8Linear`
+    (nf4 layers the cache left 4-bit stay bitsandbytes'; LoRA's own matrices stay as they are), where the shapes fit
+    ``_scaled_mm`` (both sides multiples of 16). Returns a note for logs."""
+    swaps = [(parent, name, child) for layer in decoder_layers(model) for where, parent in layer.named_modules()
+             if not any(part.startswith("lora_") for part in where.split("."))  # peft's lora_A/lora_B dicts
+             for name, child in parent.named_children()
+             if (type(child) is torch.nn.Linear or isinstance(child, DequantizedLinear))
+             and not name.startswith("lora_")
+             and fp8.shapes_fit(child.out_features, child.in_features)]
+    for parent, name, child in swaps:
+        setattr(parent, name, fp8.Fp8Linear(child.weight, child.bias))
+    layers = [m for m in model.modules() if isinstance(m, fp8.Fp8Linear)]
+    path = "_scaled_mm" if any(m.use_scaled_mm for m in layers) else "emulated"
+    note = f"fp8 forward in {len(layers)} linear layers ({path})" if layers else "fp8 forward: no linear layer fits"
     log.info(note)
     return note

@@ -121,6 +121,7 @@ def test_fingerprint_ignores_cluster_placement():
 
 def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     """Keys that arrived after run directories existed (model.compile, model.dequant_cache, model.fp8_backward,
+    model.fp8_predict (prediction only: never in the fingerprint),
     model.pooled_last_layer, model.head, the length and MLP head keys, lora.shared_dropout, data.fold_by,
     data.prompt_share, data.extra_train_path, train.swap_augment, the distillation keys): at their defaults (the old
     behaviour) the fingerprint is the one computed without them, so those runs still resume; changing one changes the
@@ -134,7 +135,8 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     d.pop("tracking")  # a section added later, never part of a run's identity
     for section, key in (("model", "compile"), ("model", "compile_options"), ("model", "persistent_reduction_max"),
                          ("model", "length_bucket"), ("model", "precompile"),
-                         ("model", "dequant_cache"), ("model", "fp8_backward"), ("model", "pooled_last_layer"),
+                         ("model", "dequant_cache"), ("model", "fp8_backward"), ("model", "fp8_predict"),
+                         ("model", "pooled_last_layer"),
                          ("model", "head"), ("model", "length_features"), ("model", "head_mlp_hidden"),
                          ("model", "head_mlp_activation"), ("model", "head_mlp_dropout"),
                          ("lora", "shared_dropout"),
@@ -148,6 +150,9 @@ def test_keys_added_later_stay_out_of_the_fingerprint_at_their_default():
     cfg = Config()
     cfg.model.fp8_backward = True  # other numbers, another run
     assert cfg.fingerprint() != Config().fingerprint()
+    cfg = Config()
+    cfg.model.fp8_predict = True  # read only when a finished fold predicts: the same run
+    assert cfg.fingerprint() == Config().fingerprint()
     assert Config(data=DataConfig(fold_by="prompt")).fingerprint() != Config().fingerprint()  # other folds, other run
     cfg = Config()
     cfg.train.soft_labels = "soft.parquet"

@@ -133,3 +133,98 @@ def test_bench_numerics_check_shows_fp8_in_the_gradients_not_the_logits():
     assert num["max_abs_logit_diff"] == 0 and num["rel_loss_diff"] == 0
     assert num["grad_tensors"] == 13 and 0.001 < num["rel_grad_diff"] < 0.1  # measured 1.7%
     assert "% apart (13 shared trained tensors)" in numerics_text(num)
+
+
+def test_fp8_forward_layer_is_row_scaled_on_both_sides_and_close_to_the_exact_product():
+    """``model.fp8_predict``'s layer: weight e4m3 with a scale per output feature, each input row quantized at the
+    call; on the CPU the GPU path's rounding, multiplied in fp32."""
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(256, 512, generator=gen) / 512 ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(256, generator=gen).to(torch.bfloat16)
+    # activations whose channels span three decades, and one row of zeros (a padded position)
+    x = (torch.randn(2, 9, 512, generator=gen) * torch.logspace(-2, 1, 512)).to(torch.bfloat16)
+    x[1, 3] = 0
+    layer = fp8.Fp8Linear(w, bias)
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_fp8.shape == (256, 512)
+    assert layer.weight_scale.shape == (1, 256) and not layer.use_scaled_mm  # the CPU: the emulation
+    assert layer.weight_fp8.float().abs().amax(dim=1).eq(448).all()  # each output feature's largest on e4m3's
+    assert not list(layer.state_dict())  # never saved: rebuilt from the fold's weights at each load
+    y = layer(x)
+    exact = x.float() @ w.float().t() + bias.float()
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 9, 256)
+    err = rel_err(y, exact)
+    # measured 3.4% (two e4m3 roundings); a wrong scale or transposed layout is off by orders of magnitude, and the
+    # bf16 product alone is 20x closer (0.16%): fp8 did run
+    assert 0.01 < err < 0.06, err
+    assert rel_err(torch.nn.functional.linear(x, w, bias), exact) < err / 10
+    torch.testing.assert_close(y[1, 3].float(), bias.float(), rtol=0, atol=0)  # a zero row gives the bias exactly
+    # the emulation is the rounding _scaled_mm computes: dequantized operands, multiplied exactly
+    x_q, x_scale = fp8.quantize_rows(x.reshape(-1, 512), torch.float8_e4m3fn, fp8.E4M3_MAX)
+    by_hand = (x_q.float() * x_scale) @ (layer.weight_fp8.float() * layer.weight_scale.t()).t() + bias.float()
+    torch.testing.assert_close(y.float().reshape(-1, 256), by_hand, rtol=2 ** -8, atol=1e-3)
+
+
+def _loaded_tiny_fold(tmp_path, overrides):
+    """A tiny nf4 Gemma-2 fold model (LoRA on layers 2-3, smoke.yaml), saved as a fold saves it and loaded to
+    predict with ``overrides``; its probabilities on 24 rows."""
+    import numpy as np
+
+    from tests.conftest import DATA
+    from trainer_core.data.arena import load_rows
+    from trainer_core.data.tokenization import build_tokenizer, encode
+    from trainer_core.fold.inference import load_fold_model, predict_probs
+    from trainer_core.model.build import build_model
+    from trainer_core.model.precision import make_autocast
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.precision=bf16", *overrides])
+    adapter = tmp_path / "adapter"
+    if not adapter.exists():
+        tok = build_tokenizer(cfg.model)
+        model = build_model(cfg.model, cfg.lora, pad_token_id=tok.pad_token_id, precision="bf16",
+                            device=torch.device("cpu"), seed=cfg.train.seed)
+        for name, p in model.named_parameters():  # adapters that are not zero, so they count in the output
+            if p.requires_grad:
+                p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        model.save_pretrained(adapter)
+        tok.save_pretrained(adapter)
+    model, tok, precision = load_fold_model(cfg, adapter, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    ids = encode(load_rows(DATA).iloc[:24], tok, cfg)
+    probs = predict_probs(model, ids, 8, tok.pad_token_id, cpu, make_autocast(precision, cpu))
+    return model, np.asarray(probs)
+
+
+def test_fp8_predict_runs_frozen_projections_in_fp8_and_leaves_lora_and_training_alone(tmp_path):
+    from trainer_core import fastpath
+    from trainer_core.model.build import decoder_layers
+
+    exact_model, exact = _loaded_tiny_fold(tmp_path, ["model.dequant_cache=on"])
+    model, probs = _loaded_tiny_fold(tmp_path, ["model.dequant_cache=on", "model.fp8_predict=true"])
+    layers = decoder_layers(model)
+    assert isinstance(layers[0].mlp.down_proj, fp8.Fp8Linear)  # a frozen layer, cached in fp8 by the cache itself
+    q = layers[3].self_attn.q_proj  # an adapted one: peft's LoRA layer around the fp8 base
+    assert isinstance(q.base_layer, fp8.Fp8Linear)
+    assert type(q.lora_A["default"]) is torch.nn.Linear and q.lora_A["default"].weight.dtype != torch.float8_e4m3fn
+    assert "fp8" not in exact_model.trainer_core_fastpath.steps
+    assert model.trainer_core_fastpath.steps["dequant_cache"].startswith("dequantized weights cached in fp8: 4/4")
+    # fp8 moves the probabilities (measured up to 0.033 on these random weights and adapters), not far
+    diff = abs(probs - exact).max()
+    assert 1e-4 < diff < 0.1, diff
+    assert abs(probs.sum(axis=1) - 1).max() < 1e-6
+    # a training placement never uses it: the fold's own held-out rows run on the exact weights
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.precision=bf16", "model.dequant_cache=on",
+                                               "model.fp8_predict=true"])
+    from trainer_core.model.build import build_model
+
+    trained = build_model(cfg.model, cfg.lora, pad_token_id=0, precision="bf16", device=torch.device("cpu"))
+    placement = fastpath.place(cfg, trained, device=torch.device("cpu"), precision="bf16", seq_len=64, micro_batch=4)
+    speed = fastpath.apply(trained, cfg, placement)
+    assert "fp8" not in speed.steps and not any(isinstance(m, fp8.Fp8Linear) for m in trained.modules())
+
+
+def test_fp8_predict_on_nf4_needs_the_weight_cache():
+    validate(load_config(CONFIGS / "gemma2_9b_fast.yaml", ["model.fp8_predict=true"]))  # the fast config: auto
+    with pytest.raises(ConfigError, match=r"model.fp8_predict=true keeps frozen nf4 weights in fp8 through "
+                                          r"model.dequant_cache: set it to auto or on \(got off\)"):
+        validate(load_config(CONFIGS / "smoke.yaml", ["model.fp8_predict=true"]))
+    validate(load_config(CONFIGS / "demo_cpu.yaml", ["model.fp8_predict=true"]))  # no nf4: its plain linear layers
