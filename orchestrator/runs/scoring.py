@@ -58,7 +58,8 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
                                       multiple, swapped_length_features(feats))  # lengths swap with the responses
             p = metrics.clip_probs(tta_average(p, p_swapped))
         log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
-            f"({precision}, batch {bs}): {meter.rate():.1f} rows/s after the model loaded")
+            f"({precision}{', fp8 forward' if cfg.model.fp8_predict else ''}, batch {bs}): {meter.rate():.1f} rows/s "
+            "after the model loaded")
         release(model)  # its hooks and swapped classes: the next fold's model is built in this process
         del model
         yield k, p

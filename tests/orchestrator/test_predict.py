@@ -289,3 +289,22 @@ def test_folds_spread_over_several_devices_give_the_same_submission(run_dir, tmp
     two = predict_submission(run_dir, rows, [0, 1, 2, 3, 4], tta=True, temperature=1.3, device="cpu,cpu")
     assert "scoring folds on 2 devices at once: cpu: folds [0, 2, 4]; cpu: folds [1, 3]" in capsys.readouterr().out
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-7)
+
+
+def test_fp8_prediction_is_an_override_that_says_so_and_stays_close(run_dir):
+    """``model.fp8_predict=true`` on a finished run (its nf4 weights cached in fp8): the progress line says fp8, the
+    probabilities move a little and stay probabilities; the run's own files are untouched."""
+    from orchestrator.runs.overrides import parse_predict_overrides
+    from orchestrator.runs.scoring import fold_predictions
+
+    rows = load_rows(_write(raw_rows(N_ROWS, N_ROWS + 12, labels=False), run_dir.parent / "fp8_rows.csv"),
+                     require_labels=False)
+    config_before = (run_dir / "config.yaml").read_text()
+    exact_over = parse_predict_overrides(["model.dequant_cache=on"])
+    fp8_over = parse_predict_overrides(["model.dequant_cache=on", "model.fp8_predict=true"])
+    said = []
+    (_, exact), = fold_predictions(run_dir, rows, [1], tta=False, device="cpu", log=said.append, overrides=exact_over)
+    (_, fp8), = fold_predictions(run_dir, rows, [1], tta=False, device="cpu", log=said.append, overrides=fp8_over)
+    assert "fp8 forward" not in said[0] and ", fp8 forward, batch" in said[1]
+    assert 1e-5 < abs(fp8 - exact).max() < 0.1 and np.allclose(fp8.sum(axis=1), 1)
+    assert (run_dir / "config.yaml").read_text() == config_before
