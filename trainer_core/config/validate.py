@@ -163,8 +163,8 @@ def validate(cfg: Config) -> None:
                     f"needs model.quantization=nf4 (got {m.quantization}), model.dequant_cache auto or on (got "
                     f"{m.dequant_cache}) and train.precision bf16 or auto (got {t.precision})")
     if m.fp8_predict and m.quantization == "nf4" and m.dequant_cache == "off":
-        errs.append("model.fp8_predict=true keeps frozen nf4 weights in fp8 through model.dequant_cache: set it to auto "
-                    "or on (got off)")
+        errs.append("model.fp8_predict=true keeps frozen nf4 weights in fp8 through model.dequant_cache: set it to "
+                    "auto or on (got off)")
     errs.extend(_compile_option_errors(m))
     if m.length_bucket < 0:
         errs.append(f"model.length_bucket: must be >= 0 (tokens; 0 = no bucketing), got {m.length_bucket}")

@@ -7,7 +7,6 @@ import torch
 
 from trainer_core.fastpath import fp8
 
-
 FP8_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                              reason="row-wise fp8 matmuls need a GPU of compute capability >= 8.9")
 
