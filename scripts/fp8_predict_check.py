@@ -1,10 +1,12 @@
 """What ``model.fp8_predict`` does to a finished run's predictions, measured on its own held-out rows.
 
 For each fold: the fold's held-out rows (the run's ``data.parquet``) are predicted twice on ``orchestrator.predict``'s
-path, exact and with ``model.fp8_predict=true``, and both are scored against their labels beside the fold's own OOF
-probabilities (``oof.parquet``, computed when the fold trained). Prints one line per fold and the pooled figures: log
-loss of each, and the largest and mean absolute change of a probability. A measurement, not a test: run it on your
-own run before predicting a test set in fp8 (docs/QUALITY.md has the figures measured so far).
+path, exact (as the run is configured, plus the overrides given) and with ``model.fp8_predict=true`` (and
+``model.dequant_cache=auto`` for an nf4 run that had it off: fp8 keeps nf4 weights through that cache). Both are scored
+against their labels beside the fold's own OOF probabilities (``oof.parquet``, computed when the fold trained). Prints
+one line per fold and the pooled figures: log loss of each, and the largest and mean absolute change of a
+probability. A measurement, not a test: run it on your own run before predicting a test set in fp8 (docs/QUALITY.md
+has the figures measured so far).
 
 Example::
 
@@ -25,9 +27,14 @@ import pandas as pd
 def check(run: Path, folds: list[int], device: str, overrides: dict) -> dict:
     import torch
 
+    from orchestrator.runs.overrides import run_config
     from orchestrator.runs.scoring import fold_predictions
     from trainer_core import metrics
 
+    cfg = run_config(run, overrides)
+    fp8_keys = {"model.fp8_predict": True}
+    if cfg.model.quantization == "nf4" and cfg.model.dequant_cache == "off":  # fp8 keeps nf4 weights through the cache
+        fp8_keys["model.dequant_cache"] = "auto"
     data, oof = pd.read_parquet(run / "data.parquet"), pd.read_parquet(run / "oof.parquet")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     labels, probs = [], {"oof": [], "exact": [], "fp8": []}
@@ -35,7 +42,7 @@ def check(run: Path, folds: list[int], device: str, overrides: dict) -> dict:
         rows = data[data["fold"] == k].reset_index(drop=True)
         own = oof.set_index("id").loc[rows["id"], ["p_a", "p_b", "p_tie"]].to_numpy()
         got = {}
-        for name, extra in (("exact", {}), ("fp8", {"model.fp8_predict": True})):
+        for name, extra in (("exact", {}), ("fp8", fp8_keys)):
             (_, p), = fold_predictions(run, rows, [k], tta=False, device=dev, overrides={**overrides, **extra},
                                        log=lambda *_: None)
             got[name] = p

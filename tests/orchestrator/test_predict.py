@@ -308,3 +308,22 @@ def test_fp8_prediction_is_an_override_that_says_so_and_stays_close(run_dir):
     assert "fp8 forward" not in said[0] and ", fp8 forward, batch" in said[1]
     assert 1e-5 < abs(fp8 - exact).max() < 0.1 and np.allclose(fp8.sum(axis=1), 1)
     assert (run_dir / "config.yaml").read_text() == config_before
+
+
+def test_the_fp8_check_script_scores_a_folds_held_out_rows_exact_and_in_fp8(run_dir, capsys):
+    """scripts/fp8_predict_check.py: predict's exact path gives the fold's own OOF log loss back; fp8 moves it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp8_check", REPO / "scripts" / "fp8_predict_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--run", str(run_dir), "--folds", "1,2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["fold 1", "fold 2"]
+    result = json.loads(lines[-1])
+    held = pd.read_parquet(run_dir / "data.parquet")["fold"].isin([1, 2]).sum()
+    assert result["rows"] == held
+    assert abs(result["log_loss_exact"] - result["log_loss_oof"]) < 1e-5  # predict's path: the fold's own numbers
+    assert result["log_loss_fp8"] != result["log_loss_exact"] and 0 < result["max_abs_change"] < 0.1
+    with pytest.raises(Exception, match="lora.r: cannot be overridden"):
+        script.main(["--run", str(run_dir), "lora.r=4"])
