@@ -10,10 +10,18 @@ keep compiling new versions spends its first steps compiling, and past dynamo's 
 run of a fold spent its wall time (start, compile, train, prediction and files, and when it became steady:
 :mod:`orchestrator.perf.fold_timeline`), the figures a choice between packing and rotation rests on.
 
+``--predict-rows N``: then, in this process, the first fold's model predicts the first N rows of the run's data twice
+as ``orchestrator.predict`` does (the first pass compiles, the second is the steady rate), once as the run is
+configured and once more for each ``--predict-also key=value[,key=value]`` (predict's overrides), and each steady
+rows/s is set against the fold's steady training samples/s (:mod:`orchestrator.perf.predict_rate`).
+
 Example::
 
     python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0-4 --out /tmp/eff \\
         model.init=random model.tokenizer=bytes data.max_rows=600
+    python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0 --out /tmp/eff \
+        model.init=random model.tokenizer=bytes data.max_rows=1200 --predict-rows 1000 \
+        --predict-also model.fp8_predict=true
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
+from orchestrator.runs.overrides import parse_predict_overrides
 from orchestrator.runs.staging import staged
 from trainer_core.config import ConfigError, load_config
 
@@ -54,10 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True,
                    help="run directory: new, empty, or an earlier run's (wiped first: cv --restart, which refuses any "
                         "other folder); a folder or a URI (s3://bucket/prefix, gs://..., as cv --out)")
+    p.add_argument("--predict-rows", type=int, default=0, metavar="N",
+                   help="after the run: the first fold's model predicts the first N rows of the run's data twice "
+                        "(compiling, then steady) and its steady rows/s is set against the fold's steady training "
+                        "samples/s (default 0: no prediction)")
+    p.add_argument("--predict-also", action="append", default=[], metavar="key=value[,key=value]",
+                   help="with --predict-rows: one more prediction with these overrides of predict's (e.g. "
+                        "model.fp8_predict=true); repeatable")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)
     try:  # a bad config or override is one line, before any weights are built (cv itself checks everything else)
         cfg = load_config(args.config, args.overrides)
+        variants = [("as the run is configured", {})] + [(v, parse_predict_overrides(v.split(",")))
+                                                          for v in args.predict_also]
+        if args.predict_rows < 0 or (args.predict_also and not args.predict_rows):
+            raise ConfigError("--predict-rows: a number of rows >= 1 (--predict-also needs it)")
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if res.returncode != 0:
         return res.returncode
     with staged(args.out, write_back=True) as out:  # a run at a URI: its files, and efficiency.json back there
-        return _measure(out, wall, t0_wall, n_gpus)
+        return _measure(out, wall, t0_wall, n_gpus, args.predict_rows, variants if args.predict_rows else [])
 
 
-def _measure(out: Path, wall: float, t0_wall: float, n_gpus: int) -> int:
+def _measure(out: Path, wall: float, t0_wall: float, n_gpus: int, predict_rows: int = 0,
+             variants: list[tuple[str, dict]] | None = None) -> int:
     """Print and write (efficiency.json) the figures of the finished run in ``out``."""
     metrics = [json.loads(f.read_text()) for f in sorted(out.glob("fold=*/metrics.json"))]
     single = [one_gpu_seconds(m) for m in metrics if m["world_size"] == 1]
@@ -100,10 +121,35 @@ def _measure(out: Path, wall: float, t0_wall: float, n_gpus: int) -> int:
           "files):")
     print(format_breakdown(runs))
     print("mean per run: " + ", ".join(f"{k} {v:.1f}" for k, v in overheads.items() if v is not None))
+    predictions = _predict_rates(out, metrics, runs, predict_rows, variants or [])
     (out / "efficiency.json").write_text(json.dumps({"wall_s": wall, "gpus": gpus, "efficiency": eff,
                                                           "one_gpu_total_s": one_gpu_total, "folds": metrics,
-                                                          "runs": runs, "mean_overheads": overheads}, indent=2))
+                                                          "runs": runs, "mean_overheads": overheads,
+                                                          "predict": predictions}, indent=2))
     return 0
+
+
+def _predict_rates(out: Path, metrics: list[dict], runs: list[dict], n_rows: int,
+                   variants: list[tuple[str, dict]]) -> list:
+    """``--predict-rows``: the first fold's model, each variant (its name, predict's overrides) in turn (printed,
+    returned)."""
+    if not (n_rows and variants and metrics):
+        return []
+    from orchestrator.perf.predict_rate import format_rate, measure, steady_training_rate
+    from orchestrator.runs.overrides import run_config
+
+    first = metrics[0]
+    run_row = next((r for r in reversed(runs) if r["fold"] == first["fold"]), {})
+    training = steady_training_rate(run_config(out), run_row, first["world_size"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results = []
+    for name, over in variants:
+        r = {"variant": name, **measure(out, first["fold"], n_rows, over, device)}
+        print(format_rate(r, training, card))
+        results.append({**r, "training_samples_per_s": training,
+                        "ratio": r["rows_per_s"] / training if training else None})
+    return results
 
 
 if __name__ == "__main__":

@@ -327,3 +327,35 @@ def test_the_fp8_check_script_scores_a_folds_held_out_rows_exact_and_in_fp8(run_
     assert result["log_loss_fp8"] != result["log_loss_exact"] and 0 < result["max_abs_change"] < 0.1
     with pytest.raises(Exception, match="lora.r: cannot be overridden"):
         script.main(["--run", str(run_dir), "lora.r=4"])
+
+
+def test_efficiency_sets_predictions_rate_against_the_folds_steady_training_rate(run_dir, capsys):
+    """``orchestrator.efficiency --predict-rows``: the first fold's model predicts the run's first rows twice per
+    variant of predict's overrides, and each steady rows/s is divided by the fold's steady samples/s (batch x
+    accumulation / steady seconds a step)."""
+    import torch
+
+    from orchestrator.efficiency import _predict_rates
+    from orchestrator.perf.predict_rate import steady_training_rate
+    from orchestrator.runs.overrides import parse_predict_overrides, run_config
+
+    metrics = [json.loads((run_dir / f"fold={k}" / "metrics.json").read_text()) for k in (1, 2)]
+    runs = [{"fold": 1, "s_per_step": 0.5}, {"fold": 2, "s_per_step": 9.0}]
+    cfg = run_config(run_dir)
+    assert steady_training_rate(cfg, runs[0]) == cfg.train.batch_size * cfg.train.grad_accum / 0.5
+    assert steady_training_rate(cfg, runs[0], world_size=2) == 2 * steady_training_rate(cfg, runs[0])
+    assert steady_training_rate(cfg, {"fold": 1, "s_per_step": None}) is None  # a run too short to be steady
+    fp8 = "model.dequant_cache=on,model.fp8_predict=true"
+    variants = [("as the run is configured", {}), (fp8, parse_predict_overrides(fp8.split(",")))]
+    got = _predict_rates(run_dir, metrics, runs, 10, variants)
+    assert [r["fold"] for r in got] == [1, 1] and [r["variant"] for r in got] == [v for v, _ in variants]
+    training = steady_training_rate(cfg, runs[0])
+    for r in got:
+        assert r["rows"] == 10 and r["batch"] == cfg.train.eval_batch_size and r["rows_per_s"] > 0
+        assert r["training_samples_per_s"] == training and r["ratio"] == pytest.approx(r["rows_per_s"] / training)
+    out = capsys.readouterr().out
+    assert "predict, fold 1's model (as the run is configured): 10 rows of the run's data" in out
+    assert "predict, fold 1's model (model.dequant_cache=on,model.fp8_predict=true): 10 rows" in out
+    assert out.count("predict rows/s to training samples/s (same call, CPU): ") == 2
+    assert _predict_rates(run_dir, metrics, runs, 0, variants) == []  # no --predict-rows: nothing loads
+    assert torch.is_grad_enabled()

@@ -68,3 +68,19 @@ def test_a_bad_override_is_one_line_before_any_weights_or_ray(monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "model.compile: 'dynamicD' is not one of off, on, dynamic" in err
     assert built == [] and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--predict-also", "model.fp8_predict=true"], "--predict-rows: a number of rows >= 1 (--predict-also needs it)"),
+    (["--predict-rows", "-3"], "--predict-rows: a number of rows >= 1"),
+    (["--predict-rows", "8", "--predict-also", "lora.r=4"], "lora.r: cannot be overridden for prediction"),
+])
+def test_a_bad_prediction_request_is_one_line_before_any_weights_or_ray(monkeypatch, tmp_path, capsys, args, says):
+    built = []
+    monkeypatch.setattr("trainer_core.model.build.random_weights_dir", lambda *a: built.append(a))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: built.append(a))
+    rc = efficiency.main(["--config", str(CONFIGS / "gemma2_9b_fast.yaml"), "--out", str(tmp_path / "e"),
+                          "model.init=random", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and says in err
+    assert built == [] and not (tmp_path / "e").exists()
