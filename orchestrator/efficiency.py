@@ -37,7 +37,7 @@ import torch
 
 from orchestrator.perf.fold_timeline import breakdown, format_breakdown, mean_overheads, read_run_logs
 from orchestrator.runs.overrides import parse_predict_overrides
-from orchestrator.runs.staging import staged
+from orchestrator.runs.staging import run_files, staged, with_adapters
 from trainer_core.config import ConfigError, load_config
 
 
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         return res.returncode
-    with staged(args.out, write_back=True) as out:  # a run at a URI: its files, and efficiency.json back there
+    keep = with_adapters if args.predict_rows else run_files  # a fold model to load: its weights too
+    with staged(args.out, keep=keep, write_back=True) as out:  # a run at a URI: its files, efficiency.json back
         return _measure(out, wall, t0_wall, n_gpus, args.predict_rows, variants if args.predict_rows else [])
 
 
