@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return res.returncode
     keep = with_adapters if args.predict_rows else run_files  # a fold model to load: its weights too
     with staged(args.out, keep=keep, write_back=True) as out:  # a run at a URI: its files, efficiency.json back
-        return _measure(out, wall, t0_wall, n_gpus, args.predict_rows, variants if args.predict_rows else [])
+        return _measure(out, wall, t0_wall, n_gpus, args.predict_rows, variants)
 
 
 def _measure(out: Path, wall: float, t0_wall: float, n_gpus: int, predict_rows: int = 0,

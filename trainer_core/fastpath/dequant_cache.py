@@ -91,6 +91,7 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype, fp8_f
 
     Only whole decoder layers are cached (a layer's projections share one compiled graph)."""
     used, cached = 0.0, 0
+    kind = fp8.Fp8Linear if fp8_forward else DequantizedLinear
     layers = decoder_layers(model)
     for index in reversed(range(len(layers))):
         targets = [(parent, name, child) for parent in layers[index].modules()
@@ -103,7 +104,6 @@ def cache_dequantized_weights(model, max_bytes: float, dtype: torch.dtype, fp8_f
         if used + size > max_bytes:
             break
         for parent, name, child in targets:
-            kind = fp8.Fp8Linear if fp8_forward else DequantizedLinear
             setattr(parent, name, kind(_dequantize(child, dtype), child.bias))
         used += size
         cached += 1
@@ -172,7 +172,6 @@ def predict_in_fp8(model) -> str:
              if not any(part.startswith("lora_") for part in where.split("."))  # peft's lora_A/lora_B dicts
              for name, child in parent.named_children()
              if (type(child) is torch.nn.Linear or isinstance(child, DequantizedLinear))
-             and not name.startswith("lora_")
              and fp8.shapes_fit(child.out_features, child.in_features)]
     for parent, name, child in swaps:
         setattr(parent, name, fp8.Fp8Linear(child.weight, child.bias))
