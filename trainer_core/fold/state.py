@@ -50,11 +50,14 @@ class FoldMetrics:
     accuracy_tta: float | None = None
     # torch.compile's recompilations in this run (trainer_core.fastpath.recompiles); None: not counted (TORCH_LOGS)
     recompilations: int | None = None
+    # cluster.compile_helpers (trainer_core.fold.warm_compile): how many ran, seconds from their start until the fold
+    # could place its model, and how many failed; absent when none ran
+    compile_helpers: dict | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; the TTA keys only when the fold scored them."""
         out = asdict(self)
-        for key in ("log_loss_tta", "accuracy_tta"):
+        for key in ("log_loss_tta", "accuracy_tta", "compile_helpers"):
             if out[key] is None:
                 del out[key]
         return out

@@ -1,0 +1,258 @@
+"""A first fold's training graphs compiled by helper processes while the fold loads its model
+(``cluster.compile_helpers``).
+
+On a fresh machine a fold's first steady step waits for inductor: about 30 s of CPU work per batch length, one length
+after another, and only once the model has loaded (docs/PERFORMANCE.md, sessions 15-18). What a decoder layer
+compiles to depends on the layer's kind (frozen or adapted, sliding or global attention, the first adapted layer, the
+pooled top layer), its sizes and the batch's shape, not on its weights nor on how many layers the model has. So as
+soon as the fold knows its batch lengths, and before it loads its model, it starts helpers that each build a small
+replica - the same architecture cut to one or two layers of every kind, random weights, the fold's quantization,
+LoRA and fast path - and run the fold's first micro-batch of some of its lengths through it, forward and backward,
+the helpers side by side. Their compiled graphs land in the caches every process of the machine reads (torch's FX
+graph and AOT autograd caches and Triton's kernels, in ``cluster.compile_cache``), and the fold's own precompilation
+(:mod:`trainer_core.fold.precompile`) reads them back instead of compiling them.
+
+Best effort, never a different result: the graphs the fold runs are the ones it would compile itself, read from the
+cache only when their keys match (a placement the replica did not guess, such as recomputed layers on a small card,
+compiles in the fold as before), and a helper that fails or runs late changes nothing but time. The fold waits for
+its helpers before it places its model, so their memory is free by then; folds of one config sharing a machine let
+the first one's helpers work for all (a lock in the cache folder). A helper dies with the fold's process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer_core.config import Config, config_from_dict, pad_multiple
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 900.0  # a helper still compiling after this is stopped; the fold then compiles what is missing itself
+VOCAB = 512  # the replica's vocabulary: token values change no graph, and a 256k-row embedding would cost GiBs
+
+
+def helper_count(cfg: Config, lengths: int, device: torch.device, world: int) -> int:
+    """How many helpers a fold with ``lengths`` batch lengths starts: ``cluster.compile_helpers`` (auto: on a GPU one
+    per length, at most a quarter of this process's CPUs; none on a CPU), never more than the lengths; none when
+    layers do not compile per length with ``model.precompile``, for a pairwise head, or in a fold of several ranks
+    (each rank would build its own replicas)."""
+    m, setting = cfg.model, cfg.cluster.compile_helpers
+    if not (m.compile == "on" and pad_multiple(m) and m.precompile) or m.head == "pairwise" or world > 1:
+        return 0
+    if setting == "auto":
+        setting = max(1, _cpus() // 4) if device.type == "cuda" else 0
+    return max(0, min(int(setting), lengths))
+
+
+def replica_layers(n_layers: int, frozen: int) -> list[int]:
+    """Which of the model's ``n_layers`` decoder layers (the bottom ``frozen`` ones frozen) a replica keeps, in order:
+    the top two (or three, for parity) frozen ones, the first adapted layer, the adapted layers after it up to four in
+    all (five for parity), and the top layer. Every kind of layer is there at the same attention parity as in the
+    model (Gemma-2 alternates sliding and global layers)."""
+    f = min(frozen, 2 + frozen % 2)
+    adapted = n_layers - frozen
+    a = min(adapted, 4 + adapted % 2)
+    return list(range(frozen - f, frozen)) + list(range(frozen, frozen + a - 1)) + [n_layers - 1]
+
+
+def replica_architecture(cfg: Config) -> tuple[dict, int] | None:
+    """(``model.random_config`` of the replica, its ``lora.freeze_layers``); None when the model is no larger than
+    its replica, or its architecture has no layer count."""
+    arch = dict(cfg.model.random_config) if cfg.model.init == "random" else _pretrained_architecture(cfg)
+    n = arch.get("num_hidden_layers")
+    if not isinstance(n, int):
+        return None
+    keep = replica_layers(n, cfg.lora.freeze_layers)
+    if len(keep) >= n:
+        return None
+    arch["num_hidden_layers"] = len(keep)
+    if isinstance(arch.get("layer_types"), list):
+        arch["layer_types"] = [arch["layer_types"][i] for i in keep]
+    arch["vocab_size"] = VOCAB
+    return arch, sum(1 for i in keep if i < cfg.lora.freeze_layers)
+
+
+def _pretrained_architecture(cfg: Config) -> dict:
+    from transformers import AutoConfig
+
+    from trainer_core.paths import resolve_model_path
+
+    arch = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path)).to_dict()
+    for key in ("quantization_config", "architectures", "_name_or_path", "transformers_version", "id2label",
+                "label2id", "num_labels", "pad_token_id", "dtype", "torch_dtype", "auto_map"):
+        arch.pop(key, None)
+    return arch
+
+
+def replica_config(cfg: Config, arch: dict, frozen: int) -> Config:
+    d = cfg.to_dict()
+    d["model"].update(init="random", random_config=arch)
+    d["lora"]["freeze_layers"] = frozen
+    d["cluster"]["compile_helpers"] = 0
+    return config_from_dict(d)
+
+
+def replica_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Token ids inside the replica's vocabulary, padding kept as padding (the head finds a row's last token by it)."""
+    out = input_ids % VOCAB
+    other = (pad_id + 1) % VOCAB
+    return torch.where(input_ids == pad_id, pad_id, torch.where(out == pad_id, other, out))
+
+
+def _lock_path(cfg: Config) -> Path:
+    root = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"compile-helpers-{key}.lock"
+
+
+def _die_with_parent(parent: int) -> None:
+    """This helper gets SIGKILL when the fold's process ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing), and exits
+    now if it already has. Set by the helper itself: a ``preexec_fn`` is unsafe in a process with threads (a Ray
+    worker)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class Helpers:
+    """The helpers of one fold (possibly none: another fold of the machine holds the lock, then :meth:`wait` waits
+    for it instead)."""
+
+    lock: object
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    folder: Path | None = None
+    started: float = field(default_factory=time.perf_counter)
+    owner: bool = True
+
+    def wait(self, timeout: float = WAIT_S) -> dict:
+        """Until every helper ended (or ``timeout``: the rest are stopped) and the lock is free; what they did, for
+        the fold's metrics: ``{"compile_helpers": n, "compile_helpers_s": seconds, "compile_helpers_failed": k}``."""
+        end = self.started + timeout
+        failed = 0
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1.0, end - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            failed += p.returncode != 0
+            if p.returncode != 0 and self.folder is not None:
+                tail = (self.folder / f"helper{self.procs.index(p)}.log").read_text(errors="replace")[-2000:]
+                log.warning("compile helper %d ended with %s: %s", self.procs.index(p), p.returncode, tail)
+        if not self.owner:  # another fold's helpers: their graphs are in the cache once its lock is free
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.close()
+        return {"compile_helpers": len(self.procs), "compile_helpers_s": round(time.perf_counter() - self.started, 1),
+                "compile_helpers_failed": failed}
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if not self.lock.closed:
+            self.lock.close()  # releases the flock
+
+
+def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.device, helpers: int) -> Helpers | None:
+    """Start ``helpers`` processes compiling ``batches`` (the fold's first micro-batch of each length, longest first,
+    on the CPU) on replicas of ``cfg``'s model; None when there is nothing to do."""
+    spec = replica_architecture(cfg) if helpers and batches else None
+    if spec is None:
+        return None
+    replica = replica_config(cfg, *spec)
+    lock = open(_lock_path(replica), "w")  # noqa: SIM115 - held until the helpers end (Helpers.close)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("another fold of this machine is compiling the same graphs: waiting for it before placing")
+        return Helpers(lock, owner=False)
+    folder = Path(tempfile.mkdtemp(prefix="compile-helpers-"))
+    (folder / "config.json").write_text(json.dumps(replica.to_dict()))
+    shares = [batches[i::helpers] for i in range(helpers)]
+    threads = max(1, _cpus() // helpers)
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
+    procs = []
+    for i, share in enumerate(shares):
+        torch.save([(replica_ids(b[0], pad_id), *b[1:]) for b in share], folder / f"batches{i}.pt")
+        with open(folder / f"helper{i}.log", "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "trainer_core.fold.warm_compile", str(folder), str(i), str(device),
+                 str(pad_id), str(os.getpid())], stdout=out, stderr=subprocess.STDOUT, env=env))
+    log.info("%d compile helpers started for %d batch lengths", helpers, len(batches))
+    return Helpers(lock, procs, folder)
+
+
+def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> None:
+    """One helper: the replica built and placed as the fold builds its model, then one forward and backward pass of
+    each of its batches (:func:`trainer_core.fold.precompile.compile_passes`)."""
+    import functools
+
+    from trainer_core import fastpath
+    from trainer_core.fold.data import rank_micro_batch
+    from trainer_core.fold.distill import distill_loss
+    from trainer_core.fold.precompile import compile_passes
+    from trainer_core.model.build import build_model, trainable_parameters
+    from trainer_core.model.precision import make_autocast, resolve_precision
+
+    cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
+    batches = [tuple(_to(x, device) for x in b) for b in torch.load(folder / f"batches{index}.pt")]
+    precision = resolve_precision(cfg.train.precision, device)
+    t0 = time.perf_counter()
+    fastpath.prepare_load(cfg.model)
+    model = build_model(cfg.model, cfg.lora, pad_token_id=pad_id, precision=precision, device=device,
+                        seed=cfg.train.seed)
+    placement = fastpath.place(cfg, model, device=device, precision=precision,
+                               seq_len=max(b[0].shape[1] for b in batches), grad_accum=cfg.train.grad_accum,
+                               micro_batch=rank_micro_batch(cfg, 0, 1), budget_gib=cfg.train.memory_budget_gib)
+    speed = fastpath.apply(model, cfg, placement)
+    built = time.perf_counter() - t0
+    targets = batches[0][2]
+    loss_fn = functools.partial(distill_loss, weight=cfg.train.distill_weight,
+                                temperature=cfg.train.distill_temperature) if isinstance(targets, tuple) else None
+    model.train()
+    for batch in batches:
+        t1 = time.perf_counter()
+        compile_passes(model, [batch], trainable_parameters(model), make_autocast(precision, device), device, loss_fn)
+        print(f"helper {index}: length {batch[0].shape[1]} compiled in {time.perf_counter() - t1:.1f} s", flush=True)
+    speed.release()
+    print(f"helper {index}: replica built in {built:.1f} s; done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _to(x, device: torch.device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+if __name__ == "__main__":
+    _die_with_parent(int(sys.argv[5]))
+    logging.basicConfig(level=logging.WARNING)
+    run_helper(Path(sys.argv[1]), int(sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4]))
