@@ -19,8 +19,8 @@ Example::
 
     python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0-4 --out /tmp/eff \\
         model.init=random model.tokenizer=bytes data.max_rows=600
-    python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0 --out /tmp/eff \
-        model.init=random model.tokenizer=bytes data.max_rows=1200 --predict-rows 1000 \
+    python -m orchestrator.efficiency --config configs/gemma2_9b_fast.yaml --folds 0 --out /tmp/eff \\
+        model.init=random model.tokenizer=bytes data.max_rows=1200 --predict-rows 1000 \\
         --predict-also model.fp8_predict=true
 """
 

@@ -7,6 +7,9 @@ is (Hinton et al., 2015). ``w = 0`` is plain cross-entropy, ``w = 1`` learns fro
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +25,11 @@ def distill_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor
     teacher_t = torch.softmax(torch.log(teacher[keep].clamp_min(1e-12)) / temperature, dim=-1)
     kl = F.kl_div(torch.log_softmax(logits[keep] / temperature, dim=-1), teacher_t, reduction="batchmean")
     return (1.0 - weight) * ce + weight * temperature ** 2 * kl
+
+
+def fold_loss(train_cfg, soft_labels: bool) -> Callable | None:
+    """A fold's training loss: None (cross-entropy, ``train_step``'s default), or with soft labels
+    :func:`distill_loss` at ``train.distill_weight`` and ``train.distill_temperature``."""
+    if not soft_labels:
+        return None
+    return functools.partial(distill_loss, weight=train_cfg.distill_weight, temperature=train_cfg.distill_temperature)

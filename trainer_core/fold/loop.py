@@ -15,7 +15,6 @@ ranks: :mod:`trainer_core.fold.evaluate`), ``FoldRun.finish`` (metrics and the f
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from trainer_core.data.tokenization import build_tokenizer
 from trainer_core.fastpath.recompiles import RecompileCounter
 from trainer_core.fold import ranks, warm_compile
 from trainer_core.fold.data import BatchSchedule, FoldData, plan_batches, rank_micro_batch
-from trainer_core.fold.distill import distill_loss
+from trainer_core.fold.distill import fold_loss
 from trainer_core.fold.evaluate import HeldOut, held_out_scores
 from trainer_core.fold.optim import build_optimizer, lr_at
 from trainer_core.fold.precompile import compile_passes, first_batch_of_each_length, resized
@@ -101,7 +100,6 @@ class FoldRun:
         self.speed: fastpath.FastPath | None = None
         self.recompiles = RecompileCounter()  # torch.compile's recompilations from the build to the fold's end
         self.helpers: warm_compile.Helpers | None = None  # cluster.compile_helpers, until the model is placed
-        self.helpers_done: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, rows: pd.DataFrame, resume_from: str | Path | None, tb_dir: str | Path | None) -> None:
@@ -112,14 +110,13 @@ class FoldRun:
         self.tok = build_tokenizer(cfg.model)
         self.data = FoldData.build(cfg, self.fold, rows, self.tok)
         apply_budget(self.device, t.memory_budget_gib)
-        self.helpers = self.start_compile_helpers()
+        self.helpers = warm_compile.start_for_fold(cfg, self.fold, self.data, pad_id=self.tok.pad_token_id,
+                                                   device=self.device, precision=self.precision, world=self.world)
         self.recompiles.start()
         fastpath.prepare_load(cfg.model)
         self.model = build_model(cfg.model, cfg.lora, pad_token_id=self.tok.pad_token_id, precision=self.precision,
                                  device=self.device, seed=t.seed)
-        if self.helpers is not None:  # their memory is free before the placement reads what is free
-            self.helpers_done = self.helpers.wait()
-            log.info("fold %d: compile helpers: %s", self.fold, self.helpers_done)
+        warm_compile.wait(self.helpers)  # their memory is free before the placement reads what is free
         if cfg.model.length_features:  # fitted on this fold's training rows alone, before DDP copies rank 0's
             loss = fit_length_term(self.model, self.data.train_feats, self.data.train_labels.numpy())
             log.info("fold %d: length term fitted on the training rows: log loss %.4f", self.fold, loss)
@@ -136,10 +133,7 @@ class FoldRun:
                                 rank=self.rank, world=self.world)
         self.batches: BatchSchedule = plan_batches(cfg, self.fold, self.data.lengths, placement, self.world)
         self.params = trainable_parameters(self.model)
-        # Cross-entropy (None: train_step's default), or with soft labels the distillation loss
-        # (trainer_core.fold.distill).
-        self.loss_fn = None if self.data.train_soft is None else functools.partial(
-            distill_loss, weight=t.distill_weight, temperature=t.distill_temperature)
+        self.loss_fn = fold_loss(t, soft_labels=self.data.train_soft is not None)
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.ddp_model = self.model
@@ -147,8 +141,7 @@ class FoldRun:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
-            # Same seed above, so every rank built the same new weights; from here each rank draws its own dropout
-            # masks (one seed would repeat the same masks on every rank's rows).
+            # Same seed above: every rank built the same new weights; now each rank draws its own dropout masks.
             ranks.seed_everything(rank_seed(t.seed + self.fold, self.rank))
         self.step = 0
         if resume_from is not None:
@@ -158,25 +151,6 @@ class FoldRun:
                      resume_from)
         self.telemetry = Telemetry(tb_dir if self.rank == 0 else None, self.device)
         self.ckpt_root = Path(tempfile.mkdtemp(prefix=f"fold{self.fold}-ckpt-")) if self.rank == 0 else None
-
-    def start_compile_helpers(self) -> warm_compile.Helpers | None:
-        """``cluster.compile_helpers`` (:mod:`trainer_core.fold.warm_compile`): the first micro-batch of each length
-        the fold's steps will use, in the micro-batches the config asks for (a memory plan that splits them later
-        makes other shapes, which the fold compiles itself), handed to helpers compiling them on a replica."""
-        cfg = self.cfg
-        provisional = fastpath.Placement(device=self.device, precision=self.precision, seq_len=0, recompute="off",
-                                         micro_batch=rank_micro_batch(cfg, self.fold, self.world),
-                                         grad_accum=cfg.train.grad_accum)
-        schedule = plan_batches(cfg, self.fold, self.data.lengths, provisional, self.world)
-        first = first_batch_of_each_length(lambda s: schedule.step_rows(s, self.rank), self.data.train_ids,
-                                           range(schedule.total_steps), self.multiple)
-        n = warm_compile.helper_count(cfg, len(first), self.device, self.world)
-        if n == 0:
-            return None
-        cpu = torch.device("cpu")
-        batches = [self.data.batch(first[k], self.tok.pad_token_id, cpu, fill_to=schedule.micro_batch,
-                                   multiple=self.multiple) for k in sorted(first, reverse=True)]
-        return warm_compile.start(cfg, batches, pad_id=self.tok.pad_token_id, device=self.device, helpers=n)
 
     # ------------------------------------------------------------------------------------------------ train
     def train(self, stop_at: float | None) -> bool:
@@ -300,7 +274,7 @@ class FoldRun:
             fold_seconds=self.totals()["fold_seconds"], last_run_seconds=time.perf_counter() - self.t_fold,
             last_run_train_seconds=run_train_seconds, resumed_from_step=self.start_step, precision=self.precision,
             device=str(self.device), world_size=self.world, fingerprint=self.fingerprint,
-            recompilations=self.recompiles.count, compile_helpers=self.helpers_done)
+            recompilations=self.recompiles.count, compile_helpers=warm_compile.summary(self.helpers))
         log.info("fold %d: %s", self.fold, self.recompiles.summary())
         self.telemetry.scalars({"eval_log_loss": metrics.log_loss, "eval_accuracy": metrics.accuracy}, self.step)
         return metrics, oof
@@ -315,8 +289,7 @@ class FoldRun:
 
     def close(self) -> None:
         """Whatever setup got to: the model's fast path released, the recompilation count stopped, files closed."""
-        if self.helpers is not None:
-            self.helpers.close()
+        warm_compile.close(self.helpers)
         if self.speed is not None:
             self.speed.release()
         self.recompiles.stop()

@@ -146,6 +146,7 @@ class Helpers:
     folder: Path | None = None
     started: float = field(default_factory=time.perf_counter)
     owner: bool = True
+    done: dict | None = None  # what :meth:`wait` found
 
     def wait(self, timeout: float = WAIT_S) -> dict:
         """Until every helper ended (or ``timeout``: the rest are stopped) and the lock is free; what they did, for
@@ -165,8 +166,10 @@ class Helpers:
         if not self.owner:  # another fold's helpers: their graphs are in the cache once its lock is free
             fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.close()
-        return {"compile_helpers": len(self.procs), "compile_helpers_s": round(time.perf_counter() - self.started, 1),
-                "compile_helpers_failed": failed}
+        seconds = round(time.perf_counter() - self.started, 1)
+        self.done = {"compile_helpers": len(self.procs), "compile_helpers_s": seconds, "compile_helpers_failed": failed}
+        log.info("compile helpers: %s", self.done)
+        return self.done
 
     def close(self) -> None:
         for p in self.procs:
@@ -206,14 +209,51 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
     return Helpers(lock, procs, folder)
 
 
+def wait(helpers: Helpers | None) -> None:
+    """:meth:`Helpers.wait`, for a fold that may have none."""
+    if helpers is not None:
+        helpers.wait()
+
+
+def summary(helpers: Helpers | None) -> dict | None:
+    """What the helpers did, for the fold's ``metrics.json`` (None: none ran)."""
+    return None if helpers is None else helpers.done
+
+
+def close(helpers: Helpers | None) -> None:
+    if helpers is not None:
+        helpers.close()
+
+
+def start_for_fold(cfg: Config, fold: int, data, *, pad_id: int, device: torch.device, precision: str,
+                   world: int) -> Helpers | None:
+    """The helpers of a fold about to load its model (``data``: its ``FoldData``): the first micro-batch of each
+    length the fold's steps will use, in the micro-batches the config asks for (a memory plan that splits them later
+    makes other shapes, which the fold compiles itself), shared out over :func:`helper_count` helpers."""
+    from trainer_core.fastpath import Placement
+    from trainer_core.fold.data import plan_batches, rank_micro_batch
+    from trainer_core.fold.precompile import first_batch_of_each_length
+
+    multiple = pad_multiple(cfg.model)
+    if not helper_count(cfg, 1, device, world):
+        return None
+    provisional = Placement(device=device, precision=precision, seq_len=0, recompute="off",
+                            micro_batch=rank_micro_batch(cfg, fold, world), grad_accum=cfg.train.grad_accum)
+    schedule = plan_batches(cfg, fold, data.lengths, provisional, world)
+    first = first_batch_of_each_length(lambda s: schedule.step_rows(s, 0), data.train_ids,
+                                       range(schedule.total_steps), multiple)
+    cpu = torch.device("cpu")
+    batches = [data.batch(first[n], pad_id, cpu, fill_to=schedule.micro_batch, multiple=multiple)
+               for n in sorted(first, reverse=True)]
+    return start(cfg, batches, pad_id=pad_id, device=device, helpers=helper_count(cfg, len(first), device, world))
+
+
 def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> None:
     """One helper: the replica built and placed as the fold builds its model, then one forward and backward pass of
     each of its batches (:func:`trainer_core.fold.precompile.compile_passes`)."""
-    import functools
-
     from trainer_core import fastpath
     from trainer_core.fold.data import rank_micro_batch
-    from trainer_core.fold.distill import distill_loss
+    from trainer_core.fold.distill import fold_loss
     from trainer_core.fold.precompile import compile_passes
     from trainer_core.model.build import build_model, trainable_parameters
     from trainer_core.model.precision import make_autocast, resolve_precision
@@ -230,9 +270,7 @@ def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> N
                                micro_batch=rank_micro_batch(cfg, 0, 1), budget_gib=cfg.train.memory_budget_gib)
     speed = fastpath.apply(model, cfg, placement)
     built = time.perf_counter() - t0
-    targets = batches[0][2]
-    loss_fn = functools.partial(distill_loss, weight=cfg.train.distill_weight,
-                                temperature=cfg.train.distill_temperature) if isinstance(targets, tuple) else None
+    loss_fn = fold_loss(cfg.train, soft_labels=isinstance(batches[0][2], tuple))
     model.train()
     for batch in batches:
         t1 = time.perf_counter()

@@ -242,7 +242,8 @@ BOUNDED = {"train.max_steps": (">=", 1), "train.lr": (">", 0), "train.warmup_ste
            "train.interim_eval_rows": (">=", 1), "train.distill_temperature": (">", 0),
            "cluster.gpus_per_fold": (">=", 0), "cluster.cpu_workers_per_fold": (">=", 1),
            "cluster.cpus_per_worker": (">", 0), "cluster.max_concurrent_folds": (">=", 1),
-           "cluster.max_failures": (">=", 0), "cluster.start_attempts": (">=", 1)}
+           "cluster.max_failures": (">=", 0), "cluster.start_attempts": (">=", 1),
+           "cluster.compile_helpers": (">=", 0)}
 
 
 def test_every_lower_bound_is_declared_with_its_key_and_refused_just_past_it():

@@ -3,7 +3,6 @@ replica of its model while the fold loads its own; the fold's precompilation the
 compile cache, and a helper that fails changes nothing but time."""
 
 import fcntl
-import json
 import threading
 import time
 
@@ -15,14 +14,26 @@ from tests.conftest import CONFIGS, DATA
 from trainer_core.config import ConfigError, apply_overrides, load_config, validate
 from trainer_core.data.arena import assign_folds, load_rows
 from trainer_core.fold import warm_compile
-from trainer_core.fold.warm_compile import (VOCAB, helper_count, replica_architecture, replica_config, replica_ids,
-                                            replica_layers)
+from trainer_core.fold.state import FoldMetrics
+from trainer_core.fold.warm_compile import (
+    VOCAB,
+    helper_count,
+    replica_architecture,
+    replica_config,
+    replica_ids,
+    replica_layers,
+)
 
 # The smoke model with 8 layers (a replica keeps 6), the fast config's compiled path, rows up to 1,024 tokens.
 COMPILED = ["data.max_rows=60", "data.max_length=1024", "model.random_config.max_position_embeddings=1024",
             "model.random_config.num_hidden_layers=8", "train.batch_size=4", "train.eval_batch_size=4",
             "model.compile=on", "model.pooled_last_layer=true", "lora.shared_dropout=true", "model.dequant_cache=on",
             "model.gradient_checkpointing=off"]
+
+FINISHED = dict(fold=0, log_loss=1.0, accuracy=0.5, n_rows=1, n_train_rows=1, prior_log_loss=1.1, steps=1,
+                train_seconds=1.0, train_samples_per_s=1.0, fold_seconds=1.0, last_run_seconds=1.0,
+                last_run_train_seconds=1.0, resumed_from_step=0, precision="fp32", device="cpu", world_size=1,
+                fingerprint="x")
 
 
 def kinds(n: int, frozen: int, layers: list[int]) -> set[tuple]:
@@ -69,7 +80,7 @@ def test_replica_token_ids_stay_in_its_vocabulary_and_padding_stays_padding():
 
 
 def test_how_many_helpers_a_fold_starts(monkeypatch):
-    cfg = load_config(CONFIGS / "smoke.yaml", COMPILED)
+    cfg = load_config(CONFIGS / "smoke.yaml", [*COMPILED, "cluster.compile_helpers=auto"])
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(warm_compile, "_cpus", lambda: 16)
     assert helper_count(cfg, 4, cpu, 1) == 0  # auto: none on a CPU
@@ -85,7 +96,7 @@ def test_how_many_helpers_a_fold_starts(monkeypatch):
 
 def test_compile_helpers_is_a_documented_cluster_key_outside_the_fingerprint():
     cfg = load_config(CONFIGS / "smoke.yaml")
-    assert cfg.cluster.compile_helpers == "auto"
+    assert cfg.cluster.compile_helpers == 0  # off until measured on a GPU
     assert apply_overrides(cfg, {"cluster.compile_helpers": 2}).fingerprint() == cfg.fingerprint()
     with pytest.raises(ConfigError, match="cluster.compile_helpers"):
         validate(apply_overrides(cfg, {"cluster.compile_helpers": -1}))
@@ -108,11 +119,12 @@ def test_a_fold_whose_config_another_fold_is_compiling_waits_for_that_fold(tmp_p
 
 @pytest.mark.slow  # two helper processes build the replica; inductor compiles on the CPU
 def test_helpers_compile_the_folds_training_graphs_before_the_fold_needs_them(tmp_path, monkeypatch):
-    from trainer_core.fold.loop import train_fold
+    """The fold trains, and is not evaluated: its held-out rows' graphs are not this test's subject."""
+    from trainer_core.fold.loop import FoldRun
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile_cache"))  # empty: a fresh machine
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "compile_cache" / "triton"))
-    cfg = load_config(CONFIGS / "smoke.yaml", [*COMPILED, "train.max_steps=3", "cluster.compile_helpers=2"])
+    cfg = load_config(CONFIGS / "smoke.yaml", [*COMPILED, "data.max_length=512", "cluster.compile_helpers=2"])
     validate(cfg)
     rows = assign_folds(load_rows(DATA, max_rows=60), 5)
     torch.compiler.reset()
@@ -124,28 +136,35 @@ def test_helpers_compile_the_folds_training_graphs_before_the_fold_needs_them(tm
             at_first_step.update(lengths=metrics["precompiled_lengths"], graphs=dict(counters["inductor"]),
                                  autograd=dict(counters["aot_autograd"]))
 
-    result = train_fold(cfg, 0, rows, tmp_path / "fold=0", report=report)
-    assert at_first_step["lengths"] >= 2  # shared out over both helpers
+    run = FoldRun(cfg, 0, device=None, report=report)
+    try:
+        run.setup(rows, None, None)
+        assert run.train(stop_at=None)
+    finally:
+        run.close()
+    assert at_first_step["lengths"] == 2  # 256 and 512 tokens, one per helper
     graphs, autograd = at_first_step["graphs"], at_first_step["autograd"]
     # every graph of every length and kind of layer, forward and backward, came from the helpers
     assert graphs.get("fxgraph_cache_miss", 0) == 0 and graphs.get("fxgraph_cache_hit", 0) >= 2 * 2, graphs
     assert autograd.get("autograd_cache_miss", 0) == 0 and autograd.get("autograd_cache_hit", 0) >= 2, autograd
-    recorded = json.loads((tmp_path / "fold=0" / "metrics.json").read_text())["compile_helpers"]
-    assert recorded["compile_helpers"] == 2 and recorded["compile_helpers_failed"] == 0, recorded
-    assert result.metrics.steps == 3
+    assert run.helpers.done["compile_helpers"] == 2 and run.helpers.done["compile_helpers_failed"] == 0
+    # what a finished fold writes to metrics.json
+    assert FoldMetrics(**{**FINISHED, "compile_helpers": run.helpers.done}).to_dict()["compile_helpers"] == \
+        run.helpers.done
+    assert "compile_helpers" not in FoldMetrics(**FINISHED).to_dict()
 
 
-@pytest.mark.slow  # a helper process starts, builds the replica and fails
+@pytest.mark.slow  # a helper process starts (imports torch and transformers) and fails
 def test_a_helper_that_fails_is_reported_and_changes_nothing_else(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     cfg = load_config(CONFIGS / "smoke.yaml", COMPILED)
-    broken = (torch.zeros(4, 256, dtype=torch.long), torch.ones(4, 256, dtype=torch.long), "no labels")
-    helpers = warm_compile.start(cfg, [broken], pad_id=0, device=torch.device("cpu"), helpers=1)
+    batch = (torch.zeros(4, 256, dtype=torch.long), torch.ones(4, 256, dtype=torch.long), torch.zeros(4).long())
+    helpers = warm_compile.start(cfg, [batch], pad_id=0, device=torch.device("cuda", 7), helpers=1)  # no such GPU
     with caplog.at_level("WARNING", logger="trainer_core.fold.warm_compile"):
         done = helpers.wait()
     assert done["compile_helpers"] == 1 and done["compile_helpers_failed"] == 1
     assert "compile helper 0 ended with 1" in caplog.text and "Traceback" in caplog.text
     # the lock is free again: the next fold of this config starts its own helpers
-    again = warm_compile.start(cfg, [broken], pad_id=0, device=torch.device("cpu"), helpers=1)
+    again = warm_compile.start(cfg, [batch], pad_id=0, device=torch.device("cpu"), helpers=1)
     assert again.owner
     again.close()
