@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,10 +173,13 @@ class Helpers:
         return self.done
 
     def close(self) -> None:
+        """Helpers still running stopped, their folder (batches, logs) removed, the lock released. Idempotent."""
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         if not self.lock.closed:
             self.lock.close()  # releases the flock
 
@@ -193,20 +197,22 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
     except BlockingIOError:
         log.info("another fold of this machine is compiling the same graphs: waiting for it before placing")
         return Helpers(lock, owner=False)
-    folder = Path(tempfile.mkdtemp(prefix="compile-helpers-"))
-    (folder / "config.json").write_text(json.dumps(replica.to_dict()))
-    shares = [batches[i::helpers] for i in range(helpers)]
-    threads = max(1, _cpus() // helpers)
-    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
-    procs = []
-    for i, share in enumerate(shares):
-        torch.save([(replica_ids(b[0], pad_id), *b[1:]) for b in share], folder / f"batches{i}.pt")
-        with open(folder / f"helper{i}.log", "w") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "trainer_core.fold.warm_compile", str(folder), str(i), str(device),
-                 str(pad_id), str(os.getpid())], stdout=out, stderr=subprocess.STDOUT, env=env))
+    out = Helpers(lock, folder=Path(tempfile.mkdtemp(prefix="compile-helpers-")))
+    try:
+        (out.folder / "config.json").write_text(json.dumps(replica.to_dict()))
+        env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, _cpus() // helpers))}
+        for i in range(helpers):
+            share = batches[i::helpers]
+            torch.save([(replica_ids(b[0], pad_id), *b[1:]) for b in share], out.folder / f"batches{i}.pt")
+            with open(out.folder / f"helper{i}.log", "w") as log_file:
+                out.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "trainer_core.fold.warm_compile", str(out.folder), str(i), str(device),
+                     str(pad_id), str(os.getpid())], stdout=log_file, stderr=subprocess.STDOUT, env=env))
+    except BaseException:
+        out.close()
+        raise
     log.info("%d compile helpers started for %d batch lengths", helpers, len(batches))
-    return Helpers(lock, procs, folder)
+    return out
 
 
 def wait(helpers: Helpers | None) -> None:

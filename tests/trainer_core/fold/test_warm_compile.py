@@ -71,6 +71,25 @@ def test_the_replica_architecture_cuts_layers_and_vocabulary_and_keeps_the_rest(
     assert replica_architecture(load_config(CONFIGS / "smoke.yaml")) is None  # 4 layers: no smaller replica
 
 
+def test_a_hub_checkpoints_architecture_makes_a_replica_its_random_build_accepts(tmp_path):
+    """A pre-quantized checkpoint in the Hub's layout (unsloth/gemma-2-9b-it-bnb-4bit's): its config.json, less what
+    belongs to the stored weights (quantization, labels, dtype), is the replica's architecture."""
+    from transformers import AutoConfig
+
+    from tests.tiny_gemma import save_prequantized_gemma2
+
+    folder = save_prequantized_gemma2(tmp_path / "hub")
+    cfg = load_config(CONFIGS / "smoke.yaml", ["model.init=pretrained", f"model.name_or_path={folder}"])
+    assert replica_architecture(cfg) is None  # 4 layers: a replica would be as large
+    arch = warm_compile._pretrained_architecture(cfg)
+    assert arch["num_hidden_layers"] == 4 and "quantization_config" not in arch and "id2label" not in arch
+    keep = [0, 1, 3]
+    arch.update(num_hidden_layers=3, layer_types=[arch["layer_types"][i] for i in keep], vocab_size=VOCAB)
+    built = AutoConfig.for_model(arch.pop("model_type"), **arch, num_labels=3, pad_token_id=0)
+    assert (built.hidden_size, built.num_hidden_layers, built.layer_types) == (64, 3, [
+        "sliding_attention", "full_attention", "full_attention"])
+
+
 def test_replica_token_ids_stay_in_its_vocabulary_and_padding_stays_padding():
     ids = torch.tensor([[5, 517, 1029, 7, 7], [2000, 512, 0, 7, 7]])
     out = replica_ids(ids, pad_id=7)
@@ -164,6 +183,7 @@ def test_a_helper_that_fails_is_reported_and_changes_nothing_else(tmp_path, monk
         done = helpers.wait()
     assert done["compile_helpers"] == 1 and done["compile_helpers_failed"] == 1
     assert "compile helper 0 ended with 1" in caplog.text and "Traceback" in caplog.text
+    assert not helpers.folder.exists()  # its batches and log removed once read
     # the lock is free again: the next fold of this config starts its own helpers
     again = warm_compile.start(cfg, [batch], pad_id=0, device=torch.device("cpu"), helpers=1)
     assert again.owner
