@@ -50,9 +50,15 @@ def one_gpu_seconds(m: dict) -> float:
 
 
 def recompilations_text(m: dict) -> str:
-    """The fold's torch.compile recompilations (its last run's; ``trainer_core.fastpath.recompiles``)."""
+    """The fold's torch.compile recompilations (its last run's; ``trainer_core.fastpath.recompiles``), and its compile
+    helpers when it had some (how many, seconds from their start until the fold could place its model)."""
     n = m.get("recompilations")
-    return "recompilations not counted" if n is None else f"{n} recompilation{'s' * (n != 1)}"
+    text = "recompilations not counted" if n is None else f"{n} recompilation{'s' * (n != 1)}"
+    helpers = m.get("compile_helpers")  # cluster.compile_helpers (trainer_core.fold.warm_compile)
+    if helpers:
+        failed = f", {helpers['compile_helpers_failed']} failed" if helpers["compile_helpers_failed"] else ""
+        text += f", {helpers['compile_helpers']} compile helpers until {helpers['compile_helpers_s']:.1f}s{failed}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

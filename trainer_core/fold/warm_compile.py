@@ -122,9 +122,8 @@ def _lock_path(cfg: Config) -> Path:
 
 
 def _die_with_parent(parent: int) -> None:
-    """This helper gets SIGKILL when the fold's process ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing), and exits
-    now if it already has. Set by the helper itself: a ``preexec_fn`` is unsafe in a process with threads (a Ray
-    worker)."""
+    """SIGKILL when the fold's process ends (Linux's PR_SET_PDEATHSIG), set here: a ``preexec_fn`` is unsafe in a
+    process with threads (a Ray worker); an exit now if it already ended."""
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -190,7 +189,9 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
     spec = replica_architecture(cfg) if helpers and batches else None
     if spec is None:
         return None
-    replica = replica_config(cfg, *spec)
+    arch, frozen = spec
+    arch["vocab_size"] = max(VOCAB, pad_id + 1)  # the padding id must be a row of the replica's embedding
+    replica = replica_config(cfg, arch, frozen)
     lock = open(_lock_path(replica), "w")  # noqa: SIM115 - held until the helpers end (Helpers.close)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -287,13 +288,9 @@ def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> N
 
 
 def _to(x, device: torch.device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
+    if isinstance(x, (tuple, dict)):
+        return tuple(_to(v, device) for v in x) if isinstance(x, tuple) else {k: _to(v, device) for k, v in x.items()}
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ def test_the_recompilations_line():
     assert recompilations_text({"recompilations": 1}) == "1 recompilation"
     # TORCH_LOGS without recompiles (null), or metrics written before the count existed (no key)
     assert recompilations_text({"recompilations": None}) == recompilations_text({}) == "recompilations not counted"
+    helpers = {"compile_helpers": 4, "compile_helpers_s": 52.04, "compile_helpers_failed": 0}
+    assert recompilations_text({"recompilations": 3, "compile_helpers": helpers}) == \
+        "3 recompilations, 4 compile helpers until 52.0s"
+    assert recompilations_text({"recompilations": 3, "compile_helpers": {**helpers, "compile_helpers_failed": 1}}) \
+        .endswith("until 52.0s, 1 failed")
 
 
 def test_a_bad_override_is_one_line_before_any_weights_or_ray(monkeypatch, tmp_path, capsys):

@@ -3,6 +3,7 @@ replica of its model while the fold loads its own; the fold's precompilation the
 compile cache, and a helper that fails changes nothing but time."""
 
 import fcntl
+import json
 import threading
 import time
 
@@ -96,6 +97,22 @@ def test_replica_token_ids_stay_in_its_vocabulary_and_padding_stays_padding():
     assert out.max() < VOCAB and out.shape == ids.shape
     assert torch.equal(out == 7, ids == 7)  # 519 % 512 == 7 would have become padding: moved to 8
     assert replica_ids(torch.tensor([519]), pad_id=7).item() == 8
+
+
+def test_a_padding_id_past_the_replica_vocabulary_grows_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cfg = load_config(CONFIGS / "smoke.yaml", COMPILED)
+    ids = torch.tensor([[5, 1029, 600, 600]] * 4)  # right-padded with id 600
+    helpers = warm_compile.start(cfg, [(ids, torch.ones_like(ids), torch.zeros(4).long())], pad_id=600,
+                                 device=torch.device("cpu"), helpers=1)
+    try:
+        replica = json.loads((helpers.folder / "config.json").read_text())
+        assert replica["model"]["random_config"]["vocab_size"] == 601
+        handed = torch.load(helpers.folder / "batches0.pt")[0][0]
+        assert handed[0].tolist() == [5, 1029 % VOCAB, 600, 600]
+    finally:
+        helpers.close()
+    assert not helpers.folder.exists()
 
 
 def test_how_many_helpers_a_fold_starts(monkeypatch):
