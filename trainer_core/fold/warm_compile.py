@@ -70,9 +70,10 @@ def replica_layers(n_layers: int, frozen: int) -> list[int]:
     return list(range(frozen - f, frozen)) + list(range(frozen, frozen + a - 1)) + [n_layers - 1]
 
 
-def replica_architecture(cfg: Config) -> tuple[dict, int] | None:
+def replica_architecture(cfg: Config, pad_id: int = 0) -> tuple[dict, int] | None:
     """(``model.random_config`` of the replica, its ``lora.freeze_layers``); None when the model is no larger than
-    its replica, or its architecture has no layer count."""
+    its replica, or its architecture has no layer count. Its vocabulary: :data:`VOCAB` rows, more when the padding id
+    ``pad_id`` is past them (it must be a row of the embedding)."""
     arch = dict(cfg.model.random_config) if cfg.model.init == "random" else _pretrained_architecture(cfg)
     n = arch.get("num_hidden_layers")
     if not isinstance(n, int):
@@ -83,7 +84,7 @@ def replica_architecture(cfg: Config) -> tuple[dict, int] | None:
     arch["num_hidden_layers"] = len(keep)
     if isinstance(arch.get("layer_types"), list):
         arch["layer_types"] = [arch["layer_types"][i] for i in keep]
-    arch["vocab_size"] = VOCAB
+    arch["vocab_size"] = max(VOCAB, pad_id + 1)
     return arch, sum(1 for i in keep if i < cfg.lora.freeze_layers)
 
 
@@ -153,7 +154,7 @@ class Helpers:
         the fold's metrics: ``{"compile_helpers": n, "compile_helpers_s": seconds, "compile_helpers_failed": k}``."""
         end = self.started + timeout
         failed = 0
-        for p in self.procs:
+        for i, p in enumerate(self.procs):
             try:
                 p.wait(timeout=max(1.0, end - time.perf_counter()))
             except subprocess.TimeoutExpired:
@@ -161,8 +162,8 @@ class Helpers:
                 p.wait()
             failed += p.returncode != 0
             if p.returncode != 0 and self.folder is not None:
-                tail = (self.folder / f"helper{self.procs.index(p)}.log").read_text(errors="replace")[-2000:]
-                log.warning("compile helper %d ended with %s: %s", self.procs.index(p), p.returncode, tail)
+                tail = (self.folder / f"helper{i}.log").read_text(errors="replace")[-2000:]
+                log.warning("compile helper %d ended with %s: %s", i, p.returncode, tail)
         if not self.owner:  # another fold's helpers: their graphs are in the cache once its lock is free
             fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.close()
@@ -186,12 +187,10 @@ class Helpers:
 def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.device, helpers: int) -> Helpers | None:
     """Start ``helpers`` processes compiling ``batches`` (the fold's first micro-batch of each length, longest first,
     on the CPU) on replicas of ``cfg``'s model; None when there is nothing to do."""
-    spec = replica_architecture(cfg) if helpers and batches else None
+    spec = replica_architecture(cfg, pad_id) if helpers and batches else None
     if spec is None:
         return None
-    arch, frozen = spec
-    arch["vocab_size"] = max(VOCAB, pad_id + 1)  # the padding id must be a row of the replica's embedding
-    replica = replica_config(cfg, arch, frozen)
+    replica = replica_config(cfg, *spec)
     lock = open(_lock_path(replica), "w")  # noqa: SIM115 - held until the helpers end (Helpers.close)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
