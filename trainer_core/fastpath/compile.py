@@ -11,7 +11,10 @@ again; tests/trainer_core/fastpath/test_recompiles.py holds the count a fold may
 
 from __future__ import annotations
 
+import copyreg
 from collections.abc import Callable
+
+import torch
 
 from trainer_core.model.build import decoder_layers
 
@@ -33,6 +36,26 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+
+
+def stable_cache_keys() -> None:
+    """Every process keys a compiled graph alike, whatever it imported first: memory formats pickled by their name.
+
+    Inductor's and AOT autograd's caches key a graph on its inputs' metadata, pickled with a copy of ``copyreg``'s
+    reducers. A ``torch.memory_format`` has no ``__module__``, so pickle names it after the first module in
+    ``sys.modules`` holding it as an attribute, which depends on the process's import order: on an H100 a fold in a Ray
+    Train worker keyed every graph apart from the same graphs compiled in a plain process (its compile helpers',
+    docs/PERFORMANCE.md session 20). A reducer here, as torch registers one for ``torch.layout``, names the format
+    itself. Process-wide and idempotent; it changes cache keys only, never a compiled graph."""
+    copyreg.pickle(torch.memory_format, _reduce_memory_format)
+
+
+def _reduce_memory_format(fmt: torch.memory_format) -> tuple:
+    return _memory_format, (str(fmt).removeprefix("torch."),)
+
+
+def _memory_format(name: str) -> torch.memory_format:
+    return getattr(torch, name)
 
 
 def keep_nf4_layout_on_cpu(model) -> Callable[[], None]:
@@ -61,6 +84,7 @@ def compile_layers(model, dynamic: bool | None = None, options: dict | None = No
     from trainer_core.fastpath import persistent_reduction
 
     raise_recompile_limit()
+    stable_cache_keys()
     persistent_reduction.install(persistent_max)
     options = {**(DYNAMIC_OPTIONS if dynamic is True else {}), **(options or {}),
                **persistent_reduction.compile_options(persistent_max)}
