@@ -200,7 +200,8 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
     out = Helpers(lock, folder=Path(tempfile.mkdtemp(prefix="compile-helpers-")))
     try:
         (out.folder / "config.json").write_text(json.dumps(replica.to_dict()))
-        env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, _cpus() // helpers))}
+        # the cores shared out, two left to the fold: its model load ran 35 s longer beside helpers using all 16
+        env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (_cpus() - 2) // helpers))}
         for i in range(helpers):
             share = batches[i::helpers]
             torch.save([(replica_ids(b[0], pad_id), *b[1:]) for b in share], out.folder / f"batches{i}.pt")
