@@ -58,9 +58,13 @@ class Progress(ray.tune.Callback):
             return
         pace.add(result.get("elapsed_s", 0.0), result["step"], result.get("compiles", 0), result.get("start_step"))
         if "precompiled_lengths" in result:  # trainer_core.fold.precompile: the training graphs, before step 1
-            n = result["precompiled_lengths"]
+            n, helpers, failed = result["precompiled_lengths"], result.get("compile_helpers"), \
+                result.get("compile_helpers_failed")
+            by = (f" ({helpers} compile helper{'s' * (helpers != 1)} compiled them while the model loaded"
+                  f"{f', {failed} failed' if failed else ''})" if helpers else "")
             self._line(f"fold {fold}: compiled its training graphs for {n} batch length{'s' * (n != 1)} in "
-                       f"{fmt_s(result.get('elapsed_s'))}; training from step {result['step']}/{result['total_steps']}")
+                       f"{fmt_s(result.get('elapsed_s'))}{by}; training from step "
+                       f"{result['step']}/{result['total_steps']}")
             return
         if time.time() - self.last_print < 2 and result["step"] != result["total_steps"]:
             return

@@ -217,7 +217,7 @@ class FoldRun:
             if done < len(batches):  # the console shows the phase advancing (~30 s a length, cold 9B on an H100)
                 self.send({**self.progress(), "precompile_done": done, "precompile_total": len(batches)},
                           checkpoint=False)
-        logs = {**self.progress(), "precompiled_lengths": len(lengths)}
+        logs = {**self.progress(), "precompiled_lengths": len(lengths), **(warm_compile.summary(self.helpers) or {})}
         log.info("fold %d: training graphs of %d batch lengths (%s tokens) compiled in %.1f s", self.fold,
                  len(lengths), ", ".join(map(str, lengths)), logs["elapsed_s"])
         self.telemetry.scalars(logs, self.step)

@@ -70,6 +70,19 @@ def test_a_fold_that_compiled_before_its_first_step_is_steady_from_its_first_rep
     assert p.overall_eta() == pytest.approx(0.2 * 380 + 85.0 + 0.2 * 400)  # then fold 1, as long
 
 
+@pytest.mark.parametrize(("helpers", "failed", "said"), [
+    (4, 0, " (4 compile helpers compiled them while the model loaded)"),
+    (1, 1, " (1 compile helper compiled them while the model loaded, 1 failed)")])
+def test_the_compiled_line_names_the_compile_helpers_that_ran(helpers, failed, said):
+    """cluster.compile_helpers: the fold's report at its start step carries what its helpers did (trainer_core.fold.
+    warm_compile.summary), and the console says it beside the short compile phase."""
+    p = Progress(n_folds=1, concurrency=1, stream=io.StringIO(), compiled=True)
+    line = feed(p, 0, elapsed=10.0, step=0, total=400, compiles=12, precompiled_lengths=4, compile_helpers=helpers,
+                compile_helpers_s=39.4, compile_helpers_failed=failed)
+    assert line.endswith(f"fold 0: compiled its training graphs for 4 batch lengths in 0m10s{said}; training from "
+                         "step 0/400")
+
+
 @pytest.mark.parametrize("setting, says_compile", [("off", False), ("on", True), ("dynamic", True)])
 def test_the_start_line_speaks_of_compilation_only_when_the_folds_compile(setting, says_compile, monkeypatch,
                                                                          tmp_path):
