@@ -242,11 +242,11 @@ class ClusterConfig:
         "auto", "processes that compile a fold's training graphs on a small replica of its model (one or two decoder "
         "layers of each kind, random weights) while the fold loads its model, the batch lengths shared out among "
         "them, so the fold reads its graphs back from cluster.compile_cache instead of compiling them one length after "
-        "another (with model.compile=on, length buckets and model.precompile; one-GPU folds); auto = on a GPU one per "
-        "batch length, at most a quarter of the worker's CPUs, none on a CPU (the default: on an H200 a cold fold's "
-        "first steady step came 19 s sooner, its compile phase 62 -> 10 s, docs/PERFORMANCE.md session 20); 0 = off. "
-        "Never changes a result: a graph the replica did not "
-        "guess compiles in the fold as before (trainer_core.fold.warm_compile)",
+        "another (with model.compile=on, length buckets and model.precompile; one-GPU folds); auto = on a GPU of 40 "
+        "GiB or more one per batch length, at most a quarter of the worker's CPUs, none on a CPU or a smaller card "
+        "(the default: on an H200 a cold fold's first steady step came 19 s sooner, its compile phase 62 -> 10 s, "
+        "docs/PERFORMANCE.md session 20); 0 = off. Never changes a result: a graph the replica did not guess compiles "
+        "in the fold as before (trainer_core.fold.warm_compile)",
         at_least=0)
 
 

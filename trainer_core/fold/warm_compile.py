@@ -1,22 +1,20 @@
 """A first fold's training graphs compiled by helper processes while the fold loads its model
 (``cluster.compile_helpers``).
 
-On a fresh machine a fold's first steady step waits for inductor: about 30 s of CPU work per batch length, one length
-after another, and only once the model has loaded (docs/PERFORMANCE.md, sessions 15-18). What a decoder layer
-compiles to depends on the layer's kind (frozen or adapted, sliding or global attention, the first adapted layer, the
-pooled top layer), its sizes and the batch's shape, not on its weights nor on how many layers the model has. So as
-soon as the fold knows its batch lengths, and before it loads its model, it starts helpers that each build a small
-replica - the same architecture cut to one or two layers of every kind, random weights, the fold's quantization,
-LoRA and fast path - and run the fold's first micro-batch of some of its lengths through it, forward and backward,
-the helpers side by side. Their compiled graphs land in the caches every process of the machine reads (torch's FX
-graph and AOT autograd caches and Triton's kernels, in ``cluster.compile_cache``), and the fold's own precompilation
-(:mod:`trainer_core.fold.precompile`) reads them back instead of compiling them.
+On a fresh machine a fold's first steady step waits for inductor: ~30 s of CPU work per batch length, one length after
+another, after the model has loaded (docs/PERFORMANCE.md, sessions 15-20). A decoder layer's graph depends on the
+layer's kind (frozen or adapted, sliding or global attention, the first adapted layer, the pooled top layer), its sizes
+and the batch's shape, not on its weights nor on the model's layer count. So once the fold knows its batch lengths,
+before it loads its model, helpers each build a small replica (one or two layers of every kind, random weights, the
+fold's quantization, LoRA and fast path) and run the fold's first micro-batch of some lengths through it, forward and
+backward, side by side. Their graphs land in the caches every process of the machine reads (``cluster.compile_cache``:
+FX graphs, AOT autograd graphs, Triton kernels; keyed alike in every process, fastpath.compile.stable_cache_keys), and
+the fold's own precompilation (:mod:`trainer_core.fold.precompile`) reads them back instead of compiling them.
 
-Best effort, never a different result: the graphs the fold runs are the ones it would compile itself, read from the
-cache only when their keys match (a placement the replica did not guess, such as recomputed layers on a small card,
-compiles in the fold as before), and a helper that fails or runs late changes nothing but time. The fold waits for
-its helpers before it places its model, so their memory is free by then; folds of one config sharing a machine let
-the first one's helpers work for all (a lock in the cache folder). A helper dies with the fold's process.
+Best effort, never a different result: the fold runs the graphs it would compile itself, read back only when their
+keys match (a placement the replica did not guess, e.g. recomputed layers on a small card, compiles in the fold as
+before); a helper that fails or runs late changes nothing but time. The fold waits for its helpers before placing its
+model (their memory is free by then); folds of one config on a machine share one set (a lock); helpers die with it.
 """
 
 from __future__ import annotations
@@ -44,18 +42,19 @@ log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # a helper still compiling after this is stopped; the fold then compiles what is missing itself
 VOCAB = 512  # the replica's vocabulary: token values change no graph, and a 256k-row embedding would cost GiBs
+AUTO_MIN_GPU_GIB = 40  # auto starts helpers on cards this large: they hold GiBs while the fold loads its model
 
 
 def helper_count(cfg: Config, lengths: int, device: torch.device, world: int) -> int:
-    """How many helpers a fold with ``lengths`` batch lengths starts: ``cluster.compile_helpers`` (auto: on a GPU one
-    per length, at most a quarter of this process's CPUs; none on a CPU), never more than the lengths; none when
-    layers do not compile per length with ``model.precompile``, for a pairwise head, or in a fold of several ranks
-    (each rank would build its own replicas)."""
+    """Helpers a fold with ``lengths`` batch lengths starts: ``cluster.compile_helpers`` (auto: on a GPU of at least
+    :data:`AUTO_MIN_GPU_GIB` one per length, at most a quarter of the CPUs; none on a CPU or a smaller card, where
+    their memory beside the loading model could run out), never past the lengths; none unless layers compile per
+    length with ``model.precompile``, for a pairwise head, or in a fold of several ranks (each would build replicas)."""
     m, setting = cfg.model, cfg.cluster.compile_helpers
     if not (m.compile == "on" and pad_multiple(m) and m.precompile) or m.head == "pairwise" or world > 1:
         return 0
     if setting == "auto":
-        setting = max(1, _cpus() // 4) if device.type == "cuda" else 0
+        setting = max(1, _cpus() // 4) if device.type == "cuda" and _gpu_gib(device) >= AUTO_MIN_GPU_GIB else 0
     return max(0, min(int(setting), lengths))
 
 
@@ -133,14 +132,17 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(1)
 
 
+def _gpu_gib(device: torch.device) -> float:
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
 class Helpers:
-    """The helpers of one fold (possibly none: another fold of the machine holds the lock, then :meth:`wait` waits
-    for it instead)."""
+    """The helpers of one fold (none when another fold of the machine holds the lock: :meth:`wait` waits for it)."""
 
     lock: object
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -241,16 +243,15 @@ def start_for_fold(cfg: Config, fold: int, data, *, pad_id: int, device: torch.d
     from trainer_core.fold.data import plan_batches, rank_micro_batch
     from trainer_core.fold.precompile import first_batch_of_each_length
 
-    multiple = pad_multiple(cfg.model)
     if not helper_count(cfg, 1, device, world):
         return None
+    multiple = pad_multiple(cfg.model)
     provisional = Placement(device=device, precision=precision, seq_len=0, recompute="off",
                             micro_batch=rank_micro_batch(cfg, fold, world), grad_accum=cfg.train.grad_accum)
     schedule = plan_batches(cfg, fold, data.lengths, provisional, world)
     first = first_batch_of_each_length(lambda s: schedule.step_rows(s, 0), data.train_ids,
                                        range(schedule.total_steps), multiple)
-    cpu = torch.device("cpu")
-    batches = [data.batch(first[n], pad_id, cpu, fill_to=schedule.micro_batch, multiple=multiple)
+    batches = [data.batch(first[n], pad_id, torch.device("cpu"), fill_to=schedule.micro_batch, multiple=multiple)
                for n in sorted(first, reverse=True)]
     return start(cfg, batches, pad_id=pad_id, device=device, helpers=helper_count(cfg, len(first), device, world))
 

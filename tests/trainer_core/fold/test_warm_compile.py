@@ -119,8 +119,13 @@ def test_how_many_helpers_a_fold_starts(monkeypatch):
     cfg = load_config(CONFIGS / "smoke.yaml", [*COMPILED, "cluster.compile_helpers=auto"])
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(warm_compile, "_cpus", lambda: 16)
+    monkeypatch.setattr(warm_compile, "_gpu_gib", lambda device: 79.1)  # an H100
     assert helper_count(cfg, 4, cpu, 1) == 0  # auto: none on a CPU
     assert helper_count(cfg, 4, gpu, 1) == 4 and helper_count(cfg, 2, gpu, 1) == 2
+    monkeypatch.setattr(warm_compile, "_gpu_gib", lambda device: 15.9)  # a T4: none with auto, as many as asked else
+    assert helper_count(cfg, 4, gpu, 1) == 0
+    assert helper_count(apply_overrides(cfg, {"cluster.compile_helpers": 2}), 4, gpu, 1) == 2
+    monkeypatch.setattr(warm_compile, "_gpu_gib", lambda device: 79.1)
     monkeypatch.setattr(warm_compile, "_cpus", lambda: 8)
     assert helper_count(cfg, 4, gpu, 1) == 2  # a quarter of the CPUs
     assert helper_count(apply_overrides(cfg, {"cluster.compile_helpers": 3}), 2, cpu, 1) == 2  # never past the lengths
