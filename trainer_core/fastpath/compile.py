@@ -43,10 +43,11 @@ def stable_cache_keys() -> None:
 
     Inductor's and AOT autograd's caches key a graph on its inputs' metadata, pickled with a copy of ``copyreg``'s
     reducers. A ``torch.memory_format`` has no ``__module__``, so pickle names it after the first module in
-    ``sys.modules`` holding it as an attribute, which depends on the process's import order: on an H100 a fold in a Ray
-    Train worker keyed every graph apart from the same graphs compiled in a plain process (its compile helpers',
-    docs/PERFORMANCE.md session 20). A reducer here, as torch registers one for ``torch.layout``, names the format
-    itself. Process-wide and idempotent; it changes cache keys only, never a compiled graph."""
+    ``sys.modules`` where ``torch.contiguous_format`` resolves (any module holding ``torch`` in its globals), which
+    depends on what the process imported and when: on an H100 a fold in a Ray Train worker keyed every graph apart
+    from the same graphs compiled in a plain process (its compile helpers', docs/PERFORMANCE.md session 20). A reducer
+    here, as torch registers one for ``torch.layout``, names the format itself. Process-wide and idempotent; it
+    changes cache keys only, never a compiled graph."""
     copyreg.pickle(torch.memory_format, _reduce_memory_format)
 
 
