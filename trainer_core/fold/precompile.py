@@ -54,6 +54,17 @@ def resized(batch: tuple, length: int, pad_id: int) -> tuple:
     return (input_ids, mask, *rest)
 
 
+def moved(batch, device: torch.device):
+    """``batch`` (input_ids, mask, targets or a tuple of soft targets, and any dict of extra inputs) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple):
+        return tuple(moved(v, device) for v in batch)
+    if isinstance(batch, dict):
+        return {k: moved(v, device) for k, v in batch.items()}
+    return batch
+
+
 def compile_passes(model, batches: list[tuple], params: list[torch.nn.Parameter], autocast, device: torch.device,
                    loss_fn: Callable | None = None, ddp: bool = False) -> None:
     """One forward and backward pass of each of ``batches`` (as ``train_step`` runs them), then every gradient of

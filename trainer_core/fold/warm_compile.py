@@ -262,12 +262,12 @@ def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> N
     from trainer_core import fastpath
     from trainer_core.fold.data import rank_micro_batch
     from trainer_core.fold.distill import fold_loss
-    from trainer_core.fold.precompile import compile_passes
+    from trainer_core.fold.precompile import compile_passes, moved
     from trainer_core.model.build import build_model, trainable_parameters
     from trainer_core.model.precision import make_autocast, resolve_precision
 
     cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
-    batches = [tuple(_to(x, device) for x in b) for b in torch.load(folder / f"batches{index}.pt")]
+    batches = [moved(b, device) for b in torch.load(folder / f"batches{index}.pt")]
     precision = resolve_precision(cfg.train.precision, device)
     t0 = time.perf_counter()
     fastpath.prepare_load(cfg.model)
@@ -286,12 +286,6 @@ def run_helper(folder: Path, index: int, device: torch.device, pad_id: int) -> N
         print(f"helper {index}: length {batch[0].shape[1]} compiled in {time.perf_counter() - t1:.1f} s", flush=True)
     speed.release()
     print(f"helper {index}: replica built in {built:.1f} s; done in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def _to(x, device: torch.device):
-    if isinstance(x, (tuple, dict)):
-        return tuple(_to(v, device) for v in x) if isinstance(x, tuple) else {k: _to(v, device) for k, v in x.items()}
-    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 if __name__ == "__main__":
