@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 
 from trainer_core.config import Config, config_from_dict, pad_multiple
+from trainer_core.fold.replica import replica_architecture, replica_config, replica_ids
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # a helper still compiling after this is stopped; the fold then compiles what is missing itself
-VOCAB = 512  # the replica's vocabulary: token values change no graph, and a 256k-row embedding would cost GiBs
 AUTO_MIN_GPU_GIB = 40  # auto starts helpers on cards this large: they hold GiBs while the fold loads its model
+NICE = 10  # the helpers' CPU priority below the fold's: their compilation yields the cores to its model load
 
 
 def helper_count(cfg: Config, lengths: int, device: torch.device, world: int) -> int:
@@ -56,62 +57,6 @@ def helper_count(cfg: Config, lengths: int, device: torch.device, world: int) ->
     if setting == "auto":
         setting = max(1, _cpus() // 4) if device.type == "cuda" and _gpu_gib(device) >= AUTO_MIN_GPU_GIB else 0
     return max(0, min(int(setting), lengths))
-
-
-def replica_layers(n_layers: int, frozen: int) -> list[int]:
-    """Which of the model's ``n_layers`` decoder layers (the bottom ``frozen`` ones frozen) a replica keeps, in order:
-    the top two (or three, for parity) frozen ones, the first adapted layer, the adapted layers after it up to four in
-    all (five for parity), and the top layer. Every kind of layer is there at the same attention parity as in the
-    model (Gemma-2 alternates sliding and global layers)."""
-    f = min(frozen, 2 + frozen % 2)
-    adapted = n_layers - frozen
-    a = min(adapted, 4 + adapted % 2)
-    return list(range(frozen - f, frozen)) + list(range(frozen, frozen + a - 1)) + [n_layers - 1]
-
-
-def replica_architecture(cfg: Config, pad_id: int = 0) -> tuple[dict, int] | None:
-    """(``model.random_config`` of the replica, its ``lora.freeze_layers``); None when the model is no larger than
-    its replica, or its architecture has no layer count. Its vocabulary: :data:`VOCAB` rows, more when the padding id
-    ``pad_id`` is past them (it must be a row of the embedding)."""
-    arch = dict(cfg.model.random_config) if cfg.model.init == "random" else _pretrained_architecture(cfg)
-    n = arch.get("num_hidden_layers")
-    if not isinstance(n, int):
-        return None
-    keep = replica_layers(n, cfg.lora.freeze_layers)
-    if len(keep) >= n:
-        return None
-    arch["num_hidden_layers"] = len(keep)
-    if isinstance(arch.get("layer_types"), list):
-        arch["layer_types"] = [arch["layer_types"][i] for i in keep]
-    arch["vocab_size"] = max(VOCAB, pad_id + 1)
-    return arch, sum(1 for i in keep if i < cfg.lora.freeze_layers)
-
-
-def _pretrained_architecture(cfg: Config) -> dict:
-    from transformers import AutoConfig
-
-    from trainer_core.paths import resolve_model_path
-
-    arch = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path)).to_dict()
-    for key in ("quantization_config", "architectures", "_name_or_path", "transformers_version", "id2label",
-                "label2id", "num_labels", "pad_token_id", "dtype", "torch_dtype", "auto_map"):
-        arch.pop(key, None)
-    return arch
-
-
-def replica_config(cfg: Config, arch: dict, frozen: int) -> Config:
-    d = cfg.to_dict()
-    d["model"].update(init="random", random_config=arch)
-    d["lora"]["freeze_layers"] = frozen
-    d["cluster"]["compile_helpers"] = 0
-    return config_from_dict(d)
-
-
-def replica_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Token ids inside the replica's vocabulary, padding kept as padding (the head finds a row's last token by it)."""
-    out = input_ids % VOCAB
-    other = (pad_id + 1) % VOCAB
-    return torch.where(input_ids == pad_id, pad_id, torch.where(out == pad_id, other, out))
 
 
 def _lock_path(cfg: Config) -> Path:
@@ -130,6 +75,14 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:
         sys.exit(1)
+
+
+def _lower_priority(pid: int) -> None:
+    """:data:`NICE` below this process, set from here as the helper starts (its compile workers inherit it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE))
+    except OSError:  # already ended: its log tells why
+        pass
 
 
 def _gpu_gib(device: torch.device) -> float:
@@ -202,7 +155,8 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
     out = Helpers(lock, folder=Path(tempfile.mkdtemp(prefix="compile-helpers-")))
     try:
         (out.folder / "config.json").write_text(json.dumps(replica.to_dict()))
-        # the cores shared out, two left to the fold: its model load ran 35 s longer beside helpers using all 16
+        # the cores shared out, two left to the fold (its model load ran 35 s longer beside helpers using all 16);
+        # below its priority too (_lower_priority)
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (_cpus() - 2) // helpers))}
         for i in range(helpers):
             share = batches[i::helpers]
@@ -211,6 +165,7 @@ def start(cfg: Config, batches: list[tuple], *, pad_id: int, device: torch.devic
                 out.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "trainer_core.fold.warm_compile", str(out.folder), str(i), str(device),
                      str(pad_id), str(os.getpid())], stdout=log_file, stderr=subprocess.STDOUT, env=env))
+            _lower_priority(out.procs[-1].pid)
     except BaseException:
         out.close()
         raise

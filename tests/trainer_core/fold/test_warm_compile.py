@@ -4,6 +4,7 @@ compile cache, and a helper that fails changes nothing but time."""
 
 import fcntl
 import json
+import os
 import threading
 import time
 
@@ -14,16 +15,10 @@ from torch._dynamo.utils import counters
 from tests.conftest import CONFIGS, DATA
 from trainer_core.config import ConfigError, apply_overrides, load_config, validate
 from trainer_core.data.arena import assign_folds, load_rows
-from trainer_core.fold import warm_compile
+from trainer_core.fold import replica, warm_compile
+from trainer_core.fold.replica import VOCAB, replica_architecture, replica_config, replica_ids, replica_layers
 from trainer_core.fold.state import FoldMetrics
-from trainer_core.fold.warm_compile import (
-    VOCAB,
-    helper_count,
-    replica_architecture,
-    replica_config,
-    replica_ids,
-    replica_layers,
-)
+from trainer_core.fold.warm_compile import helper_count
 
 # The smoke model with 8 layers (a replica keeps 6), the fast config's compiled path, rows up to 1,024 tokens.
 COMPILED = ["data.max_rows=60", "data.max_length=1024", "model.random_config.max_position_embeddings=1024",
@@ -82,7 +77,7 @@ def test_a_hub_checkpoints_architecture_makes_a_replica_its_random_build_accepts
     folder = save_prequantized_gemma2(tmp_path / "hub")
     cfg = load_config(CONFIGS / "smoke.yaml", ["model.init=pretrained", f"model.name_or_path={folder}"])
     assert replica_architecture(cfg) is None  # 4 layers: a replica would be as large
-    arch = warm_compile._pretrained_architecture(cfg)
+    arch = replica._pretrained_architecture(cfg)
     assert arch["num_hidden_layers"] == 4 and "quantization_config" not in arch and "id2label" not in arch
     keep = [0, 1, 3]
     arch.update(num_hidden_layers=3, layer_types=[arch["layer_types"][i] for i in keep], vocab_size=VOCAB)
@@ -156,6 +151,19 @@ def test_a_fold_whose_config_another_fold_is_compiling_waits_for_that_fold(tmp_p
     t0 = time.perf_counter()
     assert helpers.wait()["compile_helpers"] == 0
     assert time.perf_counter() - t0 >= 0.9
+
+
+def test_helpers_run_below_the_folds_cpu_priority(tmp_path, monkeypatch):
+    """Their compilation yields the cores to the fold loading its model (each helper stopped at once here)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cfg = load_config(CONFIGS / "smoke.yaml", COMPILED)
+    batch = (torch.zeros(4, 256, dtype=torch.long), torch.ones(4, 256, dtype=torch.long), torch.zeros(4).long())
+    helpers = warm_compile.start(cfg, [batch, batch], pad_id=0, device=torch.device("cpu"), helpers=2)
+    try:
+        lower = min(19, os.getpriority(os.PRIO_PROCESS, 0) + warm_compile.NICE)
+        assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in helpers.procs] == [lower, lower]
+    finally:
+        helpers.close()
 
 
 @pytest.mark.slow  # two helper processes build the replica; inductor compiles on the CPU
