@@ -3,7 +3,8 @@ copied to another machine (a Kaggle notebook, a cluster node) finds its base wei
 (``model.name_or_path=/kaggle/input/gemma-2-9b``) and predicts with that machine's batch size and precision.
 
 Only keys that do not change what the folds learned may be overridden: where the weights and tokenizer are read from,
-and how the forward pass is computed (batch size, precision, compilation, attention kernel, memory). Anything else
+and how the forward pass is computed (batch size, precision, compilation and where compiled layers are kept,
+attention kernel, memory). Anything else
 (``lora.r``, ``model.quantization``, ``data.max_length``, ...) would load or feed the saved adapters differently from
 how they were trained, and is refused in one line."""
 
@@ -17,7 +18,7 @@ PREDICT_KEYS = (
     "model.name_or_path", "model.tokenizer", "model.attn_implementation", "model.compile", "model.compile_options",
     "model.dequant_cache", "model.fp8_predict", "model.persistent_reduction_max", "model.pooled_last_layer",
     "train.eval_batch_size",
-    "train.precision", "train.memory_budget_gib",
+    "train.precision", "train.memory_budget_gib", "cluster.compile_cache",
 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from orchestrator.runs.compile_cache import run_compile_cache
 from orchestrator.runs.overrides import run_config
 from orchestrator.runs.provenance import ENSEMBLE_FILE, is_ensemble, member_dirs
 from trainer_core import metrics
@@ -33,36 +34,45 @@ def fold_predictions(run_dir: Path, rows: pd.DataFrame, folds: list[int], *, tta
             weights = spec["weights_by_fold"][str(k)] if cross_fitted else spec["weights"]
             yield k, combine([next(m)[1] for m in members], weights, spec["method"])
         return
+    cfg = run_config(run_dir, overrides)
+    for i, k in enumerate(folds):
+        with run_compile_cache(cfg, run_dir) as cache:  # while this fold scores: ensembles interleave their members
+            if cache is not None and i == 0:
+                log(f"{run_dir.name}: compiled layers read from and kept in {cache}")
+            p = _fold_probs(cfg, run_dir, k, rows, tta=tta, device=device, batch_size=batch_size, log=log)
+        yield k, p
+
+
+def _fold_probs(cfg, run_dir: Path, k: int, rows: pd.DataFrame, *, tta: bool, device, batch_size, log):
+    """Fold k's model loaded, its (N, 3) probabilities of ``rows`` (TTA: averaged with the swapped rows'), released."""
     from trainer_core.data.tokenization import encode, features
     from trainer_core.fastpath import release
     from trainer_core.fold.inference import RowMeter, load_fold_model, predict_probs, resolve_eval_batch_size
     from trainer_core.model.precision import make_autocast
 
-    cfg = run_config(run_dir, overrides)
-    for k in folds:
-        model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device, batch_size)
-        autocast = make_autocast(precision, device)
-        ids = encode(rows, tok, cfg)
-        bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
-                                                   train_batch=cfg.train.batch_size,
-                                                   budget_gib=cfg.train.memory_budget_gib)
-        meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
-        multiple = pad_multiple(cfg.model)
-        feats = features(rows, tok, cfg)
-        p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter, multiple,
-                                             feats))
-        if tta:
-            swapped = swap_responses(rows)
-            meter.offset = len(rows)
-            p_swapped = predict_probs(model, encode(swapped, tok, cfg), bs, tok.pad_token_id, device, autocast, meter,
-                                      multiple, swapped_length_features(feats))  # lengths swap with the responses
-            p = metrics.clip_probs(tta_average(p, p_swapped))
-        log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
-            f"({precision}{', fp8 forward' if cfg.model.fp8_predict else ''}, batch {bs}): {meter.rate():.1f} rows/s "
-            "after the model loaded")
-        release(model)  # its hooks and swapped classes: the next fold's model is built in this process
-        del model
-        yield k, p
+    model, tok, precision = load_fold_model(cfg, run_dir / f"fold={k}" / "adapter", device, batch_size)
+    autocast = make_autocast(precision, device)
+    ids = encode(rows, tok, cfg)
+    bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
+                                               train_batch=cfg.train.batch_size,
+                                               budget_gib=cfg.train.memory_budget_gib)
+    meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
+    multiple = pad_multiple(cfg.model)
+    feats = features(rows, tok, cfg)
+    p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter, multiple,
+                                         feats))
+    if tta:
+        swapped = swap_responses(rows)
+        meter.offset = len(rows)
+        p_swapped = predict_probs(model, encode(swapped, tok, cfg), bs, tok.pad_token_id, device, autocast, meter,
+                                  multiple, swapped_length_features(feats))  # lengths swap with the responses
+        p = metrics.clip_probs(tta_average(p, p_swapped))
+    log(f"{run_dir.name} fold {k}: scored {len(rows)} rows{' (+ swapped)' if tta else ''} on {device} "
+        f"({precision}{', fp8 forward' if cfg.model.fp8_predict else ''}, batch {bs}): {meter.rate():.1f} rows/s "
+        "after the model loaded")
+    release(model)  # its hooks and swapped classes: the next fold's model is built in this process
+    del model
+    return p
 
 
 def spread_folds(folds: list[int], devices: list[str]) -> list[tuple[str, list[int]]]:

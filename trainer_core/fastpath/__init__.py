@@ -19,7 +19,8 @@ The fold (``trainer_core.fold.loop``), prediction (``trainer_core.fold.inference
    are and must come before compiling (the layer compiles its pooled computation).
 3. attention (``model.attn_implementation`` block_causal*): registered by :func:`prepare_load` before loading; here
    the built model is checked to be causal.
-4. dropout sharing (``lora.shared_dropout``, training): after LoRA exists, before compiling.
+4. dropout sharing (``lora.shared_dropout``): after LoRA exists, before compiling; in a model that predicts too
+   (evaluation mode makes it the identity, as the fold's own held-out rows had it, so their compiled graphs serve it).
 5. fp8, after the cache: training (``model.fp8_backward``) on the cached layers of the trained decoder layers; a
    model that predicts (``model.fp8_predict``) has its nf4 weights cached in fp8 by step 1 and its other frozen
    linear layers (a bf16 base) made fp8 here.
@@ -122,7 +123,7 @@ def apply(model, cfg: Config, placement: Placement) -> FastPath:
 
         attention.check_causal(model)
         speed.steps["attention"] = m.attn_implementation
-    if lora.enabled and lora.shared_dropout and placement.training:  # 4. dropout sharing
+    if lora.enabled and lora.shared_dropout:  # 4. dropout sharing
         from trainer_core.fastpath.lora_dropout import share_dropout_draws
 
         parents, undo = share_dropout_draws(model)

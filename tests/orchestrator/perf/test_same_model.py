@@ -2,6 +2,10 @@
 placement, and get the same module types and the same torch.compile calls. Prediction loads a fold's model through it
 too, placed for prediction."""
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, DATA
+from tests.conftest import CONFIGS, DATA, REPO
 from trainer_core import fastpath
 from trainer_core.config import load_config, validate
 from trainer_core.data.arena import assign_folds, load_rows
@@ -94,7 +98,7 @@ def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
     model, tok, precision = load_fold_model(cfg, tmp_path / "fold=0" / "adapter", torch.device("cpu"))
     assert len(calls) == 1 and calls[0][1].training is False and calls[0][1].recompute == "off"
     steps = vars(model)["trainer_core_fastpath"].steps
-    assert list(steps) == ["dequant_cache", "pooled_last_layer", "attention"]
+    assert list(steps) == ["dequant_cache", "pooled_last_layer", "attention", "shared_dropout"]  # as the fold had it
     assert steps["dequant_cache"].startswith("dequantized weights cached: 4/4 layers")  # auto: room on the CPU
     assert calls[0][1].micro_batch == cfg.train.eval_batch_size  # the batch the cache leaves room for
     from trainer_core.data.tokenization import encode
@@ -118,3 +122,63 @@ def test_prediction_loads_a_fold_through_the_same_call(tmp_path, monkeypatch):
     nf4 = predict_probs(plain, ids, cfg.train.eval_batch_size, tok.pad_token_id, torch.device("cpu"), autocast)
     fastpath.release(plain)
     np.testing.assert_allclose(cached, nf4, rtol=1e-5, atol=1e-6)
+
+
+TRAIN = """
+import sys
+from pathlib import Path
+from trainer_core.config import load_config, validate
+from trainer_core.config.merge import to_yaml
+from trainer_core.data.arena import assign_folds, load_rows
+from trainer_core.fold.loop import train_fold
+run = Path(sys.argv[1])
+cfg = load_config(sys.argv[2], sys.argv[4:])
+validate(cfg)
+rows = assign_folds(load_rows(sys.argv[3], max_rows=60), 5)
+train_fold(cfg, 0, rows, run / "fold=0")
+(run / "config.yaml").write_text(to_yaml(cfg))
+rows[rows["fold"] == 0].to_parquet(run.parent / "held.parquet")
+"""
+
+PREDICT = """
+import json, sys
+from pathlib import Path
+import numpy as np, pandas as pd, torch
+from torch._dynamo.utils import counters
+from orchestrator.runs.scoring import fold_predictions
+lines = []
+(k, probs), = fold_predictions(Path(sys.argv[1]), pd.read_parquet(sys.argv[2]), [0], tta=False,
+                               device=torch.device("cpu"), log=lines.append)
+np.save(sys.argv[3], probs)
+print(json.dumps({"graphs": dict(counters["inductor"]), "lines": lines}))
+"""
+
+
+@pytest.mark.slow  # a fold compiles and trains on the CPU (~70 s on two cores), then another process predicts
+def test_prediction_reads_back_the_inference_graphs_its_fold_compiled(tmp_path):
+    """A finished run's compile cache serves orchestrator.predict's path (runs.scoring.fold_predictions): a fold,
+    trained in a process of its own, compiled its held-out rows' graphs into ``<run>/compile_cache`` (as its Ray
+    worker points it); a new process loads the fold model (its fast path as the fold had it, the shared LoRA dropout
+    included: an identity in evaluation, but another graph than peft's dropout) and compiles none of them again: the
+    frozen and the adapted decoder layer and the pooled top layer. Its probabilities are the fold's own."""
+    run = tmp_path / "run"
+    plain = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    plain["PYTHONPATH"] = str(REPO)
+    fold_env = {**plain, "TORCHINDUCTOR_CACHE_DIR": str(run / "compile_cache"),
+                "TRITON_CACHE_DIR": str(run / "compile_cache" / "triton")}
+    trained = subprocess.run([sys.executable, "-c", TRAIN, str(run), str(CONFIGS / "smoke.yaml"), str(DATA), *FAST,
+                              "data.max_length=512", "train.max_steps=2",
+                              "model.random_config.max_position_embeddings=512", "model.gradient_checkpointing=off",
+                              "train.eval_batch_size=8"], capture_output=True, text=True, timeout=900, env=fold_env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-c", PREDICT, str(run), str(tmp_path / "held.parquet"),
+                          str(tmp_path / "probs.npy")], capture_output=True, text=True, timeout=600, env=plain)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = json.loads(out.stdout.strip().splitlines()[-1])
+    assert said["graphs"].get("fxgraph_cache_hit", 0) >= 3 and said["graphs"].get("fxgraph_cache_miss", 0) == 0, \
+        said["graphs"]
+    assert said["lines"][0] == f"run: compiled layers read from and kept in {run / 'compile_cache'}"
+    held = pd.read_parquet(tmp_path / "held.parquet")
+    oof = pd.read_parquet(run / "fold=0" / "oof.parquet").set_index("id").loc[held["id"]]
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), oof[["p_a", "p_b", "p_tie"]].to_numpy(), rtol=1e-5,
+                               atol=1e-6)

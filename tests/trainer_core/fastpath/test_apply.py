@@ -101,7 +101,7 @@ def test_release_removes_the_hooks_and_class_swaps(monkeypatch, inductor_rule):
 
 def test_the_steps_in_their_order():
     """apply reports what it did, in the documented order; a model placed for prediction gets the weight cache (beside
-    its inference batch) but no dropout sharing or recomputation."""
+    its inference batch) and the dropout sharing (the identity in evaluation, as in the fold) but no recomputation."""
     cfg = fast_cfg("model.dequant_cache=on", "model.compile=off", "model.persistent_reduction_max=0")
     model = build_fast(cfg)
     speed = vars(model)["trainer_core_fastpath"]
@@ -113,6 +113,6 @@ def test_the_steps_in_their_order():
                                training=False)
     assert placement.recompute == "off"
     speed = fastpath.apply(fresh, cfg, placement)
-    assert list(speed.steps) == ["dequant_cache", "pooled_last_layer", "attention"]
+    assert list(speed.steps) == ["dequant_cache", "pooled_last_layer", "attention", "shared_dropout"]  # the identity
     assert speed.cache_note == "dequantized weights cached: 4/4 layers (0.0 GiB)"
     fastpath.release(fresh)
