@@ -3,7 +3,8 @@
 A finished fold's model is loaded as ``orchestrator.predict`` loads it (``load_fold_model``: the fast path placed
 for prediction, with predict's overrides, e.g. ``model.fp8_predict=true``) and scores the first rows of the run's own
 ``data.parquet`` (the length mix the fold trained on) twice, in the batch ``train.eval_batch_size`` resolves to: the
-first pass compiles each batch length's graphs, the second reads them, so its rows/s is prediction's steady rate. The
+first pass compiles each batch length's graphs (or reads those its fold compiled for the same shapes from the run's
+compile cache, as predict does), the second reads them, so its rows/s is prediction's steady rate. The
 ratio to the fold's steady training samples/s (its steady seconds a step, from its logs) is issue 29's line "predict
 rows/s to training samples/s": a training sample costs a forward and a backward pass, a predicted row a forward one.
 """
@@ -26,6 +27,7 @@ def steady_training_rate(cfg, run_row: dict, world_size: int = 1) -> float | Non
 
 def measure(run_dir: Path, fold: int, n_rows: int, overrides: dict, device: torch.device) -> dict:
     """Two passes of fold ``fold``'s model over the first ``n_rows`` rows of the run's data, on ``device``."""
+    from orchestrator.runs.compile_cache import run_compile_cache
     from orchestrator.runs.overrides import run_config
     from trainer_core.config import pad_multiple
     from trainer_core.data.batching import row_tokens
@@ -36,22 +38,24 @@ def measure(run_dir: Path, fold: int, n_rows: int, overrides: dict, device: torc
 
     cfg = run_config(run_dir, overrides)
     rows = pd.read_parquet(Path(run_dir) / "data.parquet").iloc[:n_rows].reset_index(drop=True)
-    t = time.perf_counter()
-    model, tok, precision = load_fold_model(cfg, Path(run_dir) / f"fold={fold}" / "adapter", device)
-    load_s = time.perf_counter() - t
-    ids, feats = encode(rows, tok, cfg), features(rows, tok, cfg)
-    batch = resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device, train_batch=cfg.train.batch_size,
-                                    budget_gib=cfg.train.memory_budget_gib)
-    autocast = make_autocast(precision, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rates = []
-    for _ in ("compiles", "steady"):
-        sync()
+    with run_compile_cache(cfg, run_dir):
         t = time.perf_counter()
-        predict_probs(model, ids, batch, tok.pad_token_id, device, autocast, None, pad_multiple(cfg.model), feats)
-        sync()
-        rates.append(len(ids) / (time.perf_counter() - t))
-    release(model)
+        model, tok, precision = load_fold_model(cfg, Path(run_dir) / f"fold={fold}" / "adapter", device)
+        load_s = time.perf_counter() - t
+        ids, feats = encode(rows, tok, cfg), features(rows, tok, cfg)
+        batch = resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
+                                        train_batch=cfg.train.batch_size, budget_gib=cfg.train.memory_budget_gib)
+        autocast = make_autocast(precision, device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        rates = []
+        for _ in ("compiles", "steady"):
+            sync()
+            t = time.perf_counter()
+            predict_probs(model, ids, batch, tok.pad_token_id, device, autocast, None, pad_multiple(cfg.model),
+                          feats)
+            sync()
+            rates.append(len(ids) / (time.perf_counter() - t))
+        release(model)
     return {"fold": fold, "rows": len(ids), "mean_tokens": sum(map(row_tokens, ids)) / max(1, len(ids)),
             "batch": batch, "load_s": load_s, "first_pass_rows_per_s": rates[0], "rows_per_s": rates[1]}
 
