@@ -56,9 +56,9 @@ def _fold_probs(cfg, run_dir: Path, k: int, rows: pd.DataFrame, *, tta: bool, de
     bs = batch_size or resolve_eval_batch_size(cfg.train.eval_batch_size, model, ids, device,
                                                train_batch=cfg.train.batch_size,
                                                budget_gib=cfg.train.memory_budget_gib)
-    meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)
     multiple = pad_multiple(cfg.model)
     feats = features(rows, tok, cfg)
+    meter = RowMeter(f"{run_dir.name} fold {k}", len(rows) * (2 if tta else 1), log)  # its clock starts now
     p = metrics.clip_probs(predict_probs(model, ids, bs, tok.pad_token_id, device, autocast, meter, multiple,
                                          feats))
     if tta:

@@ -113,17 +113,18 @@ def load_fold_model(cfg, adapter_dir: str | Path, device: torch.device,
 
 
 class RowMeter:
-    """predict's progress line: rows scored, rows/s and an ETA, at most every ``every`` seconds. The first call
-    starts the clock (the model is loaded by then); ``offset`` counts rows of earlier passes (the swapped one)."""
+    """predict's progress line: rows scored, rows/s and an ETA, at most every ``every`` seconds. The clock starts when
+    the meter is made, as scoring starts (the model loaded and the rows encoded), so the rate counts what the user
+    waits for, graphs compiled for new batch shapes included; ``offset`` counts rows of earlier passes (the swapped
+    one)."""
 
     def __init__(self, name: str, total: int, log=print, every: float = 10.0):
         self.name, self.total, self.log, self.every = name, total, log, every
-        self.offset, self.done, self.t0, self.last = 0, 0, None, 0.0
+        self.offset, self.done = 0, 0
+        self.t0 = self.last = time.perf_counter()
 
     def __call__(self, done: int, _rows: int) -> None:
         now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = self.last = now
         self.done = self.offset + done
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
@@ -132,5 +133,5 @@ class RowMeter:
             self.log(f"{self.name}: {self.done}/{self.total} rows, {rate:.1f} rows/s, eta {eta:.0f}s")
 
     def rate(self) -> float:
-        elapsed = 0.0 if self.t0 is None else time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t0
         return self.done / elapsed if elapsed > 0 else 0.0

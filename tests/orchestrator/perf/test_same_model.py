@@ -167,7 +167,8 @@ def test_prediction_reads_back_the_inference_graphs_its_fold_compiled(tmp_path):
     fold_env = {**plain, "TORCHINDUCTOR_CACHE_DIR": str(run / "compile_cache"),
                 "TRITON_CACHE_DIR": str(run / "compile_cache" / "triton")}
     trained = subprocess.run([sys.executable, "-c", TRAIN, str(run), str(CONFIGS / "smoke.yaml"), str(DATA), *FAST,
-                              "train.max_steps=1", "model.gradient_checkpointing=off", "train.eval_batch_size=8"], capture_output=True, text=True, timeout=900, env=fold_env)
+                              "train.max_steps=1", "model.gradient_checkpointing=off", "train.eval_batch_size=8"],
+                             capture_output=True, text=True, timeout=900, env=fold_env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     out = subprocess.run([sys.executable, "-c", PREDICT, str(run), str(tmp_path / "held.parquet"),
                           str(tmp_path / "probs.npy")], capture_output=True, text=True, timeout=600, env=plain)
