@@ -4,9 +4,8 @@ copied to another machine (a Kaggle notebook, a cluster node) finds its base wei
 
 Only keys that do not change what the folds learned may be overridden: where the weights and tokenizer are read from,
 and how the forward pass is computed (batch size, precision, compilation and where compiled layers are kept,
-attention kernel, memory). Anything else
-(``lora.r``, ``model.quantization``, ``data.max_length``, ...) would load or feed the saved adapters differently from
-how they were trained, and is refused in one line."""
+attention kernel, memory). Anything else (``lora.r``, ``model.quantization``, ``data.max_length``, ...) would load or
+feed the saved adapters differently from how they were trained, and is refused in one line."""
 
 from __future__ import annotations
 
