@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # a helper still compiling after this is stopped; the fold then compiles what is missing itself
 AUTO_MIN_GPU_GIB = 40  # auto starts helpers on cards this large: they hold GiBs while the fold loads its model
-NICE = 10  # the helpers' CPU priority below the fold's: their compilation yields the cores to its model load
+NICE = 10  # the helpers' CPU priority below the fold's (at most 19; a Ray worker runs at 15): they yield the cores
 
 
 def helper_count(cfg: Config, lengths: int, device: torch.device, world: int) -> int:
